@@ -1,0 +1,305 @@
+//! The command line: `serve`, `check`, `ca init`, `ca issue`. Each command reports problems in plain
+//! words on stderr and exits non-zero: 2 for bad configuration or arguments, 1 for failures at run
+//! time. What a command produces (the effective configuration, file paths) goes to stdout.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{self, CertSource, Config, LogFormat, Mode};
+use crate::tls::pki;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pushrelay",
+    version,
+    about = "Relay that carries APNs / FCM HTTP/2 push traffic out of locked-down networks",
+    long_about = "pushrelay relays push notifications (Apple APNs, Google FCM) through corporate networks.\n\n\
+        pre-proxy:  an /etc/hosts entry points api.push.apple.com at pushrelay, which presents a \
+        certificate from a private CA, and forwards each HTTP/2 request through the corporate CONNECT proxy.\n\
+        post-proxy: a legacy HTTP/1.1 proxy hands requests to pushrelay, which relays them as HTTP/2.\n\n\
+        Start with `pushrelay serve`: without a configuration file it serves APNs on 127.0.0.1:8443 \
+        and creates a private CA in ./certs."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the relay. Without --config: built-in defaults (APNs pre-proxy on 127.0.0.1:8443, CA in
+    /// ./certs created if absent), plus PUSHRELAY_* environment overrides.
+    Serve(ConfigArg),
+    /// Validate the configuration (including certificates and keys) and print the effective
+    /// configuration with secrets masked. Exit 0 when valid, 2 when not.
+    Check(ConfigArg),
+    /// Create the private CA and issue certificates from it.
+    #[command(subcommand)]
+    Ca(CaCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArg {
+    /// YAML configuration file; environment variables PUSHRELAY_SECTION__KEY override its values
+    /// (e.g. PUSHRELAY_UPSTREAM__PROXY=http://proxy:3128).
+    #[arg(short, long, env = "PUSHRELAY_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCommand {
+    /// Create DIR/ca.pem and DIR/ca.key (mode 0600). Refuses to replace an existing CA without --force.
+    Init {
+        /// Directory for the CA files.
+        #[arg(long, default_value = "certs", value_name = "DIR")]
+        dir: PathBuf,
+        /// Replace an existing CA (every certificate it issued stops being trusted).
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a server certificate (chain + key) signed by the CA in DIR, for admins who keep the CA
+    /// key off the relay: configure it as tls.cert / tls.key.
+    Issue {
+        /// A DNS name or IP address for the certificate; repeat for several.
+        #[arg(long = "host", required = true, value_name = "NAME")]
+        hosts: Vec<String>,
+        /// Directory holding ca.pem and ca.key; the leaf is written there too.
+        #[arg(long, default_value = "certs", value_name = "DIR")]
+        dir: PathBuf,
+        /// File name stem: writes DIR/NAME.pem (leaf, then CA) and DIR/NAME.key.
+        #[arg(long, default_value = "relay", value_name = "NAME")]
+        name: String,
+    },
+}
+
+/// Runs the command line; `main` only calls this.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(arg) => serve(arg.config.as_deref()),
+        Command::Check(arg) => check(arg.config.as_deref()),
+        Command::Ca(CaCommand::Init { dir, force }) => ca_init(&dir, force),
+        Command::Ca(CaCommand::Issue { hosts, dir, name }) => ca_issue(&dir, &hosts, &name),
+    }
+}
+
+fn out(text: &str) {
+    let _ = std::io::stdout().write_all(text.as_bytes());
+}
+
+fn err(text: &str) {
+    let _ = std::io::stderr().write_all(text.as_bytes());
+}
+
+fn load_or_report(file: Option<&Path>) -> Result<config::Loaded, ExitCode> {
+    config::load(file).map_err(|e| {
+        err(&format!("pushrelay: {e}\n"));
+        ExitCode::from(2)
+    })
+}
+
+fn check(file: Option<&Path>) -> ExitCode {
+    let loaded = match load_or_report(file) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    for w in &loaded.warnings {
+        err(&format!("warning: {w}\n"));
+    }
+    let yaml = loaded.config.to_yaml();
+    if let Err(e) = crate::App::build(loaded.config) {
+        err(&format!("pushrelay: invalid configuration\n  - {e}\n"));
+        return ExitCode::from(2);
+    }
+    out(&format!(
+        "# effective configuration (from {})\n{yaml}",
+        loaded.origin
+    ));
+    err("configuration is valid\n");
+    ExitCode::SUCCESS
+}
+
+fn ca_init(dir: &Path, force: bool) -> ExitCode {
+    match pki::init_dir(dir, force) {
+        Ok((cert, key)) => {
+            out(&format!(
+                "created CA certificate {}\ncreated CA key         {} (mode 0600; keep it secret)\n\
+                 Trust {} on the push server; pushrelay mints per-host certificates from it.\n",
+                cert.display(),
+                key.display(),
+                cert.display()
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            err(&format!("pushrelay ca init: {e}\n"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn ca_issue(dir: &Path, hosts: &[String], name: &str) -> ExitCode {
+    for host in hosts {
+        if crate::policy::normalize_host(host).is_none() {
+            err(&format!(
+                "pushrelay ca issue: --host {host:?} is not a DNS name or IP address\n"
+            ));
+            return ExitCode::from(2);
+        }
+    }
+    if name.is_empty() || name.contains('/') {
+        err(&format!(
+            "pushrelay ca issue: --name {name:?} must be a plain file name stem\n"
+        ));
+        return ExitCode::from(2);
+    }
+    match pki::issue_to_dir(dir, hosts, name) {
+        Ok((cert, key)) => {
+            out(&format!(
+                "issued certificate {} for {}\nkey                {} (mode 0600)\n\
+                 Use them as tls.cert and tls.key of a listener.\n",
+                cert.display(),
+                hosts.join(", "),
+                key.display()
+            ));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            err(&format!("pushrelay ca issue: {e}\n"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// With no configuration file, the built-in listener's CA is created on first start.
+fn ensure_default_ca() -> Result<(), String> {
+    let defaults = Config::default();
+    for l in &defaults.listeners {
+        if let Some(CertSource::Mint { ca_cert, ca_key }) =
+            l.tls.as_ref().and_then(|t| t.cert_source())
+            && !ca_cert.exists()
+            && !ca_key.exists()
+        {
+            let dir = ca_cert.parent().unwrap_or(Path::new("."));
+            pki::init_dir(dir, false).map_err(|e| e.to_string())?;
+            err(&format!(
+                "created a private CA in {} (first start with built-in defaults)\n",
+                dir.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn serve(file: Option<&Path>) -> ExitCode {
+    if file.is_none()
+        && let Err(e) = ensure_default_ca()
+    {
+        err(&format!("pushrelay: cannot create the default CA: {e}\n"));
+        return ExitCode::from(1);
+    }
+    let loaded = match load_or_report(file) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    init_tracing(&loaded.config);
+    tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %loaded.origin, "pushrelay starting");
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    announce(&loaded.config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            err(&format!("pushrelay: cannot start the runtime: {e}\n"));
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let app = match crate::App::build(loaded.config) {
+            Ok(app) => app,
+            Err(e) => {
+                tracing::error!(error = %e, "invalid configuration");
+                return ExitCode::from(2);
+            }
+        };
+        let sockets = match crate::bind(app.config()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen");
+                return ExitCode::from(1);
+            }
+        };
+        match app.run(sockets, shutdown_signal()).await {
+            Ok(()) => {
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "stopped with an error");
+                ExitCode::from(1)
+            }
+        }
+    })
+}
+
+/// Tells the admin what the push server needs: which CA to trust and the /etc/hosts line.
+fn announce(config: &Config) {
+    for l in config.listeners.iter().filter(|l| l.mode == Mode::PreProxy) {
+        let hosts: Vec<String> = config
+            .destinations
+            .iter()
+            .filter(|d| d.port() == l.upstream_port)
+            .map(|d| d.host().to_owned())
+            .collect();
+        let ip = if l.bind.ip().is_unspecified() {
+            "<this-relay's-address>".to_owned()
+        } else {
+            l.bind.ip().to_string()
+        };
+        if let Some(CertSource::Mint { ca_cert, .. }) = l.tls.as_ref().and_then(|t| t.cert_source())
+        {
+            tracing::info!(listener = %l.name, ca = %ca_cert.display(), "push server must trust this CA certificate");
+        }
+        tracing::info!(
+            listener = %l.name,
+            "/etc/hosts line for the push server: {ip} {}{}",
+            hosts.join(" "),
+            if l.bind.port() == 443 { String::new() } else { format!("  (and use port {})", l.bind.port()) }
+        );
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

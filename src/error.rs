@@ -1,0 +1,200 @@
+//! The one place an error becomes an HTTP answer. pushrelay's own failures answer with a JSON reason
+//! that starts with `Relay`, never an APNs reason: `BadDeviceToken`, `Unregistered` and their kin make
+//! push servers delete devices, so pushrelay must never say them on Apple's behalf.
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::policy::Authority;
+use crate::relay::body::RelayBody;
+use crate::relay::headers::HeadError;
+use crate::upstream::connect::ConnectError;
+use crate::upstream::tunnel::TunnelError;
+use crate::upstream::{PoolError, UpstreamError};
+
+/// Whose fault a failure was: decides the log level, and later metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    Policy,
+    Upstream,
+    Relay,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    #[error("request for {authority:?} on a TLS connection for {sni:?}")]
+    Misdirected { sni: String, authority: String },
+    #[error("destination {0} is not in the allowlist")]
+    DestinationNotAllowed(Authority),
+    #[error("method {0} is not relayed")]
+    MethodNotAllowed(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl RelayError {
+    /// The status, the reason for the JSON body, and whose fault it was.
+    pub fn classify(&self) -> (StatusCode, &'static str, Fault) {
+        use StatusCode as S;
+        match self {
+            RelayError::BadRequest(_) | RelayError::Head(_) => {
+                (S::BAD_REQUEST, "RelayBadRequest", Fault::Client)
+            }
+            RelayError::Misdirected { .. } => (
+                S::MISDIRECTED_REQUEST,
+                "RelayMisdirectedRequest",
+                Fault::Client,
+            ),
+            RelayError::DestinationNotAllowed(_) => {
+                (S::FORBIDDEN, "RelayDestinationNotAllowed", Fault::Policy)
+            }
+            RelayError::MethodNotAllowed(_) => (
+                S::METHOD_NOT_ALLOWED,
+                "RelayMethodNotAllowed",
+                Fault::Policy,
+            ),
+            RelayError::Upstream(e) => classify_upstream(e),
+        }
+    }
+
+    /// pushrelay's answer for this error.
+    pub fn to_response(&self) -> Response<RelayBody> {
+        let (status, reason, _) = self.classify();
+        relay_response(status, reason)
+    }
+}
+
+/// A JSON answer `{"reason":"…"}` with `status`.
+pub fn relay_response(status: StatusCode, reason: &str) -> Response<RelayBody> {
+    let mut response = Response::new(RelayBody::full(format!("{{\"reason\":\"{reason}\"}}")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn classify_upstream(e: &UpstreamError) -> (StatusCode, &'static str, Fault) {
+    use StatusCode as S;
+    match e {
+        UpstreamError::Pool(PoolError::Connect { source, .. }) => classify_connect(source),
+        UpstreamError::Pool(PoolError::BackingOff { source, .. }) => {
+            // Failing fast while the destination is down: always 502, the reason of the last failure.
+            let (_, reason, fault) = classify_connect(source);
+            (S::BAD_GATEWAY, reason, fault)
+        }
+        UpstreamError::Pool(PoolError::QueueFull { .. } | PoolError::WaitTimeout { .. }) => {
+            (S::SERVICE_UNAVAILABLE, "RelayOverloaded", Fault::Relay)
+        }
+        UpstreamError::Timeout { .. } => {
+            (S::GATEWAY_TIMEOUT, "RelayUpstreamTimeout", Fault::Upstream)
+        }
+        UpstreamError::Stream { .. } => (S::BAD_GATEWAY, "RelayUpstreamReset", Fault::Upstream),
+        UpstreamError::BodyTooLarge { .. } => {
+            (S::PAYLOAD_TOO_LARGE, "RelayRequestTooLarge", Fault::Client)
+        }
+        UpstreamError::ClientBody(_) => (S::BAD_REQUEST, "RelayClientBodyFailed", Fault::Client),
+    }
+}
+
+fn classify_connect(e: &ConnectError) -> (StatusCode, &'static str, Fault) {
+    use StatusCode as S;
+    let up = Fault::Upstream;
+    match e {
+        ConnectError::Tunnel(t) => match t {
+            TunnelError::Refused { status: 407, .. } => {
+                (S::BAD_GATEWAY, "RelayProxyAuthenticationRequired", up)
+            }
+            TunnelError::Refused { .. } => (S::BAD_GATEWAY, "RelayProxyRefused", up),
+            TunnelError::Connect { .. } => (S::BAD_GATEWAY, "RelayProxyUnreachable", up),
+            TunnelError::ConnectTimeout { .. } | TunnelError::ReplyTimeout { .. } => {
+                (S::GATEWAY_TIMEOUT, "RelayProxyTimeout", up)
+            }
+            TunnelError::Malformed { .. } | TunnelError::Closed { .. } | TunnelError::Io { .. } => {
+                (S::BAD_GATEWAY, "RelayProxyFailed", up)
+            }
+        },
+        ConnectError::Resolve { .. } => (S::BAD_GATEWAY, "RelayUpstreamUnresolvable", up),
+        ConnectError::Tcp { .. } => (S::BAD_GATEWAY, "RelayUpstreamUnreachable", up),
+        ConnectError::Tls { .. } => (S::BAD_GATEWAY, "RelayUpstreamTlsFailed", up),
+        ConnectError::NoH2 { .. } => (S::BAD_GATEWAY, "RelayUpstreamNoHttp2", up),
+        ConnectError::H2 { .. } => (S::BAD_GATEWAY, "RelayUpstreamProtocolError", up),
+        ConnectError::TcpTimeout { .. }
+        | ConnectError::TlsTimeout { .. }
+        | ConnectError::H2Timeout { .. } => (S::GATEWAY_TIMEOUT, "RelayUpstreamTimeout", up),
+    }
+}
+
+/// The hop that failed and the proxy's own status, for the log line.
+pub fn hop_of(e: &RelayError) -> (&'static str, Option<u16>) {
+    match e {
+        RelayError::Upstream(UpstreamError::Pool(
+            PoolError::Connect { source, .. } | PoolError::BackingOff { source, .. },
+        )) => {
+            let status = match source.as_ref() {
+                ConnectError::Tunnel(t) => t.proxy_status(),
+                _ => None,
+            };
+            (source.hop(), status)
+        }
+        RelayError::Upstream(UpstreamError::Pool(_)) => ("pool", None),
+        RelayError::Upstream(UpstreamError::Timeout { .. } | UpstreamError::Stream { .. }) => {
+            ("origin", None)
+        }
+        RelayError::Upstream(UpstreamError::BodyTooLarge { .. } | UpstreamError::ClientBody(_)) => {
+            ("client", None)
+        }
+        _ => ("client", None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_reasons_never_use_apns_vocabulary() {
+        let apns = [
+            "BadDeviceToken",
+            "Unregistered",
+            "MissingDeviceToken",
+            "DeviceTokenNotForTopic",
+            "BadTopic",
+        ];
+        let errors = [
+            RelayError::BadRequest("x".into()),
+            RelayError::Head(HeadError::NoHost),
+            RelayError::DestinationNotAllowed("a.example:443".parse().unwrap()),
+            RelayError::Upstream(UpstreamError::Timeout {
+                after: std::time::Duration::from_secs(1),
+            }),
+            RelayError::Upstream(UpstreamError::BodyTooLarge { limit: 1 }),
+        ];
+        for e in errors {
+            let (_, reason, _) = e.classify();
+            assert!(reason.starts_with("Relay"), "{reason}");
+            assert!(!apns.contains(&reason));
+        }
+    }
+
+    #[test]
+    fn proxy_407_is_a_502_naming_proxy_authentication() {
+        let e = RelayError::Upstream(UpstreamError::Pool(PoolError::Connect {
+            dest: "api.push.apple.com:443".into(),
+            source: std::sync::Arc::new(ConnectError::Tunnel(TunnelError::Refused {
+                proxy: "http://proxy:3128".into(),
+                target: "api.push.apple.com:443".into(),
+                status: 407,
+                reason: "Proxy Authentication Required".into(),
+            })),
+        }));
+        assert_eq!(e.classify().0, StatusCode::BAD_GATEWAY);
+        assert_eq!(e.classify().1, "RelayProxyAuthenticationRequired");
+        assert_eq!(hop_of(&e), ("proxy", Some(407)));
+    }
+}

@@ -1,0 +1,163 @@
+//! pushrelay: a relay appliance that carries APNs / FCM HTTP/2 push traffic out of locked-down
+//! networks. Data flows one way: listener → restrictions → protocol → upstream.
+//!
+//! - `cli`: the command line (serve, check, ca init, ca issue).
+//! - `config`: YAML + `PUSHRELAY_` env into typed, validated configuration, before any bind.
+//! - `listen`: accept loop, connection limit, source allowlist before any TLS work.
+//! - `policy`: pure allowlists (source CIDRs, destination host:port).
+//! - `tls`: server certificates by SNI, the upstream client config, the private CA.
+//! - `relay`: the shared request pipeline, header rewriting, one file per front door.
+//! - `upstream`: CONNECT tunnel, connections, the shared HTTP/2 pool, safe resend.
+//! - `error`: the one place an error becomes an HTTP answer.
+
+// Library code handles every failure; tests may unwrap.
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)
+)]
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod listen;
+pub mod policy;
+pub mod relay;
+pub mod tls;
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use config::{Config, Mode};
+use listen::{FrontDoor, Listener};
+use policy::SourcePolicy;
+use relay::Relay;
+use relay::pre_proxy::PreProxy;
+use tls::TlsSetupError;
+use upstream::Pool;
+use upstream::connect::Connector;
+use upstream::pool::PoolSettings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+    #[error("{given} listening sockets given for {configured} configured listeners")]
+    ListenerCount { given: usize, configured: usize },
+}
+
+/// Everything built from a configuration, ready to serve: TLS material loaded, pool created.
+pub struct App {
+    config: Config,
+    relay: Arc<Relay>,
+    listeners: Vec<Listener>,
+}
+
+impl App {
+    /// Builds the relay from a validated configuration. Fails on unreadable TLS material, naming
+    /// the key and the file; nothing is bound yet.
+    pub fn build(config: Config) -> Result<App, SetupError> {
+        let upstream_tls = tls::client::build(&config.upstream.extra_roots, None)?;
+        let mut tls_by_identity = HashMap::new();
+        tls_by_identity.insert(None, upstream_tls);
+        let pool = Pool::new(
+            Connector::new(&config.upstream),
+            tls_by_identity,
+            PoolSettings::from_config(&config.upstream),
+        );
+        let relay = Arc::new(Relay::new(&config, pool));
+        let mut listeners = Vec::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let door = match l.mode {
+                Mode::PreProxy => {
+                    FrontDoor::PreProxy(Arc::new(PreProxy::new(i, l, &config, relay.clone())?))
+                }
+                Mode::PostProxy => {
+                    FrontDoor::PreProxy(Arc::new(PreProxy::new(i, l, &config, relay.clone())?))
+                }
+            };
+            listeners.push(Listener {
+                name: l.name.as_str().into(),
+                sources: SourcePolicy::new(l.allow_sources.clone()),
+                door,
+                max_connections: config.limits.max_connections,
+            });
+        }
+        Ok(App {
+            config,
+            relay,
+            listeners,
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn relay(&self) -> &Arc<Relay> {
+        &self.relay
+    }
+
+    /// Serves on `sockets` (one per configured listener, in order) until `shutdown` completes, then
+    /// stops accepting, lets in-flight requests finish for up to `shutdown_grace`, and returns.
+    pub async fn run(
+        self,
+        sockets: Vec<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), SetupError> {
+        if sockets.len() != self.listeners.len() {
+            return Err(SetupError::ListenerCount {
+                given: sockets.len(),
+                configured: self.listeners.len(),
+            });
+        }
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let mut loops = Vec::new();
+        for (socket, listener) in sockets.into_iter().zip(self.listeners) {
+            if let Ok(addr) = socket.local_addr() {
+                tracing::info!(listener = %listener.name, bind = %addr, "listening");
+            }
+            loops.push(tokio::spawn(listen::accept_loop(
+                socket,
+                listener,
+                token.clone(),
+                tracker.clone(),
+            )));
+        }
+        shutdown.await;
+        tracing::info!(grace = ?self.config.shutdown_grace, "shutting down: no new connections, draining");
+        token.cancel();
+        for l in loops {
+            let _ = l.await;
+        }
+        tracker.close();
+        if tokio::time::timeout(self.config.shutdown_grace, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace elapsed with requests still in flight");
+        }
+        Ok(())
+    }
+}
+
+/// Binds every configured listener, in order.
+pub async fn bind(config: &Config) -> std::io::Result<Vec<TcpListener>> {
+    let mut sockets = Vec::new();
+    for l in &config.listeners {
+        let socket = TcpListener::bind(l.bind).await.map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("listener {:?}: cannot bind {}: {e}", l.name, l.bind),
+            )
+        })?;
+        sockets.push(socket);
+    }
+    Ok(sockets)
+}

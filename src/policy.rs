@@ -1,0 +1,292 @@
+//! Allowlists as pure data: which client addresses may connect, and which `host:port` pairs pushrelay
+//! may ever connect to. Host names compare case-insensitively and without a trailing dot, IPv6 hosts
+//! are held without brackets, and IPv4-mapped IPv6 clients are judged as the IPv4 address they are.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+
+/// A destination `host:port`, normalised: lower-case host, no trailing dot, IPv6 without brackets.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Authority {
+    host: String,
+    port: u16,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthorityError {
+    #[error("{0:?} has no port: write host:port, e.g. api.push.apple.com:443")]
+    MissingPort(String),
+    #[error("{0:?} has an invalid port (1-65535)")]
+    BadPort(String),
+    #[error("{0:?} has an invalid host name")]
+    BadHost(String),
+}
+
+impl Authority {
+    /// Builds an authority from a host (any case, brackets and trailing dot allowed) and a port.
+    pub fn new(host: &str, port: u16) -> Result<Self, AuthorityError> {
+        let host = normalize_host(host).ok_or_else(|| AuthorityError::BadHost(host.to_owned()))?;
+        if port == 0 {
+            return Err(AuthorityError::BadPort(format!("{host}:0")));
+        }
+        Ok(Authority { host, port })
+    }
+
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Splits `host[:port]` as written in a `Host` header or `:authority`; the port is optional here.
+    pub fn split_host_port(s: &str) -> Result<(String, Option<u16>), AuthorityError> {
+        let bad_host = || AuthorityError::BadHost(s.to_owned());
+        let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (v6, after) = rest.split_once(']').ok_or_else(bad_host)?;
+            let port = match after {
+                "" => None,
+                p => Some(p.strip_prefix(':').ok_or_else(bad_host)?),
+            };
+            (v6, port)
+        } else {
+            match s.rsplit_once(':') {
+                // More than one colon without brackets is a bare IPv6 address, which has no port.
+                Some((h, _)) if h.contains(':') => (s, None),
+                Some((h, p)) => (h, Some(p)),
+                None => (s, None),
+            }
+        };
+        let port = match port {
+            None => None,
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => return Err(AuthorityError::BadPort(s.to_owned())),
+            },
+        };
+        let host = normalize_host(host).ok_or_else(bad_host)?;
+        Ok((host, port))
+    }
+}
+
+impl FromStr for Authority {
+    type Err = AuthorityError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match Authority::split_host_port(s)? {
+            (host, Some(port)) => Ok(Authority { host, port }),
+            (_, None) => Err(AuthorityError::MissingPort(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Lower-cases a host, drops one trailing dot and IPv6 brackets; `None` when it cannot be a host.
+pub fn normalize_host(host: &str) -> Option<String> {
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Some(ip.to_string());
+    }
+    let host = host.strip_suffix('.').unwrap_or(host);
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    valid.then(|| host.to_ascii_lowercase())
+}
+
+/// Client addresses allowed to connect. Empty means nobody.
+#[derive(Clone, Debug, Default)]
+pub struct SourcePolicy {
+    nets: Vec<IpNet>,
+}
+
+impl SourcePolicy {
+    pub fn new(nets: Vec<IpNet>) -> Self {
+        SourcePolicy { nets }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nets.is_empty()
+    }
+
+    pub fn allows(&self, addr: IpAddr) -> bool {
+        let addr = match addr {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(addr),
+            v4 => v4,
+        };
+        self.nets.iter().any(|net| net.contains(&addr))
+    }
+}
+
+/// The only `host:port` pairs pushrelay connects to. Empty means none.
+#[derive(Clone, Debug, Default)]
+pub struct DestinationPolicy {
+    allowed: HashSet<Authority>,
+}
+
+impl DestinationPolicy {
+    pub fn new(allowed: impl IntoIterator<Item = Authority>) -> Self {
+        DestinationPolicy {
+            allowed: allowed.into_iter().collect(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.allowed.is_empty()
+    }
+
+    pub fn allows(&self, dest: &Authority) -> bool {
+        self.allowed.contains(dest)
+    }
+
+    /// Host names allowed on `port`, sorted: the names a pre-proxy listener presents certificates for.
+    pub fn hosts_on_port(&self, port: u16) -> Vec<String> {
+        let mut hosts: Vec<String> = self
+            .allowed
+            .iter()
+            .filter(|a| a.port == port)
+            .map(|a| a.host.clone())
+            .collect();
+        hosts.sort();
+        hosts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(s: &str) -> Authority {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn authority_parsing_table() {
+        let ok = [
+            ("api.push.apple.com:443", "api.push.apple.com", 443),
+            ("API.Push.Apple.COM.:2197", "api.push.apple.com", 2197),
+            ("127.0.0.1:8443", "127.0.0.1", 8443),
+            ("[::1]:443", "::1", 443),
+            ("[0:0:0:0:0:0:0:1]:443", "::1", 443),
+        ];
+        for (input, host, port) in ok {
+            let a = auth(input);
+            assert_eq!((a.host(), a.port()), (host, port), "{input}");
+        }
+        let bad = [
+            (
+                "api.push.apple.com",
+                AuthorityError::MissingPort("api.push.apple.com".into()),
+            ),
+            (
+                "api.push.apple.com:0",
+                AuthorityError::BadPort("api.push.apple.com:0".into()),
+            ),
+            (
+                "api.push.apple.com:99999",
+                AuthorityError::BadPort("api.push.apple.com:99999".into()),
+            ),
+            (
+                "api.push.apple.com:x",
+                AuthorityError::BadPort("api.push.apple.com:x".into()),
+            ),
+            (":443", AuthorityError::BadHost(":443".into())),
+            ("a b:443", AuthorityError::BadHost("a b:443".into())),
+            ("[::1:443", AuthorityError::BadHost("[::1:443".into())),
+            ("::1", AuthorityError::MissingPort("::1".into())),
+        ];
+        for (input, err) in bad {
+            assert_eq!(input.parse::<Authority>(), Err(err), "{input}");
+        }
+    }
+
+    #[test]
+    fn authority_displays_ipv6_in_brackets() {
+        assert_eq!(auth("[::1]:443").to_string(), "[::1]:443");
+        assert_eq!(auth("Example.org.:80").to_string(), "example.org:80");
+    }
+
+    #[test]
+    fn host_header_port_is_optional() {
+        assert_eq!(
+            Authority::split_host_port("api.push.apple.com").unwrap(),
+            ("api.push.apple.com".into(), None)
+        );
+        assert_eq!(
+            Authority::split_host_port("Api.Push.Apple.Com:443").unwrap(),
+            ("api.push.apple.com".into(), Some(443))
+        );
+        assert_eq!(
+            Authority::split_host_port("[::1]").unwrap(),
+            ("::1".into(), None)
+        );
+    }
+
+    #[test]
+    fn sources_match_cidrs_v4_v6_and_mapped() {
+        let policy = SourcePolicy::new(vec![
+            "127.0.0.0/8".parse().unwrap(),
+            "::1/128".parse().unwrap(),
+        ]);
+        let table = [
+            ("127.0.0.1", true),
+            ("127.9.9.9", true),
+            ("128.0.0.1", false),
+            ("::1", true),
+            ("::2", false),
+            ("::ffff:127.0.0.2", true),
+            ("::ffff:8.8.8.8", false),
+        ];
+        for (ip, expected) in table {
+            assert_eq!(policy.allows(ip.parse().unwrap()), expected, "{ip}");
+        }
+    }
+
+    #[test]
+    fn empty_policies_deny_everything() {
+        assert!(!SourcePolicy::default().allows("127.0.0.1".parse().unwrap()));
+        assert!(!DestinationPolicy::default().allows(&auth("api.push.apple.com:443")));
+    }
+
+    #[test]
+    fn destinations_compare_normalised_and_by_port() {
+        let policy = DestinationPolicy::new([
+            auth("api.push.apple.com:443"),
+            auth("api.sandbox.push.apple.com:443"),
+        ]);
+        assert!(policy.allows(&auth("API.push.apple.com.:443")));
+        assert!(!policy.allows(&auth("api.push.apple.com:2197")));
+        assert!(!policy.allows(&auth("evil.example:443")));
+        assert_eq!(
+            policy.hosts_on_port(443),
+            vec![
+                "api.push.apple.com".to_string(),
+                "api.sandbox.push.apple.com".to_string()
+            ]
+        );
+        assert!(policy.hosts_on_port(2197).is_empty());
+    }
+}

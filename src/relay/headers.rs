@@ -1,0 +1,317 @@
+//! Header rewriting between a client's request and the origin's HTTP/2 stream, pure and
+//! table-tested: hop-by-hop headers go (RFC 9110 §7.6.1, and every header `Connection` names), `Host`
+//! becomes `:authority` without staying behind as a stray header, and a request whose target and
+//! `Host` disagree is refused.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Uri, Version};
+
+use crate::policy::Authority;
+
+/// Headers that describe one hop and never cross the relay.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authorization",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+/// Why a request cannot be relayed as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("the request names no host (neither :authority, an absolute target nor Host)")]
+    NoHost,
+    #[error("the request target's host {target:?} differs from Host {host:?}")]
+    HostMismatch { target: String, host: String },
+    #[error("invalid host {0:?}")]
+    BadHost(String),
+    #[error("more than one Host header")]
+    DuplicateHost,
+}
+
+/// The host a request names: from the target (`:authority` or absolute-form) or `Host`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedHost {
+    /// Normalised host name.
+    pub host: String,
+    /// The port when the request wrote one.
+    pub port: Option<u16>,
+    /// As the client wrote it, for `:authority` upstream.
+    pub raw: String,
+}
+
+/// Finds the host a request is for. When both the target and `Host` name one, they must agree
+/// (ports included, default ports compared as absent).
+pub fn named_host(uri: &Uri, headers: &HeaderMap) -> Result<NamedHost, HeadError> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(HeadError::DuplicateHost);
+    }
+    let parse = |raw: &str| -> Result<NamedHost, HeadError> {
+        let (host, port) =
+            Authority::split_host_port(raw).map_err(|_| HeadError::BadHost(raw.to_owned()))?;
+        Ok(NamedHost {
+            host,
+            port,
+            raw: raw.to_owned(),
+        })
+    };
+    let from_target = match uri.authority() {
+        Some(a) if a.as_str().contains('@') => {
+            return Err(HeadError::BadHost(a.as_str().to_owned()));
+        }
+        Some(a) => Some(parse(a.as_str())?),
+        None => None,
+    };
+    let from_header = match host_header {
+        Some(v) => Some(parse(v.to_str().map_err(|_| {
+            HeadError::BadHost(String::from_utf8_lossy(v.as_bytes()).into_owned())
+        })?)?),
+        None => None,
+    };
+    match (from_target, from_header) {
+        (Some(t), Some(h)) => {
+            let default_port = |p: Option<u16>| p.filter(|p| *p != 443 && *p != 80);
+            if t.host != h.host || default_port(t.port) != default_port(h.port) {
+                return Err(HeadError::HostMismatch {
+                    target: t.raw,
+                    host: h.raw,
+                });
+            }
+            Ok(t)
+        }
+        (Some(t), None) => Ok(t),
+        (None, Some(h)) => Ok(h),
+        (None, None) => Err(HeadError::NoHost),
+    }
+}
+
+/// Removes hop-by-hop headers, those `Connection` names, `Host`, and `TE` other than `trailers`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(name);
+    }
+    headers.remove(header::HOST);
+    let keeps_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+    headers.remove(header::TE);
+    if keeps_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The HTTP/2 request head for the origin: `https://authority/path`, end-to-end headers only.
+pub fn upstream_head(
+    method: Method,
+    uri: &Uri,
+    mut headers: HeaderMap,
+    authority: &str,
+) -> Result<Request<()>, http::Error> {
+    strip_hop_by_hop(&mut headers);
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let uri = Uri::builder()
+        .scheme("https")
+        .authority(authority)
+        .path_and_query(path)
+        .build()?;
+    let mut request = Request::builder()
+        .method(method)
+        .uri(uri)
+        .version(Version::HTTP_2)
+        .body(())?;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// Response headers from the origin as they go back to the client. HTTP/2 forbids hop-by-hop
+/// headers, but a lenient origin may still send some.
+pub fn downstream_headers(headers: &mut HeaderMap) {
+    strip_hop_by_hop(headers);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    type Pairs<'a> = &'a [(&'a str, &'a str)];
+
+    #[test]
+    fn named_host_table() {
+        let ok: [(&str, Pairs, &str, Option<u16>); 7] = [
+            (
+                "https://api.push.apple.com/3/device/x",
+                &[],
+                "api.push.apple.com",
+                None,
+            ),
+            (
+                "https://api.push.apple.com:443/3/device/x",
+                &[],
+                "api.push.apple.com",
+                Some(443),
+            ),
+            (
+                "/3/device/x",
+                &[("host", "API.push.apple.com")],
+                "api.push.apple.com",
+                None,
+            ),
+            (
+                "/3/device/x",
+                &[("host", "api.push.apple.com:2197")],
+                "api.push.apple.com",
+                Some(2197),
+            ),
+            (
+                "http://api.push.apple.com/x",
+                &[("host", "api.push.apple.com")],
+                "api.push.apple.com",
+                None,
+            ),
+            (
+                "http://api.push.apple.com:443/x",
+                &[("host", "api.push.apple.com")],
+                "api.push.apple.com",
+                Some(443),
+            ),
+            ("https://[::1]:8443/x", &[], "::1", Some(8443)),
+        ];
+        for (uri, h, host, port) in ok {
+            let named = named_host(&uri.parse().unwrap(), &headers(h)).unwrap();
+            assert_eq!(
+                (named.host.as_str(), named.port),
+                (host, port),
+                "{uri} {h:?}"
+            );
+        }
+        let bad: [(&str, Pairs, HeadError); 5] = [
+            ("/x", &[], HeadError::NoHost),
+            (
+                "http://api.push.apple.com/x",
+                &[("host", "evil.example")],
+                HeadError::HostMismatch {
+                    target: "api.push.apple.com".into(),
+                    host: "evil.example".into(),
+                },
+            ),
+            (
+                "http://api.push.apple.com:2197/x",
+                &[("host", "api.push.apple.com")],
+                HeadError::HostMismatch {
+                    target: "api.push.apple.com:2197".into(),
+                    host: "api.push.apple.com".into(),
+                },
+            ),
+            (
+                "/x",
+                &[("host", "a.example"), ("host", "b.example")],
+                HeadError::DuplicateHost,
+            ),
+            (
+                "/x",
+                &[("host", "bad host")],
+                HeadError::BadHost("bad host".into()),
+            ),
+        ];
+        for (uri, h, err) in bad {
+            assert_eq!(
+                named_host(&uri.parse().unwrap(), &headers(h)),
+                Err(err),
+                "{uri} {h:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn userinfo_in_target_is_refused() {
+        let err = named_host(
+            &"http://user@api.push.apple.com/x".parse().unwrap(),
+            &HeaderMap::new(),
+        )
+        .unwrap_err();
+        assert!(matches!(err, HeadError::BadHost(_)));
+    }
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut h = headers(&[
+            ("connection", "keep-alive, X-Private-Hop"),
+            ("x-private-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("proxy-authorization", "Basic c2VjcmV0"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("te", "gzip, trailers"),
+            ("host", "api.push.apple.com"),
+            ("apns-topic", "com.example.app"),
+            ("apns-id", "123e4567-e89b-12d3-a456-426614174000"),
+            ("authorization", "bearer eyJ"),
+            ("content-length", "12"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "apns-id",
+                "apns-topic",
+                "authorization",
+                "content-length",
+                "te"
+            ]
+        );
+        assert_eq!(h["te"], "trailers");
+        let mut no_trailers = headers(&[("te", "gzip")]);
+        strip_hop_by_hop(&mut no_trailers);
+        assert!(no_trailers.is_empty());
+    }
+
+    #[test]
+    fn upstream_head_uses_authority_and_drops_host() {
+        let req = upstream_head(
+            Method::POST,
+            &"/3/device/abc?x=1".parse().unwrap(),
+            headers(&[("host", "api.push.apple.com"), ("apns-topic", "t")]),
+            "api.push.apple.com",
+        )
+        .unwrap();
+        assert_eq!(
+            req.uri().to_string(),
+            "https://api.push.apple.com/3/device/abc?x=1"
+        );
+        assert_eq!(req.version(), Version::HTTP_2);
+        assert!(req.headers().get("host").is_none());
+        assert_eq!(req.headers()["apns-topic"], "t");
+    }
+}

@@ -1,0 +1,251 @@
+//! The request pipeline shared by every front door: destination policy, header rewriting, the
+//! upstream exchange, and the one log line per request. Front doors (one file each) decide which
+//! destination a request is for; everything after that is here, so both modes behave the same.
+
+pub mod body;
+pub mod headers;
+pub mod pre_proxy;
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, header};
+use http_body::Body;
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::{Fault, RelayError, hop_of};
+use crate::policy::{Authority, DestinationPolicy};
+use crate::upstream::{self, BoxError, Pool, PoolKey, ReplayBody};
+use body::RelayBody;
+
+/// Who is asking: for the log line.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    pub listener: Arc<str>,
+    pub client: SocketAddr,
+}
+
+/// The shared pipeline.
+pub struct Relay {
+    pool: Pool,
+    destinations: DestinationPolicy,
+    max_request_body: usize,
+    request_timeout: Duration,
+}
+
+impl Relay {
+    pub fn new(config: &Config, pool: Pool) -> Self {
+        Relay {
+            pool,
+            destinations: DestinationPolicy::new(config.destinations.iter().cloned()),
+            max_request_body: config.limits.max_request_body,
+            request_timeout: config.upstream.request_timeout,
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn destinations(&self) -> &DestinationPolicy {
+        &self.destinations
+    }
+
+    /// Relays `req` to `dest`, sending `authority` as `:authority`. Never fails: errors become
+    /// pushrelay's own JSON answers. Logs one line.
+    pub async fn forward<B>(
+        &self,
+        ctx: &Ctx,
+        dest: Authority,
+        authority: &str,
+        req: Request<B>,
+    ) -> Response<RelayBody>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let started = Instant::now();
+        let (parts, body) = req.into_parts();
+        let result = self.exchange(&dest, authority, &parts, body).await;
+        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let path = loggable_path(parts.uri.path());
+        match result {
+            Ok((response, conn)) => {
+                let apns_id = response
+                    .headers()
+                    .get("apns-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                tracing::info!(
+                    listener = %ctx.listener,
+                    client.addr = %ctx.client,
+                    method = %parts.method,
+                    authority = %dest,
+                    path = %path,
+                    status = response.status().as_u16(),
+                    apns_id,
+                    upstream.conn = conn,
+                    duration_ms = elapsed_ms,
+                    "relayed"
+                );
+                response
+            }
+            Err(e) => {
+                let response = e.to_response();
+                self.log_failure(ctx, &parts.method, Some(&dest), &path, &e, elapsed_ms);
+                response
+            }
+        }
+    }
+
+    /// Logs a request that ended in pushrelay's own answer, at a level by whose fault it was.
+    pub fn log_failure(
+        &self,
+        ctx: &Ctx,
+        method: &http::Method,
+        dest: Option<&Authority>,
+        path: &str,
+        e: &RelayError,
+        elapsed_ms: f64,
+    ) {
+        let (status, reason, fault) = e.classify();
+        let (hop, proxy_status) = hop_of(e);
+        let dest = dest.map(ToString::to_string).unwrap_or_default();
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    listener = %ctx.listener,
+                    client.addr = %ctx.client,
+                    method = %method,
+                    authority = %dest,
+                    path = %path,
+                    status = status.as_u16(),
+                    reason,
+                    hop,
+                    proxy.status = proxy_status,
+                    duration_ms = elapsed_ms,
+                    error = %e,
+                    "refused"
+                )
+            };
+        }
+        match fault {
+            Fault::Client | Fault::Policy => line!(info),
+            Fault::Upstream | Fault::Relay => line!(warn),
+        }
+    }
+
+    async fn exchange<B>(
+        &self,
+        dest: &Authority,
+        authority: &str,
+        parts: &http::request::Parts,
+        body: B,
+    ) -> Result<(Response<RelayBody>, u64), RelayError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        if !self.destinations.allows(dest) {
+            return Err(RelayError::DestinationNotAllowed(dest.clone()));
+        }
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > self.max_request_body as u64) {
+            return Err(upstream::UpstreamError::BodyTooLarge {
+                limit: self.max_request_body,
+            }
+            .into());
+        }
+        let head = headers::upstream_head(
+            parts.method.clone(),
+            &parts.uri,
+            parts.headers.clone(),
+            authority,
+        )
+        .map_err(|e| RelayError::BadRequest(e.to_string()))?;
+        let key = PoolKey {
+            dest: dest.clone(),
+            identity: None,
+        };
+        let mut body = ReplayBody::new(body, self.max_request_body);
+        let deadline = Instant::now() + self.request_timeout;
+        let ex = upstream::exchange(
+            &self.pool,
+            &key,
+            head,
+            &mut body,
+            deadline,
+            self.request_timeout,
+        )
+        .await?;
+        let conn = ex.lease.conn_id();
+        let (mut parts, recv) = ex.response.into_parts();
+        headers::downstream_headers(&mut parts.headers);
+        parts.version = http::Version::HTTP_11;
+        Ok((
+            Response::from_parts(parts, RelayBody::upstream(recv, ex.lease)),
+            conn,
+        ))
+    }
+}
+
+/// The path with an APNs device token cut to its first 8 characters: enough to correlate, not
+/// enough to address a device.
+pub fn loggable_path(path: &str) -> Cow<'_, str> {
+    match path.strip_prefix("/3/device/") {
+        Some(token) if token.len() > 8 => {
+            let cut = token
+                .char_indices()
+                .nth(8)
+                .map(|(i, _)| i)
+                .unwrap_or(token.len());
+            Cow::Owned(format!("/3/device/{}…", &token[..cut]))
+        }
+        _ => Cow::Borrowed(path),
+    }
+}
+
+/// Drives an HTTP connection until it ends; on shutdown, asks it to finish gracefully (GOAWAY for
+/// HTTP/2, `Connection: close` for HTTP/1.1) and lets in-flight requests complete.
+pub async fn drive<C>(conn: C, shutdown: &CancellationToken) -> Result<(), C::Error>
+where
+    C: GracefulConnection,
+{
+    let mut conn = std::pin::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_tokens_are_shortened_in_logs() {
+        let token = "a".repeat(64);
+        assert_eq!(
+            loggable_path(&format!("/3/device/{token}")),
+            "/3/device/aaaaaaaa…"
+        );
+        assert_eq!(loggable_path("/3/device/abc"), "/3/device/abc");
+        assert_eq!(
+            loggable_path("/v1/projects/x/messages:send"),
+            "/v1/projects/x/messages:send"
+        );
+    }
+}

@@ -1,0 +1,255 @@
+//! The upstream side: CONNECT tunnels, connections, the shared pool, and one request's exchange on
+//! an HTTP/2 stream. A request is sent again only when the origin provably never processed it
+//! (RFC 9113 §8.7: a REFUSED_STREAM reset, or a stream above a GOAWAY's last-stream-id), and only
+//! once; nothing else is ever re-sent, so a push never reaches Apple twice.
+
+pub mod connect;
+pub mod pool;
+pub mod tunnel;
+
+use std::error::Error as StdError;
+use std::future::poll_fn;
+use std::pin::{Pin, pin};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use http::{HeaderMap, Request, Response};
+use http_body::Body;
+use tokio::time::{Instant, timeout_at};
+
+pub use pool::{Lease, Pool, PoolError, PoolKey};
+
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("no answer from upstream within {after:?}")]
+    Timeout { after: Duration },
+    #[error("upstream stream failed on connection {conn}: {source}")]
+    Stream {
+        conn: u64,
+        #[source]
+        source: h2::Error,
+    },
+    #[error("request body larger than {limit} bytes")]
+    BodyTooLarge { limit: usize },
+    #[error("reading the client's request body failed: {0}")]
+    ClientBody(#[source] BoxError),
+}
+
+/// A request body that keeps what it has sent, so an unprocessed request can be sent again. The
+/// copy is bounded by the body limit, which also answers 413.
+pub struct ReplayBody<B> {
+    body: B,
+    sent: Vec<Bytes>,
+    sent_len: usize,
+    limit: usize,
+    trailers: Option<HeaderMap>,
+    done: bool,
+}
+
+enum PumpError {
+    /// The upstream stream refused more data: its response (or reset) says why.
+    Stream,
+    Body(UpstreamError),
+}
+
+impl<B> ReplayBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    pub fn new(body: B, limit: usize) -> Self {
+        let done = body.is_end_stream();
+        ReplayBody {
+            body,
+            sent: Vec::new(),
+            sent_len: 0,
+            limit,
+            trailers: None,
+            done,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.done && self.sent.is_empty() && self.trailers.is_none()
+    }
+
+    /// Sends what was sent before, then the rest of the client's body, with flow control.
+    async fn pump(&mut self, send: &mut SendStream<Bytes>) -> Result<(), PumpError> {
+        let replayed = self.sent.len();
+        for (i, chunk) in self.sent.iter().enumerate() {
+            let last = self.done && self.trailers.is_none() && i + 1 == replayed;
+            send_data(send, chunk.clone(), last).await?;
+        }
+        while !self.done {
+            let frame = poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
+            match frame {
+                None => {
+                    self.done = true;
+                    send_data(send, Bytes::new(), true).await?;
+                }
+                Some(Err(e)) => return Err(PumpError::Body(UpstreamError::ClientBody(e.into()))),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        self.sent_len += data.len();
+                        if self.sent_len > self.limit {
+                            return Err(PumpError::Body(UpstreamError::BodyTooLarge {
+                                limit: self.limit,
+                            }));
+                        }
+                        self.done = self.body.is_end_stream();
+                        if !data.is_empty() {
+                            self.sent.push(data.clone());
+                        }
+                        send_data(send, data, self.done).await?;
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.trailers = Some(trailers);
+                            self.done = true;
+                        }
+                    }
+                },
+            }
+        }
+        if let Some(trailers) = &self.trailers {
+            send.send_trailers(trailers.clone())
+                .map_err(|_| PumpError::Stream)?;
+        }
+        Ok(())
+    }
+}
+
+/// Sends `data` as DATA frames as the stream's window allows; an empty `data` with `end` sends the
+/// closing empty frame.
+async fn send_data(
+    send: &mut SendStream<Bytes>,
+    mut data: Bytes,
+    end: bool,
+) -> Result<(), PumpError> {
+    if data.is_empty() {
+        if end {
+            send.send_data(data, true).map_err(|_| PumpError::Stream)?;
+        }
+        return Ok(());
+    }
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(Ok(n)) => n,
+            _ => return Err(PumpError::Stream),
+        };
+        if granted == 0 {
+            continue;
+        }
+        let chunk = data.split_to(granted.min(data.len()));
+        send.send_data(chunk, end && data.is_empty())
+            .map_err(|_| PumpError::Stream)?;
+    }
+    Ok(())
+}
+
+/// Whether the origin provably never processed the stream (RFC 9113 §8.7).
+pub fn never_processed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
+}
+
+/// The answer's head, and the lease that must live until its body is read.
+pub struct Exchange {
+    pub response: Response<RecvStream>,
+    pub lease: Lease,
+    /// Whether the request had to be sent a second time.
+    pub resent: bool,
+}
+
+/// Sends one request and waits for the answer's head, until `deadline`.
+pub async fn exchange<B>(
+    pool: &Pool,
+    key: &PoolKey,
+    head: Request<()>,
+    body: &mut ReplayBody<B>,
+    deadline: Instant,
+    request_timeout: Duration,
+) -> Result<Exchange, UpstreamError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let attempts = async {
+        let mut resent = false;
+        loop {
+            let lease = pool.checkout(key, deadline).await?;
+            let (response, mut send) = match lease.send_request(head.clone(), body.is_empty()).await
+            {
+                Ok(pair) => pair,
+                // Nothing went out on the wire: another connection may take it.
+                Err(e) if !resent => {
+                    tracing::debug!(upstream.conn = lease.conn_id(), error = %e, "stream not opened; trying another connection");
+                    resent = true;
+                    continue;
+                }
+                Err(source) => {
+                    return Err(UpstreamError::Stream {
+                        conn: lease.conn_id(),
+                        source,
+                    });
+                }
+            };
+            let mut response = pin!(response);
+            let early = if body.is_empty() {
+                None
+            } else {
+                tokio::select! {
+                    r = response.as_mut() => Some(r),
+                    pumped = body.pump(&mut send) => match pumped {
+                        Ok(()) | Err(PumpError::Stream) => None,
+                        Err(PumpError::Body(e)) => {
+                            send.send_reset(h2::Reason::CANCEL);
+                            return Err(e);
+                        }
+                    },
+                }
+            };
+            let result = match early {
+                Some(r) => r,
+                None => response.await,
+            };
+            match result {
+                Ok(response) => {
+                    return Ok(Exchange {
+                        response,
+                        lease,
+                        resent,
+                    });
+                }
+                Err(e) if !resent && never_processed(&e) => {
+                    tracing::info!(upstream.conn = lease.conn_id(), error = %e, "origin did not process the request; sending it once more");
+                    if e.is_go_away() {
+                        lease.retire();
+                    }
+                    resent = true;
+                }
+                Err(source) => {
+                    if source.is_go_away() || source.is_io() {
+                        lease.retire();
+                    }
+                    return Err(UpstreamError::Stream {
+                        conn: lease.conn_id(),
+                        source,
+                    });
+                }
+            }
+        }
+    };
+    match timeout_at(deadline, attempts).await {
+        Ok(r) => r,
+        Err(_) => Err(UpstreamError::Timeout {
+            after: request_timeout,
+        }),
+    }
+}

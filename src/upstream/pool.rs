@@ -1,0 +1,576 @@
+//! Upstream HTTP/2 connections, shared by every client: per destination (and identity) a small set
+//! of long-lived connections, each carrying as many streams as the origin's live
+//! SETTINGS_MAX_CONCURRENT_STREAMS allows. A new connection opens only when every open one is full
+//! and none is being opened, so a burst of pushes shares one connection instead of stampeding Apple.
+//! A connection counts as ready after its first PING answer, which also means the origin's SETTINGS
+//! have been applied. PINGs keep it alive; an unanswered one closes it. Failed connects back off
+//! exponentially with jitter, and while a destination is backing off requests fail fast.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::client::ResponseFuture;
+use h2::{Ping, SendStream};
+use http::Request;
+use rustls::ClientConfig;
+use tokio::sync::{Notify, oneshot};
+use tokio::time::{Instant, sleep, timeout, timeout_at};
+
+use super::connect::{ConnectError, Connector, H2Connection, H2Send, Route};
+use crate::config::UpstreamConfig;
+use crate::policy::Authority;
+
+/// Which connections a request may share: same destination, same upstream identity.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PoolKey {
+    pub dest: Authority,
+    /// The identity the connection presents or carries (`None`: anonymous, token auth unknown).
+    pub identity: Option<Arc<str>>,
+}
+
+/// Why no stream could be had.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PoolError {
+    #[error("connecting to {dest} failed: {source}")]
+    Connect {
+        dest: String,
+        #[source]
+        source: Arc<ConnectError>,
+    },
+    #[error("{dest} is backing off after failures ({remaining:?} left); last error: {source}")]
+    BackingOff {
+        dest: String,
+        remaining: Duration,
+        #[source]
+        source: Arc<ConnectError>,
+    },
+    #[error("all connections to {dest} are full and {queued} requests already wait")]
+    QueueFull { dest: String, queued: usize },
+    #[error("no stream to {dest} became free in time")]
+    WaitTimeout { dest: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub max_connections: usize,
+    pub max_queued: usize,
+    pub connect_timeout: Duration,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+impl PoolSettings {
+    pub fn from_config(upstream: &UpstreamConfig) -> Self {
+        PoolSettings {
+            max_connections: upstream.max_connections_per_destination,
+            max_queued: upstream.max_queued_requests,
+            connect_timeout: upstream.connect_timeout,
+            keepalive_interval: upstream.keepalive_interval,
+            keepalive_timeout: upstream.keepalive_timeout,
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The wait before connect attempt number `failures + 1`: base·2^(failures-1), capped, then
+/// scaled by `jitter` in [0.5, 1.0] so relays that failed together do not retry together.
+pub fn backoff_delay(settings: &PoolSettings, failures: u32, jitter: f64) -> Duration {
+    if failures == 0 {
+        return Duration::ZERO;
+    }
+    let exp = settings
+        .backoff_base
+        .saturating_mul(1u32 << (failures - 1).min(16))
+        .min(settings.backoff_max);
+    exp.mul_f64(jitter.clamp(0.5, 1.0))
+}
+
+fn random_jitter() -> f64 {
+    let bits = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    0.5 + (bits % 1000) as f64 / 2000.0
+}
+
+/// One upstream HTTP/2 connection.
+pub struct Conn {
+    id: u64,
+    send: H2Send,
+    in_flight: AtomicUsize,
+    open: AtomicBool,
+    route: Route,
+}
+
+impl Conn {
+    fn has_room(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+            && self.in_flight.load(Ordering::Acquire) < self.send.current_max_send_streams()
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+}
+
+#[derive(Default)]
+struct DestState {
+    conns: Vec<Arc<Conn>>,
+    connecting: bool,
+    queued: usize,
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<Arc<ConnectError>>,
+}
+
+struct Dest {
+    key: PoolKey,
+    state: Mutex<DestState>,
+    changed: Notify,
+}
+
+impl Dest {
+    fn lock(&self) -> MutexGuard<'_, DestState> {
+        // A panic while holding this lock cannot leave the state half-written in a harmful way.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A stream slot on a connection, held from request start until the response body ends.
+pub struct Lease {
+    conn: Arc<Conn>,
+    dest: Arc<Dest>,
+}
+
+impl Lease {
+    pub fn conn_id(&self) -> u64 {
+        self.conn.id
+    }
+
+    pub fn route(&self) -> &Route {
+        &self.conn.route
+    }
+
+    /// Opens a stream. An error here means nothing was sent: the caller may try another lease.
+    pub async fn send_request(
+        &self,
+        request: Request<()>,
+        end_of_stream: bool,
+    ) -> Result<(ResponseFuture, SendStream<Bytes>), h2::Error> {
+        let result = async {
+            let mut send = self.conn.send.clone().ready().await?;
+            send.send_request(request, end_of_stream)
+        }
+        .await;
+        if result.is_err() {
+            self.retire();
+        }
+        result
+    }
+
+    /// Takes the connection out of rotation (GOAWAY seen, or it failed): streams on it finish,
+    /// new ones go elsewhere.
+    pub fn retire(&self) {
+        if self.conn.open.swap(false, Ordering::AcqRel) {
+            tracing::debug!(upstream.conn = self.conn.id, "upstream connection retired");
+        }
+        self.dest.changed.notify_waiters();
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.dest.changed.notify_waiters();
+    }
+}
+
+/// Decrements the waiting count however the wait ends.
+struct QueueSlot<'a>(&'a Dest);
+
+impl Drop for QueueSlot<'_> {
+    fn drop(&mut self) {
+        self.0.lock().queued -= 1;
+    }
+}
+
+/// Clears the connecting flag however the connect ends (including cancellation).
+struct ConnectingGuard<'a>(&'a Dest);
+
+impl Drop for ConnectingGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock().connecting = false;
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// The upstream pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connector: Connector,
+    tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
+    settings: PoolSettings,
+    dests: Mutex<HashMap<PoolKey, Arc<Dest>>>,
+    next_id: AtomicU64,
+}
+
+/// What the pool holds for one destination, for metrics and tests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DestStats {
+    pub open_connections: usize,
+    pub streams_in_flight: usize,
+}
+
+impl Pool {
+    /// `tls` maps each identity (None: anonymous) to the client config that presents it.
+    pub fn new(
+        connector: Connector,
+        tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
+        settings: PoolSettings,
+    ) -> Self {
+        Pool {
+            inner: Arc::new(Inner {
+                connector,
+                tls,
+                settings,
+                dests: Mutex::new(HashMap::new()),
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    fn dest(&self, key: &PoolKey) -> Arc<Dest> {
+        let mut dests = self.inner.dests.lock().unwrap_or_else(|p| p.into_inner());
+        dests
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Dest {
+                    key: key.clone(),
+                    state: Mutex::new(DestState::default()),
+                    changed: Notify::new(),
+                })
+            })
+            .clone()
+    }
+
+    /// Open connections and streams in flight per key.
+    pub fn stats(&self) -> Vec<(PoolKey, DestStats)> {
+        let dests = self.inner.dests.lock().unwrap_or_else(|p| p.into_inner());
+        dests
+            .values()
+            .map(|d| {
+                let st = d.lock();
+                let open: Vec<&Arc<Conn>> = st
+                    .conns
+                    .iter()
+                    .filter(|c| c.open.load(Ordering::Acquire))
+                    .collect();
+                (
+                    d.key.clone(),
+                    DestStats {
+                        open_connections: open.len(),
+                        streams_in_flight: st
+                            .conns
+                            .iter()
+                            .map(|c| c.in_flight.load(Ordering::Acquire))
+                            .sum(),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// A stream slot towards `key`, opening a connection when every open one is full. Waits (bounded
+    /// by the queue size and `deadline`) when the destination has all the connections it may have.
+    pub async fn checkout(&self, key: &PoolKey, deadline: Instant) -> Result<Lease, PoolError> {
+        let dest = self.dest(key);
+        let settings = &self.inner.settings;
+        let mut slot: Option<QueueSlot<'_>> = None;
+        loop {
+            let mut notified = pin!(dest.changed.notified());
+            notified.as_mut().enable();
+            let connect_now = {
+                let mut st = dest.lock();
+                st.conns.retain(|c| {
+                    c.open.load(Ordering::Acquire) || c.in_flight.load(Ordering::Acquire) > 0
+                });
+                if let Some(conn) = st.conns.iter().find(|c| c.has_room()) {
+                    conn.in_flight.fetch_add(1, Ordering::AcqRel);
+                    return Ok(Lease {
+                        conn: conn.clone(),
+                        dest: dest.clone(),
+                    });
+                }
+                let open = st
+                    .conns
+                    .iter()
+                    .filter(|c| c.open.load(Ordering::Acquire))
+                    .count();
+                let now = Instant::now();
+                let backing_off = st.retry_at.is_some_and(|at| at > now);
+                if backing_off
+                    && open == 0
+                    && let (Some(at), Some(err)) = (st.retry_at, &st.last_error)
+                {
+                    return Err(PoolError::BackingOff {
+                        dest: key.dest.to_string(),
+                        remaining: at - now,
+                        source: err.clone(),
+                    });
+                }
+                if !st.connecting && !backing_off && open < settings.max_connections {
+                    st.connecting = true;
+                    true
+                } else {
+                    if slot.is_none() {
+                        if st.queued >= settings.max_queued {
+                            return Err(PoolError::QueueFull {
+                                dest: key.dest.to_string(),
+                                queued: st.queued,
+                            });
+                        }
+                        st.queued += 1;
+                        slot = Some(QueueSlot(&dest));
+                    }
+                    false
+                }
+            };
+            if connect_now {
+                return self.connect(&dest).await;
+            }
+            // Wake at the back-off's end too, so a queued request can start the reconnect.
+            let retry_at = dest.lock().retry_at;
+            let wake_at = retry_at.filter(|at| *at < deadline).unwrap_or(deadline);
+            if timeout_at(wake_at, notified).await.is_err() && Instant::now() >= deadline {
+                return Err(PoolError::WaitTimeout {
+                    dest: key.dest.to_string(),
+                });
+            }
+        }
+    }
+
+    /// Opens a connection for `dest` (whose `connecting` flag the caller set) and takes its first
+    /// stream slot.
+    async fn connect(&self, dest: &Arc<Dest>) -> Result<Lease, PoolError> {
+        let _guard = ConnectingGuard(dest);
+        let key = &dest.key;
+        let tls = self
+            .inner
+            .tls
+            .get(&key.identity)
+            .or_else(|| self.inner.tls.get(&None))
+            .cloned();
+        let result = match tls {
+            Some(tls) => self.open(dest, &tls).await,
+            None => Err(ConnectError::Tls {
+                host: key.dest.host().to_owned(),
+                source: std::io::Error::other("no TLS configuration for this identity"),
+            }),
+        };
+        let mut st = dest.lock();
+        match result {
+            Ok(conn) => {
+                st.failures = 0;
+                st.retry_at = None;
+                st.last_error = None;
+                conn.in_flight.fetch_add(1, Ordering::AcqRel);
+                st.conns.push(conn.clone());
+                Ok(Lease {
+                    conn,
+                    dest: dest.clone(),
+                })
+            }
+            Err(e) => {
+                st.failures = st.failures.saturating_add(1);
+                let delay = backoff_delay(&self.inner.settings, st.failures, random_jitter());
+                st.retry_at = Some(Instant::now() + delay);
+                let e = Arc::new(e);
+                st.last_error = Some(e.clone());
+                tracing::warn!(
+                    upstream.authority = %key.dest,
+                    upstream.hop = e.hop(),
+                    proxy.status = e_proxy_status(&e),
+                    retry_in_ms = delay.as_millis() as u64,
+                    error = %e,
+                    "upstream connect failed"
+                );
+                Err(PoolError::Connect {
+                    dest: key.dest.to_string(),
+                    source: e,
+                })
+            }
+        }
+    }
+
+    /// Connects, starts the driver task, and waits for the first PING answer.
+    async fn open(
+        &self,
+        dest: &Arc<Dest>,
+        tls: &Arc<ClientConfig>,
+    ) -> Result<Arc<Conn>, ConnectError> {
+        let settings = &self.inner.settings;
+        let key = &dest.key;
+        let mut connected = self.inner.connector.connect(&key.dest, tls).await?;
+        let ping_pong = connected.connection.ping_pong();
+        let conn = Arc::new(Conn {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            send: connected.send,
+            in_flight: AtomicUsize::new(0),
+            open: AtomicBool::new(false),
+            route: connected.route,
+        });
+        let (ready_tx, ready_rx) = oneshot::channel();
+        tokio::spawn(drive(
+            connected.connection,
+            ping_pong,
+            ready_tx,
+            conn.clone(),
+            dest.clone(),
+            settings.clone(),
+        ));
+        let host = key.dest.host().to_owned();
+        match ready_rx.await {
+            Ok(Ok(())) => {
+                conn.open.store(true, Ordering::Release);
+                tracing::info!(
+                    upstream.authority = %key.dest,
+                    upstream.conn = conn.id,
+                    upstream.route = ?conn.route,
+                    upstream.max_streams = conn.send.current_max_send_streams(),
+                    "upstream connection ready"
+                );
+                Ok(conn)
+            }
+            Ok(Err(ReadyError::Timeout)) => Err(ConnectError::H2Timeout {
+                host,
+                after: settings.connect_timeout,
+            }),
+            Ok(Err(ReadyError::H2(source))) => Err(ConnectError::H2 { host, source }),
+            Err(_) => Err(ConnectError::H2 {
+                host,
+                source: h2::Error::from(h2::Reason::INTERNAL_ERROR),
+            }),
+        }
+    }
+}
+
+fn e_proxy_status(e: &ConnectError) -> Option<u16> {
+    match e {
+        ConnectError::Tunnel(t) => t.proxy_status(),
+        _ => None,
+    }
+}
+
+enum ReadyError {
+    Timeout,
+    H2(h2::Error),
+}
+
+/// Drives one connection: first PING (readiness), then keepalive PINGs until the connection ends or
+/// a PING goes unanswered. Marks the connection closed when it returns.
+async fn drive(
+    connection: H2Connection,
+    mut ping_pong: Option<h2::PingPong>,
+    ready: oneshot::Sender<Result<(), ReadyError>>,
+    conn: Arc<Conn>,
+    dest: Arc<Dest>,
+    settings: PoolSettings,
+) {
+    let mut connection = pin!(connection);
+    let id = conn.id;
+    let first_ping = async {
+        match ping_pong.as_mut() {
+            Some(pp) => match timeout(settings.connect_timeout, pp.ping(Ping::opaque())).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(ReadyError::H2(e)),
+                Err(_) => Err(ReadyError::Timeout),
+            },
+            None => Ok(()),
+        }
+    };
+    let ready_result = tokio::select! {
+        r = connection.as_mut() => Err(match r {
+            Ok(()) => ReadyError::H2(h2::Error::from(h2::Reason::NO_ERROR)),
+            Err(e) => ReadyError::H2(e),
+        }),
+        r = first_ping => r,
+    };
+    let failed = ready_result.is_err();
+    if ready.send(ready_result).is_err() || failed {
+        return;
+    }
+
+    let keepalive = async {
+        let Some(pp) = ping_pong.as_mut() else {
+            return std::future::pending().await;
+        };
+        loop {
+            sleep(settings.keepalive_interval).await;
+            match timeout(settings.keepalive_timeout, pp.ping(Ping::opaque())).await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => return format!("PING failed: {e}"),
+                Err(_) => return format!("PING unanswered for {:?}", settings.keepalive_timeout),
+            }
+        }
+    };
+    let reason = tokio::select! {
+        r = connection.as_mut() => match r {
+            Ok(()) => "closed".to_owned(),
+            Err(e) if e.is_go_away() => format!("GOAWAY {:?}", e.reason()),
+            Err(e) => format!("error: {e}"),
+        },
+        why = keepalive => why,
+    };
+    conn.open.store(false, Ordering::Release);
+    dest.changed.notify_waiters();
+    tracing::info!(upstream.authority = %dest.key.dest, upstream.conn = id, reason = %reason, "upstream connection ended");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> PoolSettings {
+        PoolSettings {
+            max_connections: 4,
+            max_queued: 10,
+            connect_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_jitters_down() {
+        let s = settings();
+        let full: Vec<u64> = (0..10)
+            .map(|f| backoff_delay(&s, f, 1.0).as_secs())
+            .collect();
+        assert_eq!(full, [0, 1, 2, 4, 8, 16, 32, 60, 60, 60]);
+        assert_eq!(backoff_delay(&s, 3, 0.5), Duration::from_secs(2));
+        assert_eq!(backoff_delay(&s, 40, 1.0), Duration::from_secs(60));
+        for _ in 0..100 {
+            let j = random_jitter();
+            assert!((0.5..=1.0).contains(&j), "{j}");
+        }
+    }
+}

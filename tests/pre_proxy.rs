@@ -1,0 +1,332 @@
+//! The pre-proxy relay end to end: a real HTTP/2 client reaches the relay as `api.push.apple.com`,
+//! and the push reaches a fake APNs origin directly or through a CONNECT proxy.
+
+mod support;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http::StatusCode;
+use support::client::{Connect, H2Client, push_request};
+use support::origin::FakeApns;
+use support::pki::TestPki;
+use support::proxy::{Behaviour, TestProxy};
+use support::relay::{self, Via};
+use support::{token, within};
+
+const PAYLOAD: &str =
+    r#"{"aps":{"alert":{"title":"Hi","body":"A message for you"},"sound":"default"},"ack_id":"x"}"#;
+
+/// Sends one push with every APNs header and checks what the origin saw and what came back.
+async fn push_arrives_unaltered(via: Via) -> (FakeApns, TestPki) {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, via)).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+
+    let mut req = push_request("api.push.apple.com", &token(1));
+    let headers = req.headers_mut();
+    headers.insert(
+        "apns-id",
+        "123e4567-e89b-12d3-a456-426614174000".parse().unwrap(),
+    );
+    headers.insert("apns-collapse-id", "thread-7".parse().unwrap());
+    let answer = within(10, "push", client.send(req.clone(), Bytes::from(PAYLOAD)))
+        .await
+        .unwrap();
+
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(
+        answer.headers["apns-id"],
+        "123e4567-e89b-12d3-a456-426614174000"
+    );
+    assert!(
+        answer.body.is_empty(),
+        "APNs answers 200 with an empty body"
+    );
+
+    let received = origin.received();
+    assert_eq!(received.len(), 1);
+    let got = &received[0];
+    assert_eq!(got.method, "POST");
+    assert_eq!(got.path, format!("/3/device/{}", token(1)));
+    assert_eq!(got.authority.as_deref(), Some("api.push.apple.com"));
+    assert_eq!(got.body, PAYLOAD.as_bytes());
+    for (name, value) in req.headers() {
+        assert_eq!(
+            got.headers.get(name),
+            Some(value),
+            "header {name} changed or missing"
+        );
+    }
+    assert!(
+        got.headers.get("host").is_none(),
+        "origin must not receive a stray host header"
+    );
+    relay.stop().await;
+    (origin, pki)
+}
+
+/// A push with every apns-* header and its body arrive byte-identical, directly.
+#[tokio::test]
+async fn push_arrives_unaltered_direct() {
+    push_arrives_unaltered(Via::Direct).await;
+}
+
+/// The same through a CONNECT proxy with Basic auth; one tunnel carries it.
+#[tokio::test]
+async fn push_arrives_unaltered_through_proxy_with_basic_auth() {
+    let proxy = TestProxy::start(Behaviour::Auth {
+        user: "relay".into(),
+        pass: "s3cret".into(),
+    })
+    .await;
+    push_arrives_unaltered(Via::Proxy(proxy.url_with("relay", "s3cret"))).await;
+    assert_eq!(proxy.tunnel_count(), 1);
+    let heads = proxy.heads.lock().unwrap().clone();
+    assert!(
+        heads[0].starts_with("CONNECT api.push.apple.com:"),
+        "{}",
+        heads[0]
+    );
+}
+
+/// Apple's error answers (status, apns-id and JSON reason) come back unchanged.
+#[tokio::test]
+async fn apple_error_answers_come_back_unchanged() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+
+    let bad = client.push("not-a-token", PAYLOAD).await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.body, r#"{"reason":"BadDeviceToken"}"#);
+    assert!(bad.headers.contains_key("apns-id"));
+
+    let gone_token = format!("dead{}", &token(2)[4..]);
+    let gone = client.push(&gone_token, PAYLOAD).await;
+    assert_eq!(gone.status, StatusCode::GONE);
+    assert_eq!(
+        gone.body,
+        r#"{"reason":"Unregistered","timestamp":1700000000000}"#
+    );
+    assert_eq!(gone.headers["content-type"], "application/json");
+    relay.stop().await;
+}
+
+/// A client that offers no ALPN but speaks HTTP/2 (pushy, aioapns) is served HTTP/2.
+#[tokio::test]
+async fn client_without_alpn_is_served_http2() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let mut connect = Connect::new(relay.addr());
+    connect.alpn = false;
+    let client = H2Client::connect_with(&pki, connect).await.unwrap();
+    assert_eq!(client.alpn, None, "no ALPN was negotiated");
+    let answer = client.push(&token(3), PAYLOAD).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(origin.received().len(), 1);
+    relay.stop().await;
+}
+
+/// 100 concurrent pushes from four clients share one upstream connection.
+#[tokio::test]
+async fn hundred_concurrent_pushes_share_one_upstream_connection() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(Arc::new(H2Client::connect(&pki, relay.addr()).await));
+    }
+    let pushes = (0..100).map(|i| {
+        let client = clients[i % 4].clone();
+        async move { client.push(&token(100 + i), PAYLOAD).await }
+    });
+    let answers = within(20, "100 pushes", join_all(pushes)).await;
+    assert!(answers.iter().all(|a| a.status == StatusCode::OK));
+    assert_eq!(origin.received().len(), 100);
+    assert_eq!(
+        origin.connection_count(),
+        1,
+        "every push must share one upstream connection"
+    );
+    relay.stop().await;
+}
+
+/// A client whose address is outside allow_sources is closed before TLS; nothing reaches the origin.
+#[tokio::test]
+async fn source_outside_allow_sources_is_refused() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let mut connect = Connect::new(relay.addr());
+    connect.from = Some("127.0.0.2".parse().unwrap());
+    let result = within(10, "refused connect", H2Client::connect_with(&pki, connect)).await;
+    assert!(
+        result.is_err(),
+        "a client from 127.0.0.2 must not complete TLS"
+    );
+    // The same relay still serves an allowed client.
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    assert_eq!(client.push(&token(4), PAYLOAD).await.status, StatusCode::OK);
+    assert_eq!(origin.received().len(), 1);
+    relay.stop().await;
+}
+
+/// SNI for a host outside destinations gets no certificate: the handshake fails.
+#[tokio::test]
+async fn sni_outside_destinations_is_refused() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let mut connect = Connect::new(relay.addr());
+    connect.sni = "www.example.com";
+    let result = within(10, "handshake", H2Client::connect_with(&pki, connect)).await;
+    let err = result
+        .err()
+        .expect("handshake for www.example.com must fail");
+    assert!(
+        err.to_string().contains("alert") || err.to_string().contains("Handshake"),
+        "{err}"
+    );
+    assert!(origin.received().is_empty());
+    relay.stop().await;
+}
+
+/// A request whose :authority is not the SNI host is answered 421 by the relay.
+#[tokio::test]
+async fn authority_outside_sni_is_misdirected() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let answer = client
+        .send(
+            push_request("evil.example.com", &token(5)),
+            Bytes::from(PAYLOAD),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::MISDIRECTED_REQUEST);
+    assert_eq!(answer.reason().as_deref(), Some("RelayMisdirectedRequest"));
+    assert!(origin.received().is_empty());
+    relay.stop().await;
+}
+
+/// `:authority` with the port (curl) and the sandbox host both work; sandbox answers keep apns-unique-id.
+#[tokio::test]
+async fn authority_with_port_and_sandbox_host_work() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let mut connect = Connect::new(relay.addr());
+    connect.sni = "api.sandbox.push.apple.com";
+    let client = H2Client::connect_with(&pki, connect).await.unwrap();
+    let answer = client
+        .send(
+            push_request("api.sandbox.push.apple.com:443", &token(6)),
+            Bytes::from(PAYLOAD),
+        )
+        .await
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(answer.headers.contains_key("apns-unique-id"));
+    let got = origin.received();
+    assert_eq!(
+        got[0].authority.as_deref(),
+        Some(format!("api.sandbox.push.apple.com:{}", origin.port()).as_str())
+    );
+    relay.stop().await;
+}
+
+/// The proxy answers 407 to wrong credentials: the relay answers 502 with a relay reason.
+#[tokio::test]
+async fn proxy_407_becomes_502_with_relay_reason() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Auth {
+        user: "relay".into(),
+        pass: "right".into(),
+    })
+    .await;
+    let yaml = relay::pre_proxy_yaml(&pki, &origin, Via::Proxy(proxy.url_with("relay", "wrong")));
+    let relay = relay::start(&yaml).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let answer = client.push(&token(7), PAYLOAD).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        answer.reason().as_deref(),
+        Some("RelayProxyAuthenticationRequired")
+    );
+    assert!(origin.received().is_empty());
+    relay.stop().await;
+}
+
+/// The proxy refuses the tunnel (403): 502 RelayProxyRefused.
+#[tokio::test]
+async fn proxy_403_becomes_502_proxy_refused() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Forbid).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(
+        &pki,
+        &origin,
+        Via::Proxy(proxy.url()),
+    ))
+    .await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let answer = client.push(&token(8), PAYLOAD).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.reason().as_deref(), Some("RelayProxyRefused"));
+    relay.stop().await;
+}
+
+/// A proxy that never answers CONNECT: 504 within the configured connect timeout (2 s here).
+#[tokio::test]
+async fn silent_proxy_becomes_504_within_the_timeout() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Silent).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(
+        &pki,
+        &origin,
+        Via::Proxy(proxy.url()),
+    ))
+    .await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let started = std::time::Instant::now();
+    let answer = within(10, "silent proxy", client.push(&token(9), PAYLOAD)).await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.reason().as_deref(), Some("RelayProxyTimeout"));
+    let waited = started.elapsed();
+    assert!(
+        waited < std::time::Duration::from_secs(4),
+        "took {waited:?}, timeout is 2s"
+    );
+    relay.stop().await;
+}
+
+/// An unreachable origin gives 502 RelayUpstreamUnreachable, and while it stays down the next
+/// request fails fast instead of waiting.
+#[tokio::test]
+async fn unreachable_origin_is_502_and_fails_fast_while_down() {
+    let pki = TestPki::new();
+    // A port with nothing listening: bind, read the port, close.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let relay = relay::start(&relay::pre_proxy_yaml_on(&pki, port, Via::Direct)).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let first = client.push(&token(10), PAYLOAD).await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(first.reason().as_deref(), Some("RelayUpstreamUnreachable"));
+    let second = client.push(&token(11), PAYLOAD).await;
+    assert_eq!(second.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(second.reason().as_deref(), Some("RelayUpstreamUnreachable"));
+    relay.stop().await;
+}

@@ -1,0 +1,26 @@
+//! Test fixtures, all on 127.0.0.1 port 0: the test PKI (from the same code as `pushrelay ca init`),
+//! a fake APNs origin, a CONNECT proxy, an HTTP/2 client and the relay itself, in-process.
+// Each test binary uses a different part of the fixtures.
+#![allow(dead_code)]
+
+pub mod client;
+pub mod origin;
+pub mod pki;
+pub mod proxy;
+pub mod relay;
+
+use std::future::Future;
+use std::time::Duration;
+
+/// Bounds a test step in time so a bug fails the test instead of hanging it.
+pub async fn within<F: Future>(secs: u64, what: &str, f: F) -> F::Output {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what}: did not finish within {secs}s"),
+    }
+}
+
+/// A 64-hex-digit device token, different per `n`.
+pub fn token(n: usize) -> String {
+    format!("{:064x}", n as u128 * 0x9e37_79b9_7f4a_7c15 + 1)
+}

@@ -1,0 +1,118 @@
+//! The relay, in-process: configuration through the real YAML loader, listeners bound on
+//! 127.0.0.1:0 by the test, shutdown by a oneshot.
+
+use std::net::SocketAddr;
+
+use pushrelay::App;
+use pushrelay::config;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+use super::origin::FakeApns;
+use super::pki::TestPki;
+
+pub struct RunningRelay {
+    pub addrs: Vec<SocketAddr>,
+    shutdown: Option<oneshot::Sender<()>>,
+    pub task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningRelay {
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// Starts shutdown and waits for `run` to return.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    pub fn begin_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl Drop for RunningRelay {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Starts the relay from YAML; each listener's `bind` is replaced by 127.0.0.1:0.
+pub async fn start(yaml: &str) -> RunningRelay {
+    let loaded =
+        config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
+    let mut sockets = Vec::new();
+    let mut addrs = Vec::new();
+    for _ in &loaded.config.listeners {
+        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(socket.local_addr().unwrap());
+        sockets.push(socket);
+    }
+    let app = App::build(loaded.config).unwrap_or_else(|e| panic!("relay setup failed: {e}"));
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        app.run(sockets, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    RunningRelay {
+        addrs,
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// How the relay reaches the origin.
+pub enum Via {
+    /// Direct, with `connect_to` pinning the APNs host to the origin's address.
+    Direct,
+    /// Through a CONNECT proxy at this URL.
+    Proxy(String),
+}
+
+/// A pre-proxy relay for the APNs hosts on the origin's port, with the test CA.
+pub fn pre_proxy_yaml(pki: &TestPki, origin: &FakeApns, via: Via) -> String {
+    pre_proxy_yaml_on(pki, origin.port(), via)
+}
+
+pub fn pre_proxy_yaml_on(pki: &TestPki, port: u16, via: Via) -> String {
+    let upstream = match via {
+        Via::Direct => format!(
+            "  connect_to:\n    \"api.push.apple.com:{port}\": \"127.0.0.1:{port}\"\n    \"api.sandbox.push.apple.com:{port}\": \"127.0.0.1:{port}\"\n"
+        ),
+        Via::Proxy(url) => format!("  proxy: \"{url}\"\n"),
+    };
+    format!(
+        r#"listeners:
+  - name: apns
+    mode: pre-proxy
+    bind: "127.0.0.1:0"
+    upstream_port: {port}
+    tls:
+      ca_cert: "{ca_cert}"
+      ca_key: "{ca_key}"
+    allow_sources: ["127.0.0.1/32"]
+destinations:
+  - "api.push.apple.com:{port}"
+  - "api.sandbox.push.apple.com:{port}"
+upstream:
+  extra_roots: ["{ca_cert}"]
+  connect_timeout: 2s
+  request_timeout: 5s
+{upstream}"#,
+        ca_cert = pki.ca_cert.display(),
+        ca_key = pki.ca_key.display(),
+    )
+}
