@@ -37,6 +37,7 @@ use config::{Config, Mode};
 use listen::{FrontDoor, Listener};
 use policy::SourcePolicy;
 use relay::Relay;
+use relay::post_proxy::PostProxy;
 use relay::pre_proxy::PreProxy;
 use tls::TlsSetupError;
 use upstream::Pool;
@@ -78,7 +79,7 @@ impl App {
                     FrontDoor::PreProxy(Arc::new(PreProxy::new(i, l, &config, relay.clone())?))
                 }
                 Mode::PostProxy => {
-                    FrontDoor::PreProxy(Arc::new(PreProxy::new(i, l, &config, relay.clone())?))
+                    FrontDoor::PostProxy(Arc::new(PostProxy::new(i, l, &config, relay.clone())?))
                 }
             };
             listeners.push(Listener {

@@ -12,18 +12,21 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::policy::SourcePolicy;
+use crate::relay::post_proxy::PostProxy;
 use crate::relay::pre_proxy::PreProxy;
 
 /// What serves a connection once it is let in. Adding a front door adds a variant here.
 #[derive(Clone)]
 pub enum FrontDoor {
     PreProxy(Arc<PreProxy>),
+    PostProxy(Arc<PostProxy>),
 }
 
 impl FrontDoor {
     async fn serve(self, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
         match self {
             FrontDoor::PreProxy(door) => door.serve(stream, peer, shutdown).await,
+            FrontDoor::PostProxy(door) => door.serve(stream, peer, shutdown).await,
         }
     }
 }

@@ -8,8 +8,10 @@ use http::{Method, Request, Uri, Version};
 
 use crate::policy::Authority;
 
-/// Headers that describe one hop and never cross the relay.
-const HOP_BY_HOP: [&str; 7] = [
+/// Headers that describe one hop and never cross the relay. `expect` is answered by the relay
+/// itself (100 Continue on HTTP/1.1; HTTP/2 needs none).
+const HOP_BY_HOP: [&str; 8] = [
+    "expect",
     "connection",
     "keep-alive",
     "proxy-connection",

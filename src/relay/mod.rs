@@ -4,6 +4,8 @@
 
 pub mod body;
 pub mod headers;
+pub mod http1;
+pub mod post_proxy;
 pub mod pre_proxy;
 
 use std::borrow::Cow;

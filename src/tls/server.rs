@@ -20,8 +20,9 @@ use crate::policy::normalize_host;
 pub enum Names<'a> {
     /// Only these hosts (pre-proxy: the destinations on the listener's upstream port).
     Only(&'a [String]),
-    /// Any name, or none, gets the one certificate (post-proxy: the proxy names pushrelay itself).
-    Any,
+    /// Any name, or none, gets the one certificate (post-proxy: the proxy names pushrelay itself);
+    /// a minted one covers these names.
+    Any(&'a [String]),
 }
 
 /// Certificates by normalised SNI host, plus an optional one for any name.
@@ -101,7 +102,7 @@ pub fn build(
                             .insert(host.clone(), mint(std::slice::from_ref(host))?);
                     }
                 }
-                Names::Any => resolver.fallback = Some(mint(&["localhost".to_owned()])?),
+                Names::Any(names) => resolver.fallback = Some(mint(names)?),
             }
         }
         CertSource::Fixed {
@@ -117,7 +118,7 @@ pub fn build(
                         resolver.hosts.insert(host.clone(), ck.clone());
                     }
                 }
-                Names::Any => resolver.fallback = Some(ck),
+                Names::Any(_) => resolver.fallback = Some(ck),
             }
         }
     }

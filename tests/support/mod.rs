@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod http1;
 pub mod origin;
 pub mod pki;
 pub mod proxy;

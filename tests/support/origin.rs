@@ -60,6 +60,8 @@ pub struct FakeApns {
     pub connections: Arc<AtomicUsize>,
     /// Notified whenever a request has been recorded.
     pub arrived: Arc<Notify>,
+    /// Gets a permit when the first DATA frame of a request arrives, before its body ends.
+    pub first_data: Arc<Semaphore>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -82,15 +84,26 @@ impl FakeApns {
         let received = Arc::new(Mutex::new(Vec::new()));
         let connections = Arc::new(AtomicUsize::new(0));
         let arrived = Arc::new(Notify::new());
-        let (rec, conns, arr) = (received.clone(), connections.clone(), arrived.clone());
+        let first_data = Arc::new(Semaphore::new(0));
+        let (rec, conns, arr, first) = (
+            received.clone(),
+            connections.clone(),
+            arrived.clone(),
+            first_data.clone(),
+        );
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
                 let conn_id = conns.fetch_add(1, Ordering::SeqCst) + 1;
-                let (tls, rec, arr, options) =
-                    (tls.clone(), rec.clone(), arr.clone(), options.clone());
+                let (tls, rec, arr, options, first) = (
+                    tls.clone(),
+                    rec.clone(),
+                    arr.clone(),
+                    options.clone(),
+                    first.clone(),
+                );
                 tokio::spawn(async move {
                     let Ok(stream) = tls.accept(tcp).await else {
                         return;
@@ -105,8 +118,13 @@ impl FakeApns {
                     let mut served = 0usize;
                     while let Some(Ok((req, respond))) = conn.accept().await {
                         served += 1;
-                        let (rec, arr, hold) = (rec.clone(), arr.clone(), options.hold.clone());
-                        tokio::spawn(handle(conn_id, req, respond, rec, arr, hold));
+                        let (rec, arr, hold, first) = (
+                            rec.clone(),
+                            arr.clone(),
+                            options.hold.clone(),
+                            first.clone(),
+                        );
+                        tokio::spawn(handle(conn_id, req, respond, rec, arr, hold, first));
                         if options.goaway_after == Some(served) {
                             conn.graceful_shutdown();
                         }
@@ -119,6 +137,7 @@ impl FakeApns {
             received,
             connections,
             arrived,
+            first_data,
             task,
         }
     }
@@ -143,12 +162,16 @@ async fn handle(
     received: Arc<Mutex<Vec<Received>>>,
     arrived: Arc<Notify>,
     hold: Option<Arc<Semaphore>>,
+    first_data: Arc<Semaphore>,
 ) {
     let (parts, mut body) = req.into_parts();
     let mut data = Vec::new();
     while let Some(chunk) = body.data().await {
         let Ok(chunk) = chunk else { return };
         let _ = body.flow_control().release_capacity(chunk.len());
+        if data.is_empty() && !chunk.is_empty() && !body.is_end_stream() {
+            first_data.add_permits(1);
+        }
         data.extend_from_slice(&chunk);
     }
     let record = Received {

@@ -116,3 +116,28 @@ upstream:
         ca_key = pki.ca_key.display(),
     )
 }
+
+/// A post-proxy relay (plain HTTP/1.1 front door) for the APNs hosts on the origin's port.
+pub fn post_proxy_yaml(pki: &TestPki, origin: &FakeApns, extra: &str) -> String {
+    let port = origin.port();
+    format!(
+        r#"listeners:
+  - name: legacy
+    mode: post-proxy
+    bind: "127.0.0.1:0"
+    upstream_port: {port}
+    allow_sources: ["127.0.0.1/32"]
+destinations:
+  - "api.push.apple.com:{port}"
+  - "api.sandbox.push.apple.com:{port}"
+upstream:
+  extra_roots: ["{ca_cert}"]
+  connect_timeout: 2s
+  request_timeout: 5s
+  connect_to:
+    "api.push.apple.com:{port}": "127.0.0.1:{port}"
+    "api.sandbox.push.apple.com:{port}": "127.0.0.1:{port}"
+{extra}"#,
+        ca_cert = pki.ca_cert.display(),
+    )
+}
