@@ -56,6 +56,7 @@ pub struct ListenerConfig {
     /// Used in logs and metrics.
     pub name: String,
     pub mode: Mode,
+    #[serde(deserialize_with = "text::one")]
     pub bind: SocketAddr,
     /// Port of the upstream host a request is forwarded to when the request names none. Default 443.
     #[serde(default = "default_upstream_port")]
@@ -64,7 +65,7 @@ pub struct ListenerConfig {
     #[serde(default)]
     pub tls: Option<ListenerTls>,
     /// Client networks allowed to connect. Empty or missing: nobody (with a startup warning).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "text::list")]
     pub allow_sources: Vec<IpNet>,
 }
 
@@ -397,6 +398,40 @@ macro_rules! serde_via_str {
 }
 serde_via_str!(ProxyUrl);
 serde_via_str!(Authority);
+
+/// Values written as text (addresses, networks), parsed with an error that repeats the value.
+mod text {
+    use std::fmt::Display;
+    use std::str::FromStr;
+
+    use serde::{Deserialize, Deserializer};
+
+    fn parse<T: FromStr, E: serde::de::Error>(s: &str) -> Result<T, E>
+    where
+        T::Err: Display,
+    {
+        s.trim()
+            .parse()
+            .map_err(|e| E::custom(format!("invalid value {s:?}: {e}")))
+    }
+
+    pub fn one<'de, D: Deserializer<'de>, T: FromStr>(d: D) -> Result<T, D::Error>
+    where
+        T::Err: Display,
+    {
+        parse(&String::deserialize(d)?)
+    }
+
+    pub fn list<'de, D: Deserializer<'de>, T: FromStr>(d: D) -> Result<Vec<T>, D::Error>
+    where
+        T::Err: Display,
+    {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|s| parse(s))
+            .collect()
+    }
+}
 
 /// Durations are written with a unit: `250ms`, `10s`, `5m`, `1h`.
 pub mod duration {
@@ -964,7 +999,7 @@ mod tests {
         let text = err.to_string();
         assert!(text.contains("upstream.connect_timeout"), "{text}");
         assert!(text.contains("invalid duration 10"), "{text}");
-        let err = from_yaml("listeners:\n  - name: a\n    mode: pre-proxy\n    bind: 127.0.0.1:1\n    allow_sources: [10.0.0.0/33]\n").unwrap_err();
+        let err = from_yaml("listeners:\n  - name: a\n    mode: pre-proxy\n    bind: 127.0.0.1:1\n    allow_sources: [127.0.0.0/33]\n").unwrap_err();
         let text = err.to_string();
         assert!(text.contains("listeners.0.allow_sources"), "{text}");
         let err = from_yaml("upstreams: {}\n").unwrap_err();

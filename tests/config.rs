@@ -1,0 +1,279 @@
+//! Configuration end to end: shipped files parse, bad values fail naming key, value and source,
+//! environment overrides work, and `pushrelay check` never shows a secret.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn pushrelay(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pushrelay"));
+    cmd.args(args).current_dir(dir).env_remove("RUST_LOG");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("PUSHRELAY_")
+            || k.eq_ignore_ascii_case("https_proxy")
+            || k.eq_ignore_ascii_case("no_proxy")
+        {
+            cmd.env_remove(k);
+        }
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().unwrap()
+}
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A directory with a CA in certs/, so configs that name certs/ca.pem are valid there.
+fn dir_with_ca() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    pushrelay::tls::pki::init_dir(&dir.path().join("certs"), false).unwrap();
+    dir
+}
+
+/// config.example.yaml, which documents every key, is a valid configuration.
+#[test]
+fn example_config_is_valid() {
+    let dir = dir_with_ca();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("config.example.yaml");
+    let out = pushrelay(
+        dir.path(),
+        &["check", "--config", example.to_str().unwrap()],
+        &[],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("api.development.push.apple.com:443"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("configuration is valid"));
+}
+
+/// Built-in defaults are valid where the default CA exists.
+#[test]
+fn defaults_are_valid() {
+    let dir = dir_with_ca();
+    let out = pushrelay(dir.path(), &["check"], &[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("127.0.0.1:8443"), "{stdout}");
+}
+
+/// Each bad value stops start-up with the key, the value and where it came from.
+#[test]
+fn bad_values_name_key_value_and_file() {
+    let dir = dir_with_ca();
+    let table = [
+        (
+            "listeners:\n  - {name: a, mode: pre-proxy, bind: 127.0.0.1:1, tls: {ca_cert: certs/ca.pem, ca_key: certs/ca.key}, colour: red}\n",
+            "listeners.0.colour",
+            "colour",
+        ),
+        (
+            "listeners:\n  - {name: a, mode: sideways, bind: 127.0.0.1:1}\n",
+            "listeners.0.mode",
+            "sideways",
+        ),
+        (
+            "listeners:\n  - {name: a, mode: post-proxy, bind: nowhere}\n",
+            "listeners.0.bind",
+            "nowhere",
+        ),
+        (
+            "listeners:\n  - {name: a, mode: post-proxy, bind: 127.0.0.1:1, allow_sources: [127.0.0.0/33]}\n",
+            "listeners.0.allow_sources",
+            "127.0.0.0/33",
+        ),
+        (
+            "upstream:\n  connect_timeout: 10\n",
+            "upstream.connect_timeout",
+            "10",
+        ),
+        (
+            "upstream:\n  request_timeout: soon\n",
+            "upstream.request_timeout",
+            "soon",
+        ),
+        (
+            "upstream:\n  proxy: https://proxy:3128\n",
+            "upstream.proxy",
+            "https",
+        ),
+        (
+            "destinations: [api.push.apple.com]\n",
+            "destinations",
+            "api.push.apple.com",
+        ),
+        (
+            "listeners:\n  - {name: a, mode: pre-proxy, bind: 127.0.0.1:1, tls: {ca_cert: certs/missing.pem, ca_key: certs/ca.key}}\n",
+            "listeners[0].tls.ca_cert",
+            "certs/missing.pem",
+        ),
+        (
+            "listeners:\n  - {name: a, mode: pre-proxy, bind: 127.0.0.1:1}\n",
+            "listeners[0].tls",
+            "pre-proxy",
+        ),
+        (
+            "upstream:\n  extra_roots: [nothere.pem]\n",
+            "upstream.extra_roots[0]",
+            "nothere.pem",
+        ),
+        ("log:\n  format: xml\n", "log.format", "xml"),
+    ];
+    for (yaml, key, value) in table {
+        let file = dir.path().join("bad.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let out = pushrelay(dir.path(), &["check", "--config", "bad.yaml"], &[]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{yaml}: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "{yaml}: key {key} not named in: {stderr}"
+        );
+        assert!(
+            stderr.contains(value),
+            "{yaml}: value {value} not named in: {stderr}"
+        );
+        assert!(
+            stderr.contains("bad.yaml"),
+            "{yaml}: file not named in: {stderr}"
+        );
+    }
+}
+
+/// A missing --config file is an error, not silently the defaults.
+#[test]
+fn missing_config_file_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = pushrelay(dir.path(), &["check", "--config", "nope.yaml"], &[]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("nope.yaml"), "{stderr}");
+}
+
+/// PUSHRELAY_SECTION__KEY overrides the file; a bad override names the variable.
+#[test]
+fn environment_overrides_work_and_are_named_when_wrong() {
+    let dir = dir_with_ca();
+    let out = pushrelay(
+        dir.path(),
+        &["check"],
+        &[
+            ("PUSHRELAY_UPSTREAM__CONNECT_TIMEOUT", "3s"),
+            ("PUSHRELAY_LOG__FORMAT", "json"),
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("connect_timeout: 3s"), "{stdout}");
+    assert!(stdout.contains("format: json"), "{stdout}");
+
+    let out = pushrelay(
+        dir.path(),
+        &["check"],
+        &[("PUSHRELAY_UPSTREAM__CONNECT_TIMEOUT", "soon")],
+    );
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr.contains("upstream.connect_timeout"), "{stderr}");
+    assert!(stderr.contains("soon"), "{stderr}");
+    assert!(
+        stderr.contains("PUSHRELAY_UPSTREAM__CONNECT_TIMEOUT"),
+        "{stderr}"
+    );
+}
+
+/// HTTPS_PROXY is the upstream proxy when the configuration names none.
+#[test]
+fn https_proxy_environment_is_honoured() {
+    let dir = dir_with_ca();
+    let out = pushrelay(
+        dir.path(),
+        &["check"],
+        &[
+            (
+                "HTTPS_PROXY",
+                "http://envuser:envpass@proxy.corp.example:3128",
+            ),
+            ("NO_PROXY", ".internal"),
+        ],
+    );
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stdout.contains("http://envuser:***@proxy.corp.example:3128"),
+        "{stdout}"
+    );
+    assert!(stdout.contains(".internal"), "{stdout}");
+    assert!(!stdout.contains("envpass") && !stderr.contains("envpass"));
+}
+
+/// `check` masks the proxy password, from the file and from the environment.
+#[test]
+fn check_never_prints_secrets() {
+    let dir = dir_with_ca();
+    std::fs::write(
+        dir.path().join("c.yaml"),
+        "upstream:\n  proxy: http://relay:Sup3rS3cret@proxy:3128\n",
+    )
+    .unwrap();
+    let out = pushrelay(dir.path(), &["check", "--config", "c.yaml"], &[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("http://relay:***@proxy:3128"), "{stdout}");
+    assert!(!stdout.contains("Sup3rS3cret") && !stderr.contains("Sup3rS3cret"));
+
+    let out = pushrelay(
+        dir.path(),
+        &["check"],
+        &[("PUSHRELAY_UPSTREAM__PROXY", "socks5://u:EnvS3cret@p:1")],
+    );
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        !stdout.contains("EnvS3cret") && !stderr.contains("EnvS3cret"),
+        "{stderr}"
+    );
+}
+
+/// A key file that holds no key is named as such, with its config key.
+#[test]
+fn unreadable_key_is_named() {
+    let dir = dir_with_ca();
+    std::fs::write(dir.path().join("certs/broken.key"), "not a key\n").unwrap();
+    std::fs::write(
+        dir.path().join("c.yaml"),
+        "listeners:\n  - {name: a, mode: pre-proxy, bind: 127.0.0.1:1, tls: {ca_cert: certs/ca.pem, ca_key: certs/broken.key}}\n",
+    )
+    .unwrap();
+    let out = pushrelay(dir.path(), &["check", "--config", "c.yaml"], &[]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr.contains("listeners[0].tls.ca_key") && stderr.contains("broken.key"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("not a key"),
+        "key file contents must not be echoed"
+    );
+}
+
+/// `--help` explains the commands.
+#[test]
+fn help_explains_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, _) = text(&pushrelay(dir.path(), &["--help"], &[]));
+    for word in ["serve", "check", "ca", "pre-proxy", "post-proxy"] {
+        assert!(
+            stdout.contains(word),
+            "{word} missing from --help: {stdout}"
+        );
+    }
+}
