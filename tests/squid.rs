@@ -1,0 +1,358 @@
+//! End to end with real programs instead of in-test fixtures: a real Squid as the corporate CONNECT
+//! proxy (open, and with Basic auth), curl as the APNs client (ALPN h2, and no ALPN with prior
+//! knowledge), and the /etc/hosts override done for real inside a network namespace. Everything
+//! stays on loopback addresses; nothing contacts Apple or any other outside host.
+//!
+//! A missing program (squid, htpasswd, curl, ip) or a machine where namespaces cannot be made skips
+//! a test with a SKIP note, except under CI=true, where it fails.
+
+mod support;
+
+#[path = "squid/host_tools.rs"]
+mod host_tools;
+#[path = "squid/netns.rs"]
+mod netns;
+#[path = "squid/relay_at.rs"]
+mod relay_at;
+#[path = "squid/squid_proxy.rs"]
+mod squid_proxy;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use bytes::Bytes;
+use http::StatusCode;
+use squid_proxy::{BasicAuth, Squid, SquidOptions};
+use support::client::{Answer, H2Client, push_request};
+use support::origin::{APNS_HOSTS, FakeApns};
+use support::pki::TestPki;
+use support::relay::{self, Via};
+use support::{token, within};
+use tokio::runtime::Runtime;
+
+const PAYLOAD: &str = r#"{"aps":{"alert":{"title":"Hi","body":"Through Squid"}},"ack_id":"s1"}"#;
+const APNS_ID: &str = "7f1e2d3c-4b5a-4c6d-8e7f-0123456789ab";
+const USER: &str = "relay";
+const PASS: &str = "s3cret-Pw";
+
+/// The fake origin on a runtime of its own, so the relay's runtime can end while the origin lives:
+/// Squid must know the origin's port before it starts (it tunnels to that port only).
+struct Origin {
+    apns: FakeApns,
+    _runtime: Runtime,
+}
+
+impl Origin {
+    fn start(pki: &TestPki) -> Origin {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let apns = runtime.block_on(FakeApns::start(pki));
+        Origin {
+            apns,
+            _runtime: runtime,
+        }
+    }
+}
+
+/// Pushes once (every apns-* header, an apns-id) through a pre-proxy relay whose upstream proxy is
+/// `proxy_url`, then ends the relay's runtime. That closes the relay's pooled upstream connection,
+/// so Squid closes the tunnel and writes its access log line.
+fn push_through(pki: &TestPki, origin: &Origin, proxy_url: String) -> Answer {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answer = runtime.block_on(async {
+        let yaml = relay::pre_proxy_yaml(pki, &origin.apns, Via::Proxy(proxy_url));
+        let relay = relay::start(&yaml).await;
+        let client = H2Client::connect(pki, relay.addr()).await;
+        let mut req = push_request("api.push.apple.com", &token(1));
+        req.headers_mut()
+            .insert("apns-id", APNS_ID.parse().unwrap());
+        let answer = within(
+            20,
+            "push through squid",
+            client.send(req, Bytes::from(PAYLOAD)),
+        )
+        .await
+        .unwrap();
+        relay.stop().await;
+        answer
+    });
+    drop(runtime);
+    answer
+}
+
+fn basic_auth() -> Option<BasicAuth> {
+    Some(BasicAuth {
+        helper: host_tools::require("basic_ncsa_auth", "squid")?,
+        htpasswd: host_tools::require("htpasswd", "apache2-utils")?,
+        user: USER.into(),
+        pass: PASS.into(),
+    })
+}
+
+/// A push through a real Squid arrives unaltered, and Squid's access log shows the CONNECT tunnel.
+#[test]
+fn push_through_real_squid_arrives_unaltered_and_squid_logs_the_tunnel() {
+    let Some(squid_bin) = host_tools::require("squid", "squid") else {
+        return;
+    };
+    let pki = TestPki::new();
+    let origin = Origin::start(&pki);
+    let squid = Squid::start(
+        &squid_bin,
+        &SquidOptions {
+            tunnel_port: origin.apns.port(),
+            basic_auth: None,
+        },
+    );
+
+    let answer = push_through(&pki, &origin, squid.url());
+    assert_eq!(answer.status, StatusCode::OK, "{}", squid.logs());
+    assert_eq!(answer.headers["apns-id"], APNS_ID);
+    assert!(answer.body.is_empty());
+
+    let received = origin.apns.received();
+    assert_eq!(received.len(), 1, "{}", squid.logs());
+    let got = &received[0];
+    assert_eq!(got.path, format!("/3/device/{}", token(1)));
+    assert_eq!(got.authority.as_deref(), Some("api.push.apple.com"));
+    assert_eq!(got.body, PAYLOAD.as_bytes());
+    let sent = push_request("api.push.apple.com", &token(1));
+    for (name, value) in sent.headers() {
+        assert_eq!(got.headers.get(name), Some(value), "header {name}");
+    }
+    assert_eq!(got.headers["apns-id"], APNS_ID);
+    assert!(got.headers.get("host").is_none());
+
+    let connect = format!("CONNECT api.push.apple.com:{}", origin.apns.port());
+    let line = squid.wait_for_access_line("the tunnel", |l| l.contains(&connect));
+    assert!(line.contains("TCP_TUNNEL/200"), "{line}");
+    assert!(line.contains("HIER_DIRECT/127.0.0.1"), "{line}");
+}
+
+/// With Basic auth in Squid, the right credentials open the tunnel, and Squid logs the user.
+#[test]
+fn squid_basic_auth_with_right_credentials_reaches_the_origin() {
+    let Some(squid_bin) = host_tools::require("squid", "squid") else {
+        return;
+    };
+    let Some(auth) = basic_auth() else { return };
+    let pki = TestPki::new();
+    let origin = Origin::start(&pki);
+    let squid = Squid::start(
+        &squid_bin,
+        &SquidOptions {
+            tunnel_port: origin.apns.port(),
+            basic_auth: Some(auth),
+        },
+    );
+
+    let answer = push_through(&pki, &origin, squid.url_with(USER, PASS));
+    assert_eq!(answer.status, StatusCode::OK, "{}", squid.logs());
+    assert_eq!(origin.apns.received().len(), 1);
+
+    let connect = format!("CONNECT api.push.apple.com:{}", origin.apns.port());
+    let line = squid.wait_for_access_line("the authenticated tunnel", |l| {
+        l.contains(&connect) && l.contains("TCP_TUNNEL/200")
+    });
+    assert!(line.contains(&format!(" {USER} ")), "user missing: {line}");
+}
+
+/// Squid's 407 for wrong credentials becomes 502 RelayProxyAuthenticationRequired; nothing is sent.
+#[test]
+fn squid_407_for_wrong_credentials_becomes_502_proxy_authentication_required() {
+    let Some(squid_bin) = host_tools::require("squid", "squid") else {
+        return;
+    };
+    let Some(auth) = basic_auth() else { return };
+    let pki = TestPki::new();
+    let origin = Origin::start(&pki);
+    let squid = Squid::start(
+        &squid_bin,
+        &SquidOptions {
+            tunnel_port: origin.apns.port(),
+            basic_auth: Some(auth),
+        },
+    );
+
+    let answer = push_through(&pki, &origin, squid.url_with(USER, "wrong-password"));
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY, "{}", squid.logs());
+    assert_eq!(
+        answer.reason().as_deref(),
+        Some("RelayProxyAuthenticationRequired")
+    );
+    assert!(origin.apns.received().is_empty());
+    let line = squid.wait_for_access_line("the refused CONNECT", |l| l.contains("CONNECT "));
+    assert!(line.contains("TCP_DENIED/407"), "{line}");
+}
+
+/// curl's answer: the status line, and the headers with lower-case names.
+struct CurlAnswer {
+    status_line: String,
+    headers: HashMap<String, String>,
+}
+
+fn parse_curl(out: &Output) -> CurlAnswer {
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "curl failed ({}):\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut lines = text.lines();
+    let status_line = lines.next().unwrap_or_default().trim().to_owned();
+    let headers = lines
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    CurlAnswer {
+        status_line,
+        headers,
+    }
+}
+
+/// curl arguments for one push to `url`, trusting only `ca`, never using a proxy.
+fn curl_push_args(ca: &Path, url: &str) -> Vec<String> {
+    [
+        "--silent",
+        "--show-error",
+        "--include",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "15",
+        "--cacert",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([ca.display().to_string(), url.to_owned()])
+    .chain(
+        [
+            "-H",
+            "apns-topic: com.example.app",
+            "-H",
+            "apns-push-type: alert",
+            "-H",
+            "apns-priority: 10",
+            "--data-binary",
+            PAYLOAD,
+        ]
+        .iter()
+        .map(|s| s.to_string()),
+    )
+    .collect()
+}
+
+async fn run_curl(mut cmd: tokio::process::Command) -> Output {
+    cmd.kill_on_drop(true)
+        .env_remove("https_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("all_proxy")
+        .env_remove("ALL_PROXY");
+    within(30, "curl", cmd.output()).await.unwrap()
+}
+
+/// curl with `--http2` (ALPN h2) or `--http2-prior-knowledge --no-alpn` pushes through the relay.
+async fn curl_pushes(curl: PathBuf, extra: &[&str]) {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let port = relay.addr().port();
+    let url = format!("https://api.push.apple.com:{port}/3/device/{}", token(2));
+
+    let mut cmd = tokio::process::Command::new(curl);
+    cmd.args(extra)
+        .arg("--resolve")
+        .arg(format!("api.push.apple.com:{port}:127.0.0.1"))
+        .args(curl_push_args(&pki.ca_cert, &url));
+    let answer = parse_curl(&run_curl(cmd).await);
+
+    assert_eq!(answer.status_line, "HTTP/2 200");
+    let apns_id = answer
+        .headers
+        .get("apns-id")
+        .expect("apns-id in the answer");
+    assert_eq!(apns_id.len(), 36, "{apns_id}");
+    let received = origin.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].path, format!("/3/device/{}", token(2)));
+    assert_eq!(received[0].headers["apns-topic"], "com.example.app");
+    assert_eq!(received[0].body, PAYLOAD.as_bytes());
+    relay.stop().await;
+}
+
+/// curl --http2 (ALPN h2, :authority with the port) gets 200 with an apns-id from the origin.
+#[tokio::test]
+async fn curl_with_alpn_h2_pushes_through_the_relay() {
+    let Some(curl) = host_tools::require("curl", "curl") else {
+        return;
+    };
+    curl_pushes(curl, &["--http2"]).await;
+}
+
+/// curl --http2-prior-knowledge --no-alpn (HTTP/2 without ALPN, as pushy does) gets 200 too.
+#[tokio::test]
+async fn curl_without_alpn_with_prior_knowledge_pushes_through_the_relay() {
+    let Some(curl) = host_tools::require("curl", "curl") else {
+        return;
+    };
+    curl_pushes(curl, &["--http2-prior-knowledge", "--no-alpn"]).await;
+}
+
+/// In a namespace whose /etc/hosts names the relay, curl on port 443 reaches the origin via the relay.
+#[tokio::test]
+async fn hosts_override_in_a_namespace_sends_curl_to_the_relay_on_443() {
+    let Some(curl) = host_tools::require("curl", "curl") else {
+        return;
+    };
+    let Some(ip) = host_tools::require("ip", "iproute2") else {
+        return;
+    };
+    let ns = match netns::Netns::create(&ip, &APNS_HOSTS) {
+        Ok(ns) => ns,
+        Err(why) => {
+            host_tools::skip(&format!(
+                "cannot set up a network namespace (needs root): {why}"
+            ));
+            return;
+        }
+    };
+
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let socket = tokio::net::TcpListener::bind((ns.host_addr, 443))
+        .await
+        .unwrap_or_else(|e| panic!("bind {}:443: {e}", ns.host_addr));
+    let default_sources = r#"allow_sources: ["127.0.0.1/32"]"#;
+    let yaml = relay::pre_proxy_yaml(&pki, &origin, Via::Direct);
+    assert!(yaml.contains(default_sources), "{yaml}");
+    let yaml = yaml.replace(
+        default_sources,
+        &format!(r#"allow_sources: ["{}/32"]"#, ns.ns_addr),
+    );
+    let relay = relay_at::RelayAt::start(&yaml, socket);
+
+    let mut cmd = ns.exec(curl.to_str().unwrap());
+    cmd.args(curl_push_args(
+        &pki.ca_cert,
+        &format!("https://api.push.apple.com/3/device/{}", token(3)),
+    ));
+    let answer = parse_curl(&run_curl(cmd).await);
+
+    assert_eq!(answer.status_line, "HTTP/2 200");
+    assert!(answer.headers.contains_key("apns-id"));
+    let received = origin.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].path, format!("/3/device/{}", token(3)));
+    assert_eq!(received[0].authority.as_deref(), Some("api.push.apple.com"));
+    relay.stop().await;
+    drop(ns);
+}
