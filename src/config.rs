@@ -136,6 +136,19 @@ pub struct UpstreamConfig {
     pub max_connections_per_destination: usize,
     /// Requests that may wait for a free stream per destination before 503 RelayOverloaded.
     pub max_queued_requests: usize,
+    /// Certificate-based APNs auth: requests whose `apns-topic` is `topic` (or it plus `.voip`,
+    /// `.complication`, `.pushkit.fileprovider`) use connections that present this certificate.
+    pub identities: Vec<IdentityConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub topic: String,
+    /// PEM chain (the app's APNs certificate first).
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -224,6 +237,7 @@ impl Default for UpstreamConfig {
             keepalive_timeout: Duration::from_secs(10),
             max_connections_per_destination: 8,
             max_queued_requests: 1024,
+            identities: Vec::new(),
         }
     }
 }
@@ -647,7 +661,9 @@ fn extract(figment: Figment, proxy_env: &ProxyEnv, origin: String) -> Result<Loa
 
 fn problem_from_figment(e: figment::Error) -> Problem {
     let mut path = e.path.clone();
-    if let figment::error::Kind::UnknownField(field, _) = &e.kind {
+    if let figment::error::Kind::UnknownField(field, _) = &e.kind
+        && path.last() != Some(field)
+    {
         path.push(field.clone());
     }
     let origin = match &e.metadata {
@@ -809,6 +825,24 @@ fn validate(config: &Config, figment: &Figment, problems: &mut Vec<Problem>) -> 
                 &["upstream", "extra_roots", idx.as_str()],
                 format!("cannot read {}: {e}", path.display()),
             );
+        }
+    }
+    let mut topics = HashSet::new();
+    for (i, id) in config.upstream.identities.iter().enumerate() {
+        let idx = i.to_string();
+        if !topics.insert(id.topic.as_str()) {
+            problem(
+                &["upstream", "identities", idx.as_str(), "topic"],
+                format!("topic {:?} has two identities", id.topic),
+            );
+        }
+        for (key, path) in [("cert", &id.cert), ("key", &id.key)] {
+            if let Err(e) = std::fs::File::open(path) {
+                problem(
+                    &["upstream", "identities", idx.as_str(), key],
+                    format!("cannot read {}: {e}", path.display()),
+                );
+            }
         }
     }
     for (dest, addr) in &config.upstream.connect_to {

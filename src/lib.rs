@@ -63,9 +63,20 @@ impl App {
     /// Builds the relay from a validated configuration. Fails on unreadable TLS material, naming
     /// the key and the file; nothing is bound yet.
     pub fn build(config: Config) -> Result<App, SetupError> {
-        let upstream_tls = tls::client::build(&config.upstream.extra_roots, None)?;
         let mut tls_by_identity = HashMap::new();
-        tls_by_identity.insert(None, upstream_tls);
+        tls_by_identity.insert(
+            None,
+            tls::client::build(&config.upstream.extra_roots, None)?,
+        );
+        for (i, id) in config.upstream.identities.iter().enumerate() {
+            let key = format!("upstream.identities[{i}]");
+            let identity = tls::client::ClientIdentity {
+                chain: tls::load_certs(&format!("{key}.cert"), &id.cert)?,
+                key: tls::load_key(&format!("{key}.key"), &id.key)?,
+            };
+            let config = tls::client::build(&config.upstream.extra_roots, Some(identity))?;
+            tls_by_identity.insert(Some(format!("cert:{}", id.topic).into()), config);
+        }
         let pool = Pool::new(
             Connector::new(&config.upstream),
             tls_by_identity,
@@ -144,6 +155,7 @@ impl App {
         {
             tracing::warn!("shutdown grace elapsed with requests still in flight");
         }
+        self.relay.pool().close();
         Ok(())
     }
 }

@@ -9,6 +9,7 @@ pub mod post_proxy;
 pub mod pre_proxy;
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::error::{Fault, RelayError, hop_of};
 use crate::policy::{Authority, DestinationPolicy};
+use crate::upstream::identity::identity_for;
 use crate::upstream::{self, BoxError, Pool, PoolKey, ReplayBody};
 use body::RelayBody;
 
@@ -37,6 +39,8 @@ pub struct Ctx {
 pub struct Relay {
     pool: Pool,
     destinations: DestinationPolicy,
+    /// Topics with a configured client certificate (certificate-based APNs auth).
+    cert_topics: HashSet<String>,
     max_request_body: usize,
     request_timeout: Duration,
 }
@@ -46,6 +50,12 @@ impl Relay {
         Relay {
             pool,
             destinations: DestinationPolicy::new(config.destinations.iter().cloned()),
+            cert_topics: config
+                .upstream
+                .identities
+                .iter()
+                .map(|i| i.topic.clone())
+                .collect(),
             max_request_body: config.limits.max_request_body,
             request_timeout: config.upstream.request_timeout,
         }
@@ -177,7 +187,7 @@ impl Relay {
         .map_err(|e| RelayError::BadRequest(e.to_string()))?;
         let key = PoolKey {
             dest: dest.clone(),
-            identity: None,
+            identity: identity_for(&parts.headers, &self.cert_topics),
         };
         let mut body = ReplayBody::new(body, self.max_request_body);
         let deadline = Instant::now() + self.request_timeout;

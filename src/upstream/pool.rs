@@ -18,8 +18,9 @@ use h2::client::ResponseFuture;
 use h2::{Ping, SendStream};
 use http::Request;
 use rustls::ClientConfig;
-use tokio::sync::{Notify, oneshot};
+use tokio::sync::{Notify, oneshot, watch};
 use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio_util::sync::CancellationToken;
 
 use super::connect::{ConnectError, Connector, H2Connection, H2Send, Route};
 use crate::config::UpstreamConfig;
@@ -229,6 +230,10 @@ struct Inner {
     settings: PoolSettings,
     dests: Mutex<HashMap<PoolKey, Arc<Dest>>>,
     next_id: AtomicU64,
+    /// Bumped whenever a connection opens or ends: for metrics and tests that wait on it.
+    events: watch::Sender<u64>,
+    /// Cancelled at shutdown: every connection driver closes its connection.
+    closing: CancellationToken,
 }
 
 /// What the pool holds for one destination, for metrics and tests.
@@ -252,6 +257,8 @@ impl Pool {
                 settings,
                 dests: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
+                events: watch::Sender::new(0),
+                closing: CancellationToken::new(),
             }),
         }
     }
@@ -268,6 +275,16 @@ impl Pool {
                 })
             })
             .clone()
+    }
+
+    /// Closes every upstream connection (at shutdown, once clients are drained).
+    pub fn close(&self) {
+        self.inner.closing.cancel();
+    }
+
+    /// A receiver that sees a new value whenever a connection opens or ends.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.events.subscribe()
     }
 
     /// Open connections and streams in flight per key.
@@ -443,12 +460,13 @@ impl Pool {
             ready_tx,
             conn.clone(),
             dest.clone(),
-            settings.clone(),
+            self.inner.clone(),
         ));
         let host = key.dest.host().to_owned();
         match ready_rx.await {
             Ok(Ok(())) => {
                 conn.open.store(true, Ordering::Release);
+                self.inner.events.send_modify(|n| *n += 1);
                 tracing::info!(
                     upstream.authority = %key.dest,
                     upstream.conn = conn.id,
@@ -491,8 +509,9 @@ async fn drive(
     ready: oneshot::Sender<Result<(), ReadyError>>,
     conn: Arc<Conn>,
     dest: Arc<Dest>,
-    settings: PoolSettings,
+    pool: Arc<Inner>,
 ) {
+    let settings = &pool.settings;
     let mut connection = pin!(connection);
     let id = conn.id;
     let first_ping = async {
@@ -537,9 +556,11 @@ async fn drive(
             Err(e) => format!("error: {e}"),
         },
         why = keepalive => why,
+        _ = pool.closing.cancelled() => "relay shutting down".to_owned(),
     };
     conn.open.store(false, Ordering::Release);
     dest.changed.notify_waiters();
+    pool.events.send_modify(|n| *n += 1);
     tracing::info!(upstream.authority = %dest.key.dest, upstream.conn = id, reason = %reason, "upstream connection ended");
 }
 

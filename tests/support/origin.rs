@@ -31,6 +31,8 @@ pub struct Received {
     pub authority: Option<String>,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// Common name of the client certificate on this connection, when one was presented.
+    pub client_cn: Option<String>,
 }
 
 #[derive(Clone)]
@@ -41,6 +43,12 @@ pub struct OriginOptions {
     pub hold: Option<Arc<Semaphore>>,
     /// Send a graceful GOAWAY after this many requests on a connection.
     pub goaway_after: Option<usize>,
+    /// Reset the first this many streams (over all connections) with REFUSED_STREAM, unprocessed.
+    pub refuse_first: usize,
+    /// Frame-level control between TLS and the HTTP/2 server (SETTINGS injection, PING black hole).
+    pub script: Option<Arc<Script>>,
+    /// Ask for client certificates (optional) and record their common name.
+    pub client_auth: bool,
 }
 
 impl Default for OriginOptions {
@@ -50,6 +58,9 @@ impl Default for OriginOptions {
             alpn: vec![b"h2".to_vec()],
             hold: None,
             goaway_after: None,
+            refuse_first: 0,
+            script: None,
+            client_auth: false,
         }
     }
 }
@@ -62,6 +73,8 @@ pub struct FakeApns {
     pub arrived: Arc<Notify>,
     /// Gets a permit when the first DATA frame of a request arrives, before its body ends.
     pub first_data: Arc<Semaphore>,
+    /// Streams opened towards the origin, refused ones included.
+    pub streams: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -78,55 +91,46 @@ impl FakeApns {
 
     pub async fn start_with(pki: &TestPki, options: OriginOptions) -> Self {
         let alpn: Vec<&[u8]> = options.alpn.iter().map(|p| p.as_slice()).collect();
-        let tls = TlsAcceptor::from(pki.server_config(&APNS_HOSTS, &alpn));
+        let server_config = if options.client_auth {
+            pki.server_config_with_optional_client_auth(&APNS_HOSTS, &alpn)
+        } else {
+            pki.server_config(&APNS_HOSTS, &alpn)
+        };
+        let tls = TlsAcceptor::from(server_config);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let received = Arc::new(Mutex::new(Vec::new()));
+        let shared = Shared {
+            received: Arc::new(Mutex::new(Vec::new())),
+            arrived: Arc::new(Notify::new()),
+            first_data: Arc::new(Semaphore::new(0)),
+            refused: Arc::new(AtomicUsize::new(0)),
+            options,
+        };
         let connections = Arc::new(AtomicUsize::new(0));
-        let arrived = Arc::new(Notify::new());
-        let first_data = Arc::new(Semaphore::new(0));
-        let (rec, conns, arr, first) = (
-            received.clone(),
-            connections.clone(),
-            arrived.clone(),
-            first_data.clone(),
-        );
+        let (conns, state) = (connections.clone(), shared.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     return;
                 };
                 let conn_id = conns.fetch_add(1, Ordering::SeqCst) + 1;
-                let (tls, rec, arr, options, first) = (
-                    tls.clone(),
-                    rec.clone(),
-                    arr.clone(),
-                    options.clone(),
-                    first.clone(),
-                );
+                let (tls, state) = (tls.clone(), state.clone());
                 tokio::spawn(async move {
                     let Ok(stream) = tls.accept(tcp).await else {
                         return;
                     };
-                    let mut builder = h2::server::Builder::new();
-                    if let Some(n) = options.max_concurrent_streams {
-                        builder.max_concurrent_streams(n);
-                    }
-                    let Ok(mut conn) = builder.handshake::<_, Bytes>(stream).await else {
-                        return;
-                    };
-                    let mut served = 0usize;
-                    while let Some(Ok((req, respond))) = conn.accept().await {
-                        served += 1;
-                        let (rec, arr, hold, first) = (
-                            rec.clone(),
-                            arr.clone(),
-                            options.hold.clone(),
-                            first.clone(),
-                        );
-                        tokio::spawn(handle(conn_id, req, respond, rec, arr, hold, first));
-                        if options.goaway_after == Some(served) {
-                            conn.graceful_shutdown();
+                    let client_cn = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| common_name(c));
+                    match state.options.script.clone() {
+                        None => serve_h2(stream, conn_id, client_cn, state).await,
+                        Some(script) => {
+                            let (near, far) = tokio::io::duplex(256 * 1024);
+                            tokio::spawn(splice(stream, far, script));
+                            serve_h2(near, conn_id, client_cn, state).await;
                         }
                     }
                 });
@@ -134,16 +138,32 @@ impl FakeApns {
         });
         FakeApns {
             addr,
-            received,
+            received: shared.received,
             connections,
-            arrived,
-            first_data,
+            arrived: shared.arrived,
+            first_data: shared.first_data,
+            streams: shared.refused,
             task,
         }
     }
 
     pub fn port(&self) -> u16 {
         self.addr.port()
+    }
+
+    /// Waits (bounded) until at least `n` requests have been recorded.
+    pub async fn wait_received(&self, n: usize) {
+        super::within(10, "requests at the origin", async {
+            loop {
+                let mut notified = std::pin::pin!(self.arrived.notified());
+                notified.as_mut().enable();
+                if self.received.lock().unwrap().len() >= n {
+                    return;
+                }
+                notified.await;
+            }
+        })
+        .await
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -155,14 +175,60 @@ impl FakeApns {
     }
 }
 
-async fn handle(
-    conn: usize,
-    req: Request<h2::RecvStream>,
-    mut respond: SendResponse<Bytes>,
+/// What every connection of the origin shares.
+#[derive(Clone)]
+struct Shared {
     received: Arc<Mutex<Vec<Received>>>,
     arrived: Arc<Notify>,
-    hold: Option<Arc<Semaphore>>,
     first_data: Arc<Semaphore>,
+    refused: Arc<AtomicUsize>,
+    options: OriginOptions,
+}
+
+fn common_name(cert: &rustls::pki_types::CertificateDer<'_>) -> Option<String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let cn = parsed.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+async fn serve_h2<IO>(io: IO, conn_id: usize, client_cn: Option<String>, state: Shared)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut builder = h2::server::Builder::new();
+    if let Some(n) = state.options.max_concurrent_streams {
+        builder.max_concurrent_streams(n);
+    }
+    let Ok(mut conn) = builder.handshake::<_, Bytes>(io).await else {
+        return;
+    };
+    let mut served = 0usize;
+    while let Some(Ok((req, mut respond))) = conn.accept().await {
+        let refused = state.refused.fetch_add(1, Ordering::SeqCst) < state.options.refuse_first;
+        if refused {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            continue;
+        }
+        served += 1;
+        tokio::spawn(handle(
+            conn_id,
+            client_cn.clone(),
+            req,
+            respond,
+            state.clone(),
+        ));
+        if state.options.goaway_after == Some(served) {
+            conn.graceful_shutdown();
+        }
+    }
+}
+
+async fn handle(
+    conn: usize,
+    client_cn: Option<String>,
+    req: Request<h2::RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    state: Shared,
 ) {
     let (parts, mut body) = req.into_parts();
     let mut data = Vec::new();
@@ -170,7 +236,7 @@ async fn handle(
         let Ok(chunk) = chunk else { return };
         let _ = body.flow_control().release_capacity(chunk.len());
         if data.is_empty() && !chunk.is_empty() && !body.is_end_stream() {
-            first_data.add_permits(1);
+            state.first_data.add_permits(1);
         }
         data.extend_from_slice(&chunk);
     }
@@ -181,11 +247,15 @@ async fn handle(
         authority: parts.uri.authority().map(|a| a.to_string()),
         headers: parts.headers.clone(),
         body: Bytes::from(data),
+        client_cn,
     };
-    received.lock().unwrap().push(record.clone());
-    arrived.notify_waiters();
-    if let Some(hold) = hold {
-        let _permit = hold.acquire().await;
+    state.received.lock().unwrap().push(record.clone());
+    state.arrived.notify_waiters();
+    if let Some(hold) = &state.options.hold {
+        // Each permit releases exactly one answer.
+        if let Ok(permit) = hold.acquire().await {
+            permit.forget();
+        }
     }
     let (status, reason) = apple_answer(&record);
     let apns_id = record
@@ -250,4 +320,140 @@ pub fn apple_answer(r: &Received) -> (StatusCode, Option<&'static str>) {
         return (StatusCode::GONE, Some("Unregistered"));
     }
     (StatusCode::OK, None)
+}
+
+/// Frame-level control of one side of the origin's connections: SETTINGS injected towards the
+/// client, PINGs from the client dropped. Works on frame headers only (no HPACK).
+pub struct Script {
+    max_streams: tokio::sync::watch::Sender<Option<u32>>,
+    /// A permit each time the client acknowledges an injected SETTINGS frame.
+    pub acked: Semaphore,
+    /// Drop the client's PINGs, as a black-holed tunnel would.
+    pub drop_pings: std::sync::atomic::AtomicBool,
+    /// A permit each time a client connection ends.
+    pub closed: Semaphore,
+}
+
+impl Script {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Script {
+            max_streams: tokio::sync::watch::Sender::new(None),
+            acked: Semaphore::new(0),
+            drop_pings: std::sync::atomic::AtomicBool::new(false),
+            closed: Semaphore::new(0),
+        })
+    }
+
+    /// Sends SETTINGS_MAX_CONCURRENT_STREAMS = `n` on every connection, now and later.
+    pub fn set_max_streams(&self, n: u32) {
+        self.max_streams.send_replace(Some(n));
+    }
+}
+
+const FRAME_SETTINGS: u8 = 0x4;
+const FRAME_PING: u8 = 0x6;
+const FLAG_ACK: u8 = 0x1;
+
+/// SETTINGS with SETTINGS_MAX_CONCURRENT_STREAMS (0x3) = `n`.
+fn settings_frame(n: u32) -> Vec<u8> {
+    let mut frame = vec![0, 0, 6, FRAME_SETTINGS, 0, 0, 0, 0, 0, 0, 3];
+    frame.extend_from_slice(&n.to_be_bytes());
+    frame
+}
+
+async fn read_frame<R: tokio::io::AsyncRead + Unpin>(r: &mut R) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut frame = vec![0u8; 9];
+    r.read_exact(&mut frame).await.ok()?;
+    let len = ((frame[0] as usize) << 16) | ((frame[1] as usize) << 8) | frame[2] as usize;
+    frame.resize(9 + len, 0);
+    r.read_exact(&mut frame[9..]).await.ok()?;
+    Some(frame)
+}
+
+async fn splice<C>(client: C, server: tokio::io::DuplexStream, script: Arc<Script>)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use std::collections::VecDeque;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cr, cw) = tokio::io::split(client);
+    let (mut sr, mut sw) = tokio::io::split(server);
+    let cw = Arc::new(tokio::sync::Mutex::new(cw));
+    // For each SETTINGS frame sent to the client, in order: whether we injected it.
+    let sent: Arc<Mutex<VecDeque<bool>>> = Arc::default();
+
+    let to_client = {
+        let (cw, sent, script_now) = (cw.clone(), sent.clone(), script.clone());
+        async move {
+            let mut first_settings = true;
+            while let Some(frame) = read_frame(&mut sr).await {
+                let mut w = cw.lock().await;
+                let is_settings = frame[3] == FRAME_SETTINGS && frame[4] & FLAG_ACK == 0;
+                if is_settings {
+                    sent.lock().unwrap().push_back(false);
+                }
+                if w.write_all(&frame).await.is_err() {
+                    return;
+                }
+                // A connection opened after a change sees it straight after the server's SETTINGS.
+                if is_settings && std::mem::take(&mut first_settings) {
+                    let current = *script_now.max_streams.borrow();
+                    if let Some(n) = current {
+                        sent.lock().unwrap().push_back(true);
+                        if w.write_all(&settings_frame(n)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let inject = {
+        let (cw, sent, script) = (cw.clone(), sent.clone(), script.clone());
+        async move {
+            let mut rx = script.max_streams.subscribe();
+            loop {
+                if rx.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                let Some(n) = *rx.borrow_and_update() else {
+                    continue;
+                };
+                let mut w = cw.lock().await;
+                sent.lock().unwrap().push_back(true);
+                if w.write_all(&settings_frame(n)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let to_server = async {
+        let mut preface = [0u8; 24];
+        if cr.read_exact(&mut preface).await.is_err() || sw.write_all(&preface).await.is_err() {
+            return;
+        }
+        while let Some(frame) = read_frame(&mut cr).await {
+            let (kind, ack) = (frame[3], frame[4] & FLAG_ACK != 0);
+            if kind == FRAME_SETTINGS && ack {
+                let injected = sent.lock().unwrap().pop_front().unwrap_or(false);
+                if injected {
+                    script.acked.add_permits(1);
+                    continue;
+                }
+            }
+            if kind == FRAME_PING && !ack && script.drop_pings.load(Ordering::SeqCst) {
+                continue;
+            }
+            if sw.write_all(&frame).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = to_client => {}
+        _ = to_server => {}
+        _ = inject => {}
+    }
+    script.closed.add_permits(1);
 }

@@ -58,6 +58,43 @@ impl TestPki {
         Arc::new(config)
     }
 
+    /// A TLS server config that asks for (but does not require) a client certificate from this CA.
+    pub fn server_config_with_optional_client_auth(
+        &self,
+        hosts: &[&str],
+        alpn: &[&[u8]],
+    ) -> Arc<rustls::ServerConfig> {
+        let hosts: Vec<String> = hosts.iter().map(|h| h.to_string()).collect();
+        let leaf = self.ca.issue(&hosts).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(self.roots()),
+            provider(),
+        )
+        .allow_unauthenticated()
+        .build()
+        .unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(leaf.chain, leaf.key)
+            .unwrap();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(config)
+    }
+
+    /// Writes a client certificate and key for `name` into the PKI dir: (cert path, key path).
+    pub fn write_client_cert(&self, name: &str) -> (PathBuf, PathBuf) {
+        let leaf = self.ca.issue_client(name).unwrap();
+        let (cert, key) = (
+            self.path(&format!("{name}.pem")),
+            self.path(&format!("{name}.key")),
+        );
+        std::fs::write(&cert, &leaf.chain_pem).unwrap();
+        std::fs::write(&key, &leaf.key_pem).unwrap();
+        (cert, key)
+    }
+
     /// A TLS client config trusting only this CA.
     pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())

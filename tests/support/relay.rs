@@ -13,6 +13,8 @@ use super::pki::TestPki;
 
 pub struct RunningRelay {
     pub addrs: Vec<SocketAddr>,
+    /// The relay's pipeline, for pool statistics and change notifications.
+    pub relay: std::sync::Arc<pushrelay::relay::Relay>,
     shutdown: Option<oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -59,6 +61,7 @@ pub async fn start(yaml: &str) -> RunningRelay {
         sockets.push(socket);
     }
     let app = App::build(loaded.config).unwrap_or_else(|e| panic!("relay setup failed: {e}"));
+    let relay = app.relay().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         app.run(sockets, async {
@@ -69,6 +72,7 @@ pub async fn start(yaml: &str) -> RunningRelay {
     });
     RunningRelay {
         addrs,
+        relay,
         shutdown: Some(tx),
         task: Some(task),
     }

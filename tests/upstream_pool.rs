@@ -1,0 +1,431 @@
+//! The upstream pool against a scripted origin and a proxy that cuts tunnels: GOAWAY and
+//! REFUSED_STREAM are survived without loss or duplicates, stream limits open more connections,
+//! dead connections are replaced, identities never share a connection, and back-off is spaced.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use http::StatusCode;
+use support::client::{H2Client, push_request};
+use support::origin::{FakeApns, OriginOptions, Script};
+use support::pki::TestPki;
+use support::proxy::{Behaviour, TestProxy};
+use support::relay::{self, Via};
+use support::{token, within};
+
+const PAYLOAD: &str = r#"{"aps":{"alert":"pool"}}"#;
+
+fn yaml_with(pki: &TestPki, origin: &FakeApns, via: Via, upstream_extra: &str) -> String {
+    let base = relay::pre_proxy_yaml(pki, origin, via);
+    base.replace("upstream:\n", &format!("upstream:\n{upstream_extra}"))
+}
+
+fn apns_id(i: usize) -> String {
+    format!("00000000-0000-4000-8000-{i:012}")
+}
+
+async fn push_with_id(client: &H2Client, i: usize) -> StatusCode {
+    let mut req = push_request("api.push.apple.com", &token(i));
+    req.headers_mut()
+        .insert("apns-id", apns_id(i).parse().unwrap());
+    client.send(req, Bytes::from(PAYLOAD)).await.unwrap().status
+}
+
+/// GOAWAY in the middle of 200 concurrent pushes: every push is answered 200 and reaches the
+/// origin exactly once; later pushes use a new connection.
+#[tokio::test]
+async fn goaway_during_200_concurrent_pushes_loses_none_and_duplicates_none() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            goaway_after: Some(60),
+            ..Default::default()
+        },
+    )
+    .await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let clients: Vec<Arc<H2Client>> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(Arc::new(H2Client::connect(&pki, relay.addr()).await));
+        }
+        v
+    };
+    let pushes = (0..200).map(|i| {
+        let c = clients[i % 4].clone();
+        async move { push_with_id(&c, i).await }
+    });
+    let statuses = within(30, "200 pushes", join_all(pushes)).await;
+    assert!(
+        statuses.iter().all(|s| *s == StatusCode::OK),
+        "{statuses:?}"
+    );
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in origin.received() {
+        *seen
+            .entry(r.headers["apns-id"].to_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    assert_eq!(seen.len(), 200, "every push arrived");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "no push arrived twice: {:?}",
+        seen.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+    );
+    assert_eq!(push_with_id(&clients[0], 999).await, StatusCode::OK);
+    assert!(
+        origin.connection_count() >= 2,
+        "the connection that went away was replaced"
+    );
+}
+
+/// A stream reset with REFUSED_STREAM was never processed: it is sent once more and succeeds.
+#[tokio::test]
+async fn refused_stream_is_sent_again_once() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            refuse_first: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    assert_eq!(push_with_id(&client, 1).await, StatusCode::OK);
+    assert_eq!(origin.received().len(), 1);
+    assert_eq!(
+        origin.streams.load(Ordering::SeqCst),
+        2,
+        "one refused stream, one processed"
+    );
+}
+
+/// Refused twice: the relay gives up with its own 502 instead of sending a third time.
+#[tokio::test]
+async fn refused_twice_is_not_sent_a_third_time() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            refuse_first: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let answer = client.push(&token(2), PAYLOAD).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.reason().as_deref(), Some("RelayUpstreamReset"));
+    assert_eq!(origin.streams.load(Ordering::SeqCst), 2);
+    assert!(origin.received().is_empty());
+}
+
+/// An origin that allows one stream per connection gets one connection per concurrent push.
+#[tokio::test]
+async fn max_streams_one_leads_to_several_connections() {
+    let pki = TestPki::new();
+    let hold = Arc::new(tokio::sync::Semaphore::new(0));
+    let options = OriginOptions {
+        max_concurrent_streams: Some(1),
+        hold: Some(hold.clone()),
+        ..Default::default()
+    };
+    let origin = FakeApns::start_with(&pki, options).await;
+    let relay = relay::start(&yaml_with(
+        &pki,
+        &origin,
+        Via::Direct,
+        "  max_connections_per_destination: 3\n",
+    ))
+    .await;
+    let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
+    let pushes: Vec<_> = (0..3)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { push_with_id(&c, i).await })
+        })
+        .collect();
+    origin.wait_received(3).await;
+    assert_eq!(
+        origin.connection_count(),
+        3,
+        "three held pushes need three connections"
+    );
+    hold.add_permits(3);
+    for p in pushes {
+        assert_eq!(within(10, "held push", p).await.unwrap(), StatusCode::OK);
+    }
+}
+
+/// SETTINGS_MAX_CONCURRENT_STREAMS lowered at run time is respected: new pushes open connections
+/// instead of queueing behind the limit.
+#[tokio::test]
+async fn max_streams_lowered_at_run_time_is_respected() {
+    let pki = TestPki::new();
+    let hold = Arc::new(tokio::sync::Semaphore::new(0));
+    let script = Script::new();
+    let options = OriginOptions {
+        hold: Some(hold.clone()),
+        script: Some(script.clone()),
+        ..Default::default()
+    };
+    let origin = FakeApns::start_with(&pki, options).await;
+    let relay = relay::start(&yaml_with(
+        &pki,
+        &origin,
+        Via::Direct,
+        "  max_connections_per_destination: 3\n",
+    ))
+    .await;
+    let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
+    hold.add_permits(1);
+    assert_eq!(push_with_id(&client, 0).await, StatusCode::OK);
+    assert_eq!(origin.connection_count(), 1);
+
+    script.set_max_streams(1);
+    within(10, "SETTINGS acknowledged", script.acked.acquire())
+        .await
+        .unwrap()
+        .forget();
+    let pushes: Vec<_> = (1..4)
+        .map(|i| {
+            let c = client.clone();
+            tokio::spawn(async move { push_with_id(&c, i).await })
+        })
+        .collect();
+    origin.wait_received(4).await;
+    let conns: Vec<usize> = origin.received().iter().map(|r| r.conn).collect();
+    assert_eq!(
+        origin.connection_count(),
+        3,
+        "one stream per connection after the change: {conns:?}"
+    );
+    hold.add_permits(3);
+    for p in pushes {
+        assert_eq!(within(10, "held push", p).await.unwrap(), StatusCode::OK);
+    }
+}
+
+/// A PING that goes unanswered closes the connection; the next push opens a new one and succeeds.
+#[tokio::test]
+async fn unanswered_ping_replaces_the_connection() {
+    let pki = TestPki::new();
+    let script = Script::new();
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            script: Some(script.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let yaml = yaml_with(
+        &pki,
+        &origin,
+        Via::Direct,
+        "  keepalive_interval: 200ms\n  keepalive_timeout: 300ms\n",
+    );
+    let relay = relay::start(&yaml).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    assert_eq!(push_with_id(&client, 1).await, StatusCode::OK);
+    script.drop_pings.store(true, Ordering::SeqCst);
+    within(
+        10,
+        "relay closes the silent connection",
+        script.closed.acquire(),
+    )
+    .await
+    .unwrap()
+    .forget();
+    script.drop_pings.store(false, Ordering::SeqCst);
+    assert_eq!(push_with_id(&client, 2).await, StatusCode::OK);
+    assert_eq!(origin.connection_count(), 2);
+}
+
+/// A firewall cuts the tunnel: the next push succeeds on a new tunnel.
+#[tokio::test]
+async fn cut_tunnel_is_replaced_by_a_new_one() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Open).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(
+        &pki,
+        &origin,
+        Via::Proxy(proxy.url()),
+    ))
+    .await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    assert_eq!(push_with_id(&client, 1).await, StatusCode::OK);
+    assert_eq!(proxy.tunnel_count(), 1);
+    let mut changes = relay.relay.pool().changes();
+    changes.mark_unchanged();
+    proxy.cut_tunnels();
+    let pool = relay.relay.pool().clone();
+    within(
+        10,
+        "relay notices the cut",
+        changes.wait_for(|_| pool.stats().iter().all(|(_, s)| s.open_connections == 0)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(push_with_id(&client, 2).await, StatusCode::OK);
+    assert_eq!(proxy.tunnel_count(), 2);
+}
+
+/// Different JWT issuers and different certificate identities never share an upstream connection;
+/// certificate identities present their own certificate, also for the app's .voip topic.
+#[tokio::test]
+async fn identities_never_share_a_connection() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            client_auth: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (cert_a, key_a) = pki.write_client_cert("app-one");
+    let (cert_b, key_b) = pki.write_client_cert("app-two");
+    let identities = format!(
+        "  identities:\n    - {{topic: com.example.one, cert: \"{}\", key: \"{}\"}}\n    - {{topic: com.example.two, cert: \"{}\", key: \"{}\"}}\n",
+        cert_a.display(),
+        key_a.display(),
+        cert_b.display(),
+        key_b.display()
+    );
+    let relay = relay::start(&yaml_with(&pki, &origin, Via::Direct, &identities)).await;
+    let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
+    let jwt = |iss: &str| {
+        use base64::Engine;
+        let e = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!(
+            "bearer {}.{}.c2ln",
+            e(r#"{"alg":"ES256","kid":"K1"}"#),
+            e(&format!(r#"{{"iss":"{iss}"}}"#))
+        )
+    };
+    // (label, apns-topic, authorization)
+    let kinds: [(&str, &str, Option<String>); 5] = [
+        ("team1", "com.example.token", Some(jwt("TEAM1"))),
+        ("team2", "com.example.token", Some(jwt("TEAM2"))),
+        ("cert-one", "com.example.one", None),
+        ("cert-one", "com.example.one.voip", None),
+        ("cert-two", "com.example.two", None),
+    ];
+    let pushes = (0..40).map(|i| {
+        let (label, topic, auth) = kinds[i % kinds.len()].clone();
+        let c = client.clone();
+        async move {
+            let mut req = push_request("api.push.apple.com", &token(i));
+            req.headers_mut()
+                .insert("apns-topic", topic.parse().unwrap());
+            req.headers_mut()
+                .insert("apns-id", apns_id(i).parse().unwrap());
+            match auth {
+                Some(a) => req
+                    .headers_mut()
+                    .insert("authorization", a.parse().unwrap()),
+                None => req.headers_mut().remove("authorization"),
+            };
+            assert_eq!(
+                c.send(req, Bytes::from(PAYLOAD)).await.unwrap().status,
+                StatusCode::OK
+            );
+            (apns_id(i), label)
+        }
+    });
+    let labels: HashMap<String, &str> = within(20, "pushes", join_all(pushes))
+        .await
+        .into_iter()
+        .collect();
+    let mut conns_by_label: HashMap<&str, HashSet<usize>> = HashMap::new();
+    for r in origin.received() {
+        let label = labels[r.headers["apns-id"].to_str().unwrap()];
+        conns_by_label.entry(label).or_default().insert(r.conn);
+        let expected_cn = match label {
+            "cert-one" => Some("app-one"),
+            "cert-two" => Some("app-two"),
+            _ => None,
+        };
+        assert_eq!(
+            r.client_cn.as_deref(),
+            expected_cn,
+            "{label} presented the wrong certificate"
+        );
+    }
+    let all: Vec<(&&str, &HashSet<usize>)> = conns_by_label.iter().collect();
+    for (i, (a, ca)) in all.iter().enumerate() {
+        for (b, cb) in &all[i + 1..] {
+            assert!(ca.is_disjoint(cb), "{a} and {b} shared a connection");
+        }
+    }
+    assert_eq!(conns_by_label.len(), 4);
+}
+
+/// Reconnects back off exponentially with jitter, and requests fail fast in between (paused time).
+#[tokio::test(start_paused = true)]
+async fn reconnect_backoff_is_spaced_exponentially() {
+    use pushrelay::upstream::connect::Connector;
+    use pushrelay::upstream::pool::{Pool, PoolError, PoolKey, PoolSettings};
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dest: pushrelay::policy::Authority =
+        format!("api.push.apple.com:{closed_port}").parse().unwrap();
+    let mut upstream = pushrelay::config::UpstreamConfig::default();
+    upstream
+        .connect_to
+        .insert(dest.clone(), format!("127.0.0.1:{closed_port}"));
+    let tls = pushrelay::tls::client::build(&[], None).unwrap();
+    let mut settings = PoolSettings::from_config(&upstream);
+    settings.backoff_base = Duration::from_secs(1);
+    settings.backoff_max = Duration::from_secs(8);
+    let pool = Pool::new(
+        Connector::new(&upstream),
+        HashMap::from([(None, tls)]),
+        settings,
+    );
+    let key = PoolKey {
+        dest,
+        identity: None,
+    };
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+
+    let mut waits = Vec::new();
+    for attempt in 1..=5u32 {
+        let err = pool
+            .checkout(&key, far())
+            .await
+            .err()
+            .expect("nothing listens there");
+        assert!(
+            matches!(err, PoolError::Connect { .. }),
+            "attempt {attempt} tried to connect: {err}"
+        );
+        let remaining = match pool.checkout(&key, far()).await.err().expect("still down") {
+            PoolError::BackingOff { remaining, .. } => remaining,
+            other => panic!("attempt {attempt}: expected fail-fast back-off, got {other}"),
+        };
+        let cap = Duration::from_secs(1 << (attempt - 1)).min(Duration::from_secs(8));
+        assert!(
+            remaining <= cap && remaining >= cap / 2,
+            "attempt {attempt}: wait {remaining:?} not in [{:?}, {cap:?}]",
+            cap / 2
+        );
+        waits.push(remaining);
+        tokio::time::advance(remaining).await;
+    }
+    assert!(waits[3] > waits[0], "waits grow: {waits:?}");
+}
