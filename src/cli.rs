@@ -39,6 +39,15 @@ pub enum Command {
     /// Create the private CA and issue certificates from it.
     #[command(subcommand)]
     Ca(CaCommand),
+    /// Diagnose the way to each destination step by step (DNS, proxy, CONNECT, TLS, HTTP/2, PING)
+    /// and stop at the first failure with a hint. Exit 0 when every destination is reachable.
+    Probe {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Probe only this destination (host:port from `destinations`).
+        #[arg(value_name = "DESTINATION")]
+        destination: Option<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -83,6 +92,10 @@ pub fn main() -> ExitCode {
         Command::Check(arg) => check(arg.config.as_deref()),
         Command::Ca(CaCommand::Init { dir, force }) => ca_init(&dir, force),
         Command::Ca(CaCommand::Issue { hosts, dir, name }) => ca_issue(&dir, &hosts, &name),
+        Command::Probe { config, destination } => match load_or_report(config.config.as_deref()) {
+            Ok(loaded) => crate::probe::run(&loaded.config, destination.as_deref()),
+            Err(code) => code,
+        },
     }
 }
 

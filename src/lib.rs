@@ -9,6 +9,7 @@
 //! - `relay`: the shared request pipeline, header rewriting, one file per front door.
 //! - `upstream`: CONNECT tunnel, connections, the shared HTTP/2 pool, safe resend.
 //! - `error`: the one place an error becomes an HTTP answer.
+//! - `probe`: step-by-step diagnosis of the upstream path (`pushrelay probe`).
 
 // Library code handles every failure; tests may unwrap.
 #![cfg_attr(
@@ -21,6 +22,7 @@ pub mod config;
 pub mod error;
 pub mod listen;
 pub mod policy;
+pub mod probe;
 pub mod relay;
 pub mod tls;
 pub mod upstream;
