@@ -1,0 +1,558 @@
+#!/usr/bin/env bash
+# Benchmarks pushrelay against a fake APNs origin on loopback, next to nghttpx and HAProxy in the same
+# two roles when they are installed, and prints a markdown report (throughput, p50/p99 latency, the
+# proxy's CPU time per request, and the p99 it adds at half of pushrelay's peak).
+#
+# Only 127.0.0.1 is used. Every process this script starts is killed by PID when it exits.
+set -euo pipefail
+
+usage() {
+  cat <<'EOF'
+Usage: scripts/bench.sh [options]
+
+Builds pushrelay and the fake APNs origin (examples/fake_apns.rs) in release mode, starts them on
+127.0.0.1 with a throwaway CA, and drives them with h2load. Cases, run interleaved (every case once
+per round, the order rotated each round):
+
+  direct            h2load -> fake APNs (HTTP/2 + TLS): the baseline
+  pre:  pushrelay   h2load (TLS + HTTP/2, SNI api.push.apple.com) -> pushrelay pre-proxy -> origin
+  pre:  nghttpx     the same through nghttpx (TLS h2 frontend, h2 + TLS backend)      [if installed]
+  pre:  haproxy     the same through HAProxy (bind ssl alpn h2, server ssl alpn h2)   [if installed]
+  post: pushrelay   h2load --h1 (plain HTTP/1.1) -> pushrelay post-proxy -> origin (HTTP/2 + TLS)
+  post: nghttpx     the same through nghttpx (plain HTTP/1.1 frontend)                [if installed]
+  post: haproxy     the same through HAProxy (plain http frontend)                    [if installed]
+
+Each request is a POST /3/device/<64 hex> with apns-topic and a 300-byte JSON body. After the rounds
+at full load, one more round runs every case at half of pushrelay's measured peak (h2load --rps) to
+show the p99 each proxy adds over direct at a moderate load.
+
+Options:
+  --rounds N        rounds at full load (default 3)
+  --requests N      requests per run (default 20000)
+  --clients N       h2load connections for HTTP/2 cases (default 10)
+  --streams N       concurrent streams per HTTP/2 connection (default 10)
+  --h1-clients N    h2load connections for HTTP/1.1 cases; h2load sends one request at a time per
+                    HTTP/1.1 connection when posting a body, so the default is clients x streams,
+                    the same number of requests in flight (default 100)
+  --threads N       worker threads for each proxy (default: nproc)
+  --run-timeout S   bound on one h2load run, in seconds (default 120)
+  --no-half-load    skip the half-load round
+  --no-peers        benchmark pushrelay only, even if nghttpx / HAProxy are installed
+  --no-build        use the binaries already in target/release
+  --out FILE        also write the report to FILE (nothing is written unless given)
+  --keep DIR        keep logs, configs and h2load per-request logs in DIR, a new or empty
+                    directory (default: a temporary directory, removed on exit)
+  -h, --help        show this help
+
+Needs: h2load (Debian/Ubuntu: apt-get install nghttp2-client), cargo. Optional peers: nghttpx
+(apt-get install nghttp2-proxy), haproxy (apt-get install haproxy). The script installs nothing.
+EOF
+}
+
+ROUNDS=3
+REQUESTS=20000
+CLIENTS=10
+STREAMS=10
+H1_CLIENTS=""
+THREADS="$(nproc)"
+RUN_TIMEOUT=120
+HALF_LOAD=1
+PEERS=1
+BUILD=1
+OUT=""
+KEEP=""
+
+die() {
+  echo "bench.sh: $*" >&2
+  exit 2
+}
+
+need_value() {
+  [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"
+}
+
+positive() {
+  [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, not '$2'"
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --rounds) need_value "$@"; positive "$1" "$2"; ROUNDS="$2"; shift 2 ;;
+    --requests) need_value "$@"; positive "$1" "$2"; REQUESTS="$2"; shift 2 ;;
+    --clients) need_value "$@"; positive "$1" "$2"; CLIENTS="$2"; shift 2 ;;
+    --streams) need_value "$@"; positive "$1" "$2"; STREAMS="$2"; shift 2 ;;
+    --h1-clients) need_value "$@"; positive "$1" "$2"; H1_CLIENTS="$2"; shift 2 ;;
+    --threads) need_value "$@"; positive "$1" "$2"; THREADS="$2"; shift 2 ;;
+    --run-timeout) need_value "$@"; positive "$1" "$2"; RUN_TIMEOUT="$2"; shift 2 ;;
+    --no-half-load) HALF_LOAD=0; shift ;;
+    --no-peers) PEERS=0; shift ;;
+    --no-build) BUILD=0; shift ;;
+    --out) need_value "$@"; OUT="$2"; shift 2 ;;
+    --keep) need_value "$@"; KEEP="$2"; shift 2 ;;
+    -h | --help) usage; exit 0 ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+done
+H1_CLIENTS="${H1_CLIENTS:-$((CLIENTS * STREAMS))}"
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+# --- tools -----------------------------------------------------------------------------------------
+
+command -v h2load >/dev/null 2>&1 ||
+  die "h2load not found: install it (Debian/Ubuntu: apt-get install nghttp2-client)"
+if [[ $BUILD -eq 1 ]]; then
+  command -v cargo >/dev/null 2>&1 || die "cargo not found (or use --no-build with built binaries)"
+fi
+HAVE_NGHTTPX=0
+HAVE_HAPROXY=0
+if [[ $PEERS -eq 1 ]]; then
+  if command -v nghttpx >/dev/null 2>&1; then
+    HAVE_NGHTTPX=1
+  else
+    echo "bench.sh: nghttpx not found, skipping it (Debian/Ubuntu: apt-get install nghttp2-proxy)" >&2
+  fi
+  if command -v haproxy >/dev/null 2>&1; then
+    HAVE_HAPROXY=1
+  else
+    echo "bench.sh: haproxy not found, skipping it (Debian/Ubuntu: apt-get install haproxy)" >&2
+  fi
+fi
+
+if [[ $BUILD -eq 1 ]]; then
+  echo "bench.sh: building (release)" >&2
+  cargo build --release --locked --bin pushrelay --example fake_apns >&2
+fi
+PUSHRELAY="$ROOT/target/release/pushrelay"
+FAKE_APNS="$ROOT/target/release/examples/fake_apns"
+[[ -x "$PUSHRELAY" ]] || die "$PUSHRELAY is missing (build it, or drop --no-build)"
+[[ -x "$FAKE_APNS" ]] || die "$FAKE_APNS is missing (build it, or drop --no-build)"
+
+# --- work dir and clean-up -------------------------------------------------------------------------
+
+PIDS=()
+if [[ -n "$KEEP" ]]; then
+  if [[ -e "$KEEP" && -n "$(ls -A "$KEEP" 2>/dev/null)" ]]; then
+    die "--keep $KEEP: the directory is not empty"
+  fi
+  mkdir -p "$KEEP"
+  WORK="$(cd "$KEEP" && pwd)"
+else
+  WORK="$(mktemp -d "${TMPDIR:-/tmp}/pushrelay-bench.XXXXXX")"
+fi
+
+cleanup() {
+  local pid
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  if [[ -z "$KEEP" ]]; then
+    rm -rf "$WORK"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# A port nothing listens on, outside the kernel's ephemeral range (h2load's client ports).
+declare -A TAKEN=()
+free_port() {
+  local port i
+  for ((i = 0; i < 200; i++)); do
+    port=$((20000 + RANDOM % 12000))
+    [[ -n "${TAKEN[$port]:-}" ]] && continue
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      TAKEN[$port]=1
+      echo "$port"
+      return 0
+    fi
+  done
+  die "no free port found on 127.0.0.1"
+}
+
+# Waits (bounded) until something accepts on 127.0.0.1:$2; $1 is the PID that should be serving.
+wait_port() {
+  local pid=$1 port=$2 what=$3 i
+  for ((i = 0; i < 100; i++)); do
+    kill -0 "$pid" 2>/dev/null || die "$what exited at start-up; see $WORK/$what.log"
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.1
+  done
+  die "$what does not listen on 127.0.0.1:$port after 10s; see $WORK/$what.log"
+}
+
+# CPU clock ticks (user + system) used so far by a process and its descendants.
+cpu_ticks() {
+  local pid=$1 total=0 t child
+  [[ -r /proc/$pid/stat ]] || { echo 0; return; }
+  # Fields after "pid (comm) ": utime and stime are the 12th and 13th.
+  t=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
+  total=$((total + t))
+  # shellcheck disable=SC2013 # the children files hold space-separated PIDs
+  for child in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
+    t=$(cpu_ticks "$child")
+    total=$((total + t))
+  done
+  echo "$total"
+}
+
+CLK_TCK="$(getconf CLK_TCK)"
+
+# --- PKI, origin, relays ---------------------------------------------------------------------------
+
+echo "bench.sh: work directory $WORK" >&2
+"$PUSHRELAY" ca init --dir "$WORK/ca" >/dev/null
+"$PUSHRELAY" ca issue --dir "$WORK/ca" --host api.push.apple.com --name front >/dev/null
+cat "$WORK/ca/front.pem" "$WORK/ca/front.key" >"$WORK/ca/front-haproxy.pem"
+chmod 600 "$WORK/ca/front-haproxy.pem"
+
+"$FAKE_APNS" --ca-dir "$WORK/ca" --port 0 >"$WORK/origin.out" 2>"$WORK/origin.log" &
+ORIGIN_PID=$!
+PIDS+=("$ORIGIN_PID")
+ORIGIN_PORT=""
+for ((i = 0; i < 100; i++)); do
+  ORIGIN_PORT="$(sed -n 's/^PORT=//p' "$WORK/origin.out" 2>/dev/null | head -n1)"
+  [[ -n "$ORIGIN_PORT" ]] && break
+  kill -0 "$ORIGIN_PID" 2>/dev/null || die "fake_apns exited; see $WORK/origin.log"
+  sleep 0.1
+done
+[[ -n "$ORIGIN_PORT" ]] || die "fake_apns printed no PORT= line within 10s"
+HOST="api.push.apple.com"
+AUTHORITY="$HOST:$ORIGIN_PORT"
+
+RELAY_PRE="$(free_port)"
+RELAY_POST="$(free_port)"
+cat >"$WORK/pushrelay.yaml" <<EOF
+listeners:
+  - name: bench-pre
+    mode: pre-proxy
+    bind: "127.0.0.1:$RELAY_PRE"
+    upstream_port: $ORIGIN_PORT
+    tls:
+      ca_cert: "$WORK/ca/ca.pem"
+      ca_key: "$WORK/ca/ca.key"
+    allow_sources: ["127.0.0.0/8"]
+  - name: bench-post
+    mode: post-proxy
+    bind: "127.0.0.1:$RELAY_POST"
+    upstream_port: $ORIGIN_PORT
+    allow_sources: ["127.0.0.0/8"]
+destinations:
+  - "$AUTHORITY"
+upstream:
+  extra_roots: ["$WORK/ca/ca.pem"]
+  connect_to:
+    "$AUTHORITY": "127.0.0.1:$ORIGIN_PORT"
+log:
+  level: warn
+EOF
+# RUST_LOG would win over log.level; per-request info lines would dominate the measurement.
+env -u RUST_LOG TOKIO_WORKER_THREADS="$THREADS" "$PUSHRELAY" serve --config "$WORK/pushrelay.yaml" \
+  >"$WORK/pushrelay.log" 2>&1 &
+RELAY_PID=$!
+PIDS+=("$RELAY_PID")
+wait_port "$RELAY_PID" "$RELAY_PRE" pushrelay
+wait_port "$RELAY_PID" "$RELAY_POST" pushrelay
+
+declare -A PROXY_PID=([pushrelay]="$RELAY_PID")
+declare -A PRE_PORT=([pushrelay]="$RELAY_PRE")
+declare -A POST_PORT=([pushrelay]="$RELAY_POST")
+PROXIES=(pushrelay)
+
+if [[ $HAVE_NGHTTPX -eq 1 ]]; then
+  NG_PRE="$(free_port)"
+  NG_POST="$(free_port)"
+  nghttpx --conf=/dev/null --single-process --workers="$THREADS" \
+    --frontend="127.0.0.1,$NG_PRE" --frontend="127.0.0.1,$NG_POST;no-tls" \
+    --backend="127.0.0.1,$ORIGIN_PORT;;proto=h2;tls;sni=$HOST" --cacert="$WORK/ca/ca.pem" \
+    --no-via --no-ocsp --log-level=WARN --errorlog-file="$WORK/nghttpx.log" \
+    "$WORK/ca/front.key" "$WORK/ca/front.pem" >>"$WORK/nghttpx.log" 2>&1 &
+  NG_PID=$!
+  PIDS+=("$NG_PID")
+  wait_port "$NG_PID" "$NG_PRE" nghttpx
+  wait_port "$NG_PID" "$NG_POST" nghttpx
+  PROXY_PID[nghttpx]="$NG_PID"
+  PRE_PORT[nghttpx]="$NG_PRE"
+  POST_PORT[nghttpx]="$NG_POST"
+  PROXIES+=(nghttpx)
+fi
+
+if [[ $HAVE_HAPROXY -eq 1 ]]; then
+  HA_PRE="$(free_port)"
+  HA_POST="$(free_port)"
+  cat >"$WORK/haproxy.cfg" <<EOF
+global
+  nbthread $THREADS
+  maxconn 4096
+  log stderr format short local0 warning
+
+defaults
+  mode http
+  log global
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+
+frontend pre
+  bind 127.0.0.1:$HA_PRE ssl crt $WORK/ca/front-haproxy.pem alpn h2,http/1.1
+  default_backend apns
+
+frontend post
+  bind 127.0.0.1:$HA_POST
+  # HTTP/2 answers have no reason phrase, and HAProxy sends none over HTTP/1.1 ("HTTP/1.1 200 "),
+  # which h2load counts as status 0; pushrelay and nghttpx send "200 OK".
+  http-response set-status 200 reason OK if { status 200 }
+  default_backend apns
+
+backend apns
+  server origin 127.0.0.1:$ORIGIN_PORT ssl verify required ca-file $WORK/ca/ca.pem sni str($HOST) alpn h2
+EOF
+  haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+  HA_PID=$!
+  PIDS+=("$HA_PID")
+  wait_port "$HA_PID" "$HA_PRE" haproxy
+  wait_port "$HA_PID" "$HA_POST" haproxy
+  PROXY_PID[haproxy]="$HA_PID"
+  PRE_PORT[haproxy]="$HA_PRE"
+  POST_PORT[haproxy]="$HA_POST"
+  PROXIES+=(haproxy)
+fi
+
+# --- runs ------------------------------------------------------------------------------------------
+
+TOKEN="5f3c2a1e9b8d7c6f5e4d3c2b1a0f9e8d7c6b5a4f3e2d1c0b9a8f7e6d5c4b3a29"
+PAYLOAD="$WORK/payload.json"
+# A 300-byte APNs payload.
+body='{"aps":{"alert":{"title":"Benchmark","body":"A push of three hundred bytes"},"sound":"default","badge":1},"id":"'
+pad=$((300 - ${#body} - 2))
+printf '%s%s"}' "$body" "$(head -c "$pad" /dev/zero | tr '\0' 'x')" >"$PAYLOAD"
+[[ $(wc -c <"$PAYLOAD") -eq 300 ]] || die "payload is not 300 bytes"
+PATH_Q="/3/device/$TOKEN"
+
+CASES=(direct)
+for p in "${PROXIES[@]}"; do CASES+=("pre:$p"); done
+for p in "${PROXIES[@]}"; do CASES+=("post:$p"); done
+
+# h2load arguments for a case (without -n / --rps / --log-file).
+case_args() {
+  local c=$1 role=${1%%:*} proxy=${1#*:}
+  case "$role" in
+    direct)
+      echo "-c $CLIENTS -m $STREAMS --connect-to=127.0.0.1:$ORIGIN_PORT https://$AUTHORITY$PATH_Q" ;;
+    pre)
+      echo "-c $CLIENTS -m $STREAMS --connect-to=127.0.0.1:${PRE_PORT[$proxy]} https://$AUTHORITY$PATH_Q" ;;
+    post)
+      # The Host header names the destination, as a legacy proxy would send it.
+      echo "--h1 -c $H1_CLIENTS --connect-to=127.0.0.1:${POST_PORT[$proxy]} http://$AUTHORITY$PATH_Q" ;;
+    *) die "unknown case $c" ;;
+  esac
+}
+
+case_clients() {
+  [[ ${1%%:*} == post ]] && echo "$H1_CLIENTS" || echo "$CLIENTS"
+}
+
+case_pid() {
+  [[ $1 == direct ]] && echo "$ORIGIN_PID" || echo "${PROXY_PID[${1#*:}]}"
+}
+
+# Results, one line per run: case round reqps p50_us p99_us cpu_us_per_req ok failed
+RESULTS="$WORK/results.tsv"
+: >"$RESULTS"
+
+# run_case CASE ROUND [RPS_TOTAL]
+run_case() {
+  local c=$1 round=$2 rps=${3:-} pid log out before after ok failed reqps p50 p99 cpu extra=()
+  pid="$(case_pid "$c")"
+  log="$WORK/h2load.${c/:/-}.$round.tsv"
+  out="$WORK/h2load.${c/:/-}.$round.out"
+  if [[ -n "$rps" ]]; then
+    extra=(--rps="$(((rps + $(case_clients "$c") - 1) / $(case_clients "$c")))")
+  fi
+  before="$(cpu_ticks "$pid")"
+  # shellcheck disable=SC2046 # case_args is split on purpose
+  if ! timeout "$RUN_TIMEOUT" h2load -t 1 -n "$REQUESTS" "${extra[@]}" -d "$PAYLOAD" \
+    -H 'apns-topic: com.example.bench' -H 'apns-push-type: alert' \
+    --log-file="$log" $(case_args "$c") >"$out" 2>&1; then
+    echo "bench.sh: h2load failed or timed out for $c (round $round); see $out" >&2
+  fi
+  after="$(cpu_ticks "$pid")"
+  reqps="$(sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' "$out" | head -n1)"
+  ok="$(sed -n 's/^status codes: \([0-9]*\) 2xx.*/\1/p' "$out" | head -n1)"
+  failed="$(sed -n 's/^requests: .* \([0-9]*\) failed.*/\1/p' "$out" | head -n1)"
+  read -r p50 p99 < <(awk -F'\t' '$2 == 200 { print $3 }' "$log" 2>/dev/null | sort -n |
+    awk '{ v[NR] = $1 } END {
+      if (NR == 0) { print "NA NA"; exit }
+      i50 = int(NR * 0.50 + 0.999999); i99 = int(NR * 0.99 + 0.999999)
+      print v[i50], v[i99] }')
+  cpu="$(awk -v d=$((after - before)) -v n="${ok:-0}" -v hz="$CLK_TCK" \
+    'BEGIN { if (n > 0) printf "%.1f", d * 1e6 / hz / n; else print "NA" }')"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$round" "${reqps:-NA}" "$p50" "$p99" "$cpu" \
+    "${ok:-0}" "${failed:-NA}" >>"$RESULTS"
+  printf 'bench.sh: %-16s round %-5s %10s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  2xx %s\n' \
+    "$c" "$round" "${reqps:-NA}" "$p50" "$p99" "$cpu" "${ok:-0}" >&2
+}
+
+echo "bench.sh: warming up (connections, TLS sessions, pools)" >&2
+SAVED_REQUESTS=$REQUESTS
+REQUESTS=2000
+for c in "${CASES[@]}"; do run_case "$c" warmup; done
+REQUESTS=$SAVED_REQUESTS
+
+n=${#CASES[@]}
+for ((r = 1; r <= ROUNDS; r++)); do
+  for ((k = 0; k < n; k++)); do
+    run_case "${CASES[$(((k + r - 1) % n))]}" "$r"
+  done
+done
+
+# Median of a column (3 = req/s, 4 = p50, 5 = p99, 6 = cpu) over the full-load rounds of a case.
+median() {
+  awk -F'\t' -v c="$1" -v col="$2" '$1 == c && $2 ~ /^[0-9]+$/ && $col != "NA" { print $col }' \
+    "$RESULTS" | sort -g | awk '{ v[NR] = $1 } END {
+      if (NR == 0) { print "NA"; exit }
+      if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+spread() {
+  awk -F'\t' -v c="$1" -v col="$2" '$1 == c && $2 ~ /^[0-9]+$/ && $col != "NA" { print $col }' \
+    "$RESULTS" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END {
+      if (NR == 0) print "NA"; else printf "%.0f–%.0f", lo, hi }'
+}
+value() { # case round col
+  awk -F'\t' -v c="$1" -v r="$2" -v col="$3" '$1 == c && $2 == r { print $col }' "$RESULTS" | head -n1
+}
+failures() {
+  awk -F'\t' -v c="$1" -v want="$REQUESTS" '$1 == c && $2 ~ /^[0-9]+$/ && $7 != want { bad++ }
+    END { print bad + 0 }' "$RESULTS"
+}
+ratio() {
+  awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || b == 0) print "–"; else printf "%.2f", a / b }'
+}
+ms() {
+  awk -v v="$1" 'BEGIN { if (v == "NA" || v == "") print "NA"; else printf "%.2f", v / 1000 }'
+}
+
+if [[ $HALF_LOAD -eq 1 ]]; then
+  declare -A HALF_RATE=()
+  for role in pre post; do
+    peak="$(median "$role:pushrelay" 3)"
+    if [[ "$peak" == NA ]]; then
+      continue
+    fi
+    HALF_RATE[$role]="$(awk -v p="$peak" 'BEGIN { printf "%d", p / 2 }')"
+  done
+  for role in pre post; do
+    rate="${HALF_RATE[$role]:-}"
+    [[ -n "$rate" ]] || continue
+    run_case direct "half-$role" "$rate"
+    for p in "${PROXIES[@]}"; do
+      run_case "$role:$p" "half-$role" "$rate"
+    done
+  done
+fi
+
+# --- report ----------------------------------------------------------------------------------------
+
+cpu_model="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
+version_of() {
+  case "$1" in
+    pushrelay) "$PUSHRELAY" --version 2>/dev/null | head -n1 ;;
+    h2load) h2load --version 2>/dev/null | head -n1 ;;
+    nghttpx) nghttpx --version 2>/dev/null | head -n1 ;;
+    haproxy) haproxy -v 2>/dev/null | head -n1 | sed 's/ - https.*//' ;;
+  esac
+}
+
+role_name() {
+  case "$1" in
+    direct) echo "direct (baseline)" ;;
+    pre) echo "pre-proxy (TLS h2 in)" ;;
+    post) echo "post-proxy (HTTP/1.1 in)" ;;
+  esac
+}
+
+report() {
+  echo "### Run of $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "- machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, kernel $(uname -r)"
+  echo "- tools: $(version_of pushrelay) (git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- src 2>/dev/null || echo ', src/ modified'))," \
+    "$(version_of h2load)$([[ $HAVE_NGHTTPX -eq 1 ]] && echo ", $(version_of nghttpx)")$([[ $HAVE_HAPROXY -eq 1 ]] && echo ", $(version_of haproxy)")"
+  echo "- load: h2load -t 1, $REQUESTS POSTs of 300 bytes per run; HTTP/2 cases -c $CLIENTS -m $STREAMS," \
+    "HTTP/1.1 cases --h1 -c $H1_CLIENTS (one request in flight per connection); $ROUNDS interleaved" \
+    "rounds after a warm-up of 2000 requests per case"
+  echo "- proxies: $THREADS worker threads each (pushrelay TOKIO_WORKER_THREADS, nghttpx --workers," \
+    "HAProxy nbthread); pushrelay log.level warn; origin: examples/fake_apns.rs (TLS + HTTP/2, 200 + apns-id)"
+  echo "- CPU/request: the proxy's utime+stime delta (/proc/PID/stat, CLK_TCK $CLK_TCK) over a run ÷ 2xx answers;" \
+    "for direct it is the origin's own cost"
+  echo
+  echo "#### Full load (median of $ROUNDS rounds; range in brackets)"
+  echo
+  echo "| case | req/s | p50 ms | p99 ms | CPU µs/req | pushrelay CPU ÷ this | failed runs |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+  local c role proxy own
+  for c in "${CASES[@]}"; do
+    role=${c%%:*}
+    proxy=${c#*:}
+    if [[ $c == direct ]]; then
+      label="$(role_name direct)"
+      own="–"
+    else
+      label="$(role_name "$role"): $proxy"
+      if [[ $proxy == pushrelay ]]; then
+        own="1.00"
+      else
+        own="$(ratio "$(median "$role:pushrelay" 6)" "$(median "$c" 6)")"
+      fi
+    fi
+    printf '| %s | %.0f [%s] | %s | %s | %s [%s] | %s | %s |\n' "$label" \
+      "$(median "$c" 3 | sed 's/NA/0/')" "$(spread "$c" 3)" \
+      "$(ms "$(median "$c" 4)")" "$(ms "$(median "$c" 5)")" \
+      "$(median "$c" 6)" "$(awk -F'\t' -v c="$c" '$1 == c && $2 ~ /^[0-9]+$/ { printf "%s%s", s, $6; s = ", " }' "$RESULTS")" \
+      "$own" "$(failures "$c")/$ROUNDS"
+  done
+  if [[ $HALF_LOAD -eq 1 ]]; then
+    echo
+    echo "#### Half of pushrelay's peak (h2load --rps; one round)"
+    echo
+    echo "| case | offered req/s | achieved req/s | p50 ms | p99 ms | p99 added over direct ms | CPU µs/req |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+    local r rate d99
+    for role in pre post; do
+      rate="${HALF_RATE[$role]:-}"
+      [[ -n "$rate" ]] || continue
+      r="half-$role"
+      d99="$(value direct "$r" 5)"
+      printf '| %s | %s | %s | %s | %s | – | %s |\n' "direct (baseline for $role)" "$rate" \
+        "$(value direct "$r" 3)" "$(ms "$(value direct "$r" 4)")" "$(ms "$d99")" "$(value direct "$r" 6)"
+      for p in "${PROXIES[@]}"; do
+        c="$role:$p"
+        printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$(role_name "$role"): $p" "$rate" \
+          "$(value "$c" "$r" 3)" "$(ms "$(value "$c" "$r" 4)")" "$(ms "$(value "$c" "$r" 5)")" \
+          "$(awk -v a="$(value "$c" "$r" 5)" -v b="$d99" 'BEGIN { if (a == "" || b == "" || a == "NA" || b == "NA") print "NA"; else printf "%+.2f", (a - b) / 1000 }')" \
+          "$(value "$c" "$r" 6)"
+      done
+    done
+    echo
+    echo "h2load --rps is per connection: the offered rate is split evenly over the case's connections."
+  fi
+  if [[ $PEERS -eq 1 && ($HAVE_NGHTTPX -eq 0 || $HAVE_HAPROXY -eq 0) ]]; then
+    echo
+    [[ $HAVE_NGHTTPX -eq 0 ]] && echo "nghttpx was not installed: no nghttpx rows (apt-get install nghttp2-proxy)."
+    [[ $HAVE_HAPROXY -eq 0 ]] && echo "HAProxy was not installed: no HAProxy rows (apt-get install haproxy)."
+  fi
+  return 0
+}
+
+REPORT="$(report)"
+printf '%s\n' "$REPORT"
+if [[ -n "$OUT" ]]; then
+  mkdir -p "$(dirname "$OUT")"
+  printf '%s\n' "$REPORT" >"$OUT"
+  echo "bench.sh: report written to $OUT" >&2
+fi
