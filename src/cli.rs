@@ -92,7 +92,10 @@ pub fn main() -> ExitCode {
         Command::Check(arg) => check(arg.config.as_deref()),
         Command::Ca(CaCommand::Init { dir, force }) => ca_init(&dir, force),
         Command::Ca(CaCommand::Issue { hosts, dir, name }) => ca_issue(&dir, &hosts, &name),
-        Command::Probe { config, destination } => match load_or_report(config.config.as_deref()) {
+        Command::Probe {
+            config,
+            destination,
+        } => match load_or_report(config.config.as_deref()) {
             Ok(loaded) => crate::probe::run(&loaded.config, destination.as_deref()),
             Err(code) => code,
         },
@@ -237,6 +240,7 @@ fn serve(file: Option<&Path>) -> ExitCode {
         tracing::warn!("{w}");
     }
     announce(&loaded.config);
+    let loaded_files = files_fingerprint(file, &loaded.config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -255,14 +259,22 @@ fn serve(file: Option<&Path>) -> ExitCode {
                 return ExitCode::from(2);
             }
         };
-        let sockets = match crate::bind(app.config()).await {
-            Ok(s) => s,
+        let bound = match crate::bind(app.config()).await {
+            Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "cannot listen");
                 return ExitCode::from(1);
             }
         };
-        match app.run(sockets, shutdown_signal()).await {
+        tokio::spawn(watch_for_reload(
+            file.map(Path::to_path_buf),
+            app.reloader(),
+            loaded_files,
+        ));
+        match app
+            .run_with_admin(bound.listeners, bound.admin, shutdown_signal())
+            .await
+        {
             Ok(()) => {
                 tracing::info!("stopped");
                 ExitCode::SUCCESS
@@ -299,6 +311,66 @@ fn announce(config: &Config) {
             hosts.join(" "),
             if l.bind.port() == 443 { String::new() } else { format!("  (and use port {})", l.bind.port()) }
         );
+    }
+}
+
+/// A fingerprint of the configuration file and every certificate and key it names.
+fn files_fingerprint(file: Option<&Path>, config: &Config) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut paths: Vec<PathBuf> = file.map(Path::to_path_buf).into_iter().collect();
+    paths.extend(config.tls_files());
+    for path in paths {
+        path.hash(&mut hasher);
+        std::fs::read(&path).ok().hash(&mut hasher);
+    }
+    hasher.finish()
+}
+
+/// How often certificate files are checked for replacement (Kubernetes secret swaps).
+const FILE_POLL: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reloads on SIGHUP, and when the configuration or certificate files change on disk.
+async fn watch_for_reload(
+    file: Option<PathBuf>,
+    reloader: std::sync::Arc<crate::reload::Reloader>,
+    mut seen: u64,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP; file polling only");
+            None
+        }
+    };
+    let mut poll = tokio::time::interval(FILE_POLL);
+    poll.tick().await;
+    loop {
+        let by_signal = tokio::select! {
+            _ = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+            _ = poll.tick() => false,
+        };
+        let loaded = match config::load(file.as_deref()) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused: the new configuration is invalid; the running one stays");
+                continue;
+            }
+        };
+        let now = files_fingerprint(file.as_deref(), &loaded.config);
+        if !by_signal && now == seen {
+            continue;
+        }
+        if !by_signal {
+            tracing::info!("configuration or certificate files changed on disk; reloading");
+        }
+        match reloader.reload(loaded.config) {
+            Ok(()) => seen = now,
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; the running configuration stays")
+            }
+        }
     }
 }
 

@@ -36,9 +36,24 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub limits: Limits,
     pub log: LogConfig,
+    /// Admin listener (/healthz, /readyz, /metrics). Absent: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
     /// How long in-flight requests may take to finish after SIGTERM. Default 15s.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Default 127.0.0.1:9901. Keep it off the client networks: metrics name destinations.
+    #[serde(default = "default_admin_bind", deserialize_with = "text::one")]
+    pub bind: SocketAddr,
+}
+
+fn default_admin_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -219,6 +234,7 @@ impl Default for Config {
             upstream: UpstreamConfig::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
+            admin: None,
             shutdown_grace: Duration::from_secs(15),
         }
     }
@@ -748,7 +764,8 @@ fn validate(config: &Config, figment: &Figment, problems: &mut Vec<Problem>) -> 
                 format!("listener name {:?} is used twice", l.name),
             );
         }
-        if !binds.insert(l.bind) {
+        // Port 0 asks the kernel for a free port each time, so it never collides.
+        if l.bind.port() != 0 && !binds.insert(l.bind) {
             problem(
                 &at("bind"),
                 format!("address {} is bound by two listeners", l.bind),
@@ -814,6 +831,15 @@ fn validate(config: &Config, figment: &Figment, problems: &mut Vec<Problem>) -> 
                 ));
             }
         }
+    }
+    if let Some(admin) = &config.admin
+        && admin.bind.port() != 0
+        && !binds.insert(admin.bind)
+    {
+        problem(
+            &["admin", "bind"],
+            format!("address {} is also bound by a listener", admin.bind),
+        );
     }
     if config.destinations.is_empty() {
         warnings.push("destinations is empty, so every request will be refused".into());
@@ -909,6 +935,26 @@ impl Config {
     pub fn to_yaml(&self) -> String {
         serde_saphyr::to_string(self)
             .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+
+    /// Every certificate and key file the configuration names (watched for replacement).
+    pub fn tls_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for l in &self.listeners {
+            if let Some(t) = &l.tls {
+                files.extend(
+                    [&t.ca_cert, &t.ca_key, &t.cert, &t.key, &t.client_ca]
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+            }
+        }
+        files.extend(self.upstream.extra_roots.iter().cloned());
+        for id in &self.upstream.identities {
+            files.extend([id.cert.clone(), id.key.clone()]);
+        }
+        files
     }
 
     /// Whether `host` is reached without the proxy, by `upstream.no_proxy`.

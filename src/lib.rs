@@ -3,10 +3,13 @@
 //!
 //! - `cli`: the command line (serve, check, ca init, ca issue).
 //! - `config`: YAML + `PUSHRELAY_` env into typed, validated configuration, before any bind.
+//! - `admin`: /healthz, /readyz and /metrics on the admin listener.
+//! - `metrics`: Prometheus metrics with stable names.
 //! - `listen`: accept loop, connection limit, source allowlist before any TLS work.
 //! - `policy`: pure allowlists (source CIDRs, destination host:port).
 //! - `tls`: server certificates by SNI, the upstream client config, the private CA.
 //! - `relay`: the shared request pipeline, header rewriting, one file per front door.
+//! - `reload`: swaps certificates and allowlists into a running relay.
 //! - `upstream`: CONNECT tunnel, connections, the shared HTTP/2 pool, safe resend.
 //! - `error`: the one place an error becomes an HTTP answer.
 //! - `probe`: step-by-step diagnosis of the upstream path (`pushrelay probe`).
@@ -17,13 +20,16 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)
 )]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod error;
 pub mod listen;
+pub mod metrics;
 pub mod policy;
 pub mod probe;
 pub mod relay;
+pub mod reload;
 pub mod tls;
 pub mod upstream;
 
@@ -41,6 +47,7 @@ use policy::SourcePolicy;
 use relay::Relay;
 use relay::post_proxy::PostProxy;
 use relay::pre_proxy::PreProxy;
+use reload::{Reloader, Swap};
 use tls::TlsSetupError;
 use upstream::Pool;
 use upstream::connect::Connector;
@@ -59,6 +66,8 @@ pub struct App {
     config: Config,
     relay: Arc<Relay>,
     listeners: Vec<Listener>,
+    reloader: Arc<Reloader>,
+    ready: Arc<admin::Readiness>,
 }
 
 impl App {
@@ -79,12 +88,14 @@ impl App {
             let config = tls::client::build(&config.upstream.extra_roots, Some(identity))?;
             tls_by_identity.insert(Some(format!("cert:{}", id.topic).into()), config);
         }
+        let metrics = Arc::new(metrics::Metrics::new());
         let pool = Pool::new(
             Connector::new(&config.upstream),
             tls_by_identity,
             PoolSettings::from_config(&config.upstream),
+            metrics.clone(),
         );
-        let relay = Arc::new(Relay::new(&config, pool));
+        let relay = Arc::new(Relay::new(&config, pool, metrics));
         let mut listeners = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
             let door = match l.mode {
@@ -97,15 +108,23 @@ impl App {
             };
             listeners.push(Listener {
                 name: l.name.as_str().into(),
-                sources: SourcePolicy::new(l.allow_sources.clone()),
+                sources: Arc::new(Swap::new(SourcePolicy::new(l.allow_sources.clone()))),
                 door,
                 max_connections: config.limits.max_connections,
             });
         }
+        let reloader = Arc::new(Reloader::new(
+            config.clone(),
+            relay.clone(),
+            listeners.iter().map(|l| l.door.clone()).collect(),
+            listeners.iter().map(|l| l.sources.clone()).collect(),
+        ));
         Ok(App {
             config,
             relay,
             listeners,
+            reloader,
+            ready: Arc::default(),
         })
     }
 
@@ -117,11 +136,27 @@ impl App {
         &self.relay
     }
 
-    /// Serves on `sockets` (one per configured listener, in order) until `shutdown` completes, then
-    /// stops accepting, lets in-flight requests finish for up to `shutdown_grace`, and returns.
+    /// Applies a new configuration to the running relay (SIGHUP, changed certificate files).
+    pub fn reloader(&self) -> Arc<Reloader> {
+        self.reloader.clone()
+    }
+
+    /// Serves on `sockets` (one per configured listener, in order) until `shutdown` completes.
     pub async fn run(
         self,
         sockets: Vec<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), SetupError> {
+        self.run_with_admin(sockets, None, shutdown).await
+    }
+
+    /// As `run`, with the admin endpoints on `admin`. At shutdown: /readyz turns 503, listeners
+    /// stop accepting, HTTP/2 clients get GOAWAY and HTTP/1.1 clients `Connection: close`,
+    /// in-flight requests finish for up to `shutdown_grace`, then upstream connections close.
+    pub async fn run_with_admin(
+        self,
+        sockets: Vec<TcpListener>,
+        admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), SetupError> {
         if sockets.len() != self.listeners.len() {
@@ -131,7 +166,19 @@ impl App {
             });
         }
         let token = CancellationToken::new();
+        let admin_token = CancellationToken::new();
         let tracker = TaskTracker::new();
+        if let Some(socket) = admin {
+            if let Ok(addr) = socket.local_addr() {
+                tracing::info!(bind = %addr, "admin listening (/healthz, /readyz, /metrics)");
+            }
+            tokio::spawn(admin::serve(
+                socket,
+                self.relay.clone(),
+                self.ready.clone(),
+                admin_token.clone(),
+            ));
+        }
         let mut loops = Vec::new();
         for (socket, listener) in sockets.into_iter().zip(self.listeners) {
             if let Ok(addr) = socket.local_addr() {
@@ -144,12 +191,18 @@ impl App {
                 tracker.clone(),
             )));
         }
+        self.ready.set(true);
         shutdown.await;
+        self.ready.set(false);
         tracing::info!(grace = ?self.config.shutdown_grace, "shutting down: no new connections, draining");
         token.cancel();
         for l in loops {
             let _ = l.await;
         }
+        tracing::info!(
+            connections = tracker.len(),
+            "listeners closed; draining client connections"
+        );
         tracker.close();
         if tokio::time::timeout(self.config.shutdown_grace, tracker.wait())
             .await
@@ -158,21 +211,31 @@ impl App {
             tracing::warn!("shutdown grace elapsed with requests still in flight");
         }
         self.relay.pool().close();
+        admin_token.cancel();
         Ok(())
     }
 }
 
-/// Binds every configured listener, in order.
-pub async fn bind(config: &Config) -> std::io::Result<Vec<TcpListener>> {
-    let mut sockets = Vec::new();
+/// Sockets for the configured listeners (in order) and the admin listener.
+pub struct Bound {
+    pub listeners: Vec<TcpListener>,
+    pub admin: Option<TcpListener>,
+}
+
+/// Binds every configured listener, in order, and the admin listener.
+pub async fn bind(config: &Config) -> std::io::Result<Bound> {
+    let bind = |name: String, addr: std::net::SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{name}: cannot bind {addr}: {e}")))
+    };
+    let mut listeners = Vec::new();
     for l in &config.listeners {
-        let socket = TcpListener::bind(l.bind).await.map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!("listener {:?}: cannot bind {}: {e}", l.name, l.bind),
-            )
-        })?;
-        sockets.push(socket);
+        listeners.push(bind(format!("listener {:?}", l.name), l.bind).await?);
     }
-    Ok(sockets)
+    let admin = match &config.admin {
+        Some(a) => Some(bind("admin".into(), a.bind).await?),
+        None => None,
+    };
+    Ok(Bound { listeners, admin })
 }

@@ -11,9 +11,14 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::policy::SourcePolicy;
+use crate::config::ListenerConfig;
+use crate::policy::{DestinationPolicy, SourcePolicy};
+use crate::relay::Relay;
 use crate::relay::post_proxy::PostProxy;
 use crate::relay::pre_proxy::PreProxy;
+use crate::reload::Swap;
+use crate::tls::TlsSetupError;
+use tokio_rustls::TlsAcceptor;
 
 /// What serves a connection once it is let in. Adding a front door adds a variant here.
 #[derive(Clone)]
@@ -23,6 +28,30 @@ pub enum FrontDoor {
 }
 
 impl FrontDoor {
+    /// Builds the TLS acceptor this door would use with `listener` and `destinations`.
+    pub fn prepare_tls(
+        &self,
+        index: usize,
+        listener: &ListenerConfig,
+        destinations: &DestinationPolicy,
+        relay: &Relay,
+    ) -> Result<Option<TlsAcceptor>, TlsSetupError> {
+        match self {
+            FrontDoor::PreProxy(_) => {
+                PreProxy::tls_for(index, listener, destinations, relay).map(Some)
+            }
+            FrontDoor::PostProxy(_) => PostProxy::tls_for(index, listener, relay),
+        }
+    }
+
+    pub fn set_tls(&self, tls: Option<TlsAcceptor>) {
+        match (self, tls) {
+            (FrontDoor::PreProxy(door), Some(tls)) => door.set_tls(tls),
+            (FrontDoor::PostProxy(door), tls) => door.set_tls(tls),
+            (FrontDoor::PreProxy(_), None) => {}
+        }
+    }
+
     async fn serve(self, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
         match self {
             FrontDoor::PreProxy(door) => door.serve(stream, peer, shutdown).await,
@@ -33,7 +62,7 @@ impl FrontDoor {
 
 pub struct Listener {
     pub name: Arc<str>,
-    pub sources: SourcePolicy,
+    pub sources: Arc<Swap<SourcePolicy>>,
     pub door: FrontDoor,
     pub max_connections: usize,
 }
@@ -72,7 +101,7 @@ pub async fn accept_loop(
                 }
             },
         };
-        if !listener.sources.allows(peer.ip()) {
+        if !listener.sources.load().allows(peer.ip()) {
             tracing::warn!(listener = %listener.name, client.addr = %peer, "source address not allowed; connection closed");
             continue;
         }

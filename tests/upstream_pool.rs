@@ -396,6 +396,7 @@ async fn reconnect_backoff_is_spaced_exponentially() {
         Connector::new(&upstream),
         HashMap::from([(None, tls)]),
         settings,
+        Arc::new(pushrelay::metrics::Metrics::new()),
     );
     let key = PoolKey {
         dest,

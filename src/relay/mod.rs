@@ -23,7 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::{Fault, RelayError, hop_of};
+use crate::metrics::Metrics;
 use crate::policy::{Authority, DestinationPolicy};
+use crate::reload::Swap;
 use crate::upstream::identity::identity_for;
 use crate::upstream::{self, BoxError, Pool, PoolKey, ReplayBody};
 use body::RelayBody;
@@ -38,35 +40,45 @@ pub struct Ctx {
 /// The shared pipeline.
 pub struct Relay {
     pool: Pool,
-    destinations: DestinationPolicy,
+    destinations: Swap<DestinationPolicy>,
     /// Topics with a configured client certificate (certificate-based APNs auth).
     cert_topics: HashSet<String>,
+    metrics: Arc<Metrics>,
     max_request_body: usize,
     request_timeout: Duration,
 }
 
 impl Relay {
-    pub fn new(config: &Config, pool: Pool) -> Self {
+    pub fn new(config: &Config, pool: Pool, metrics: Arc<Metrics>) -> Self {
         Relay {
             pool,
-            destinations: DestinationPolicy::new(config.destinations.iter().cloned()),
+            destinations: Swap::new(DestinationPolicy::new(config.destinations.iter().cloned())),
             cert_topics: config
                 .upstream
                 .identities
                 .iter()
                 .map(|i| i.topic.clone())
                 .collect(),
+            metrics,
             max_request_body: config.limits.max_request_body,
             request_timeout: config.upstream.request_timeout,
         }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
-    pub fn destinations(&self) -> &DestinationPolicy {
-        &self.destinations
+    pub fn destinations(&self) -> Arc<DestinationPolicy> {
+        self.destinations.load()
+    }
+
+    pub fn set_destinations(&self, destinations: DestinationPolicy) {
+        self.destinations.store(destinations);
     }
 
     /// Relays `req` to `dest`, sending `authority` as `:authority`. Never fails: errors become
@@ -85,10 +97,17 @@ impl Relay {
         let started = Instant::now();
         let (parts, body) = req.into_parts();
         let result = self.exchange(&dest, authority, &parts, body).await;
-        let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        let elapsed = started.elapsed();
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         let path = loggable_path(parts.uri.path());
         match result {
             Ok((response, conn)) => {
+                self.metrics.request(
+                    &ctx.listener,
+                    &dest.to_string(),
+                    response.status().as_u16(),
+                    elapsed,
+                );
                 let apns_id = response
                     .headers()
                     .get("apns-id")
@@ -110,25 +129,30 @@ impl Relay {
             }
             Err(e) => {
                 let response = e.to_response();
-                self.log_failure(ctx, &parts.method, Some(&dest), &path, &e, elapsed_ms);
+                self.record_failure(ctx, &parts.method, Some(&dest), &path, &e, elapsed);
                 response
             }
         }
     }
 
-    /// Logs a request that ended in pushrelay's own answer, at a level by whose fault it was.
-    pub fn log_failure(
+    /// Logs and counts a request that ended in pushrelay's own answer, at a level by whose fault
+    /// it was.
+    pub fn record_failure(
         &self,
         ctx: &Ctx,
         method: &http::Method,
         dest: Option<&Authority>,
         path: &str,
         e: &RelayError,
-        elapsed_ms: f64,
+        elapsed: Duration,
     ) {
+        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         let (status, reason, fault) = e.classify();
         let (hop, proxy_status) = hop_of(e);
         let dest = dest.map(ToString::to_string).unwrap_or_default();
+        self.metrics
+            .request(&ctx.listener, &dest, status.as_u16(), elapsed);
+        self.metrics.relay_error(reason);
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(
@@ -164,7 +188,7 @@ impl Relay {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        if !self.destinations.allows(dest) {
+        if !self.destinations.load().allows(dest) {
             return Err(RelayError::DestinationNotAllowed(dest.clone()));
         }
         let declared = parts

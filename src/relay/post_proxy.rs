@@ -29,12 +29,13 @@ use super::{Ctx, Relay};
 use crate::config::{Config, ListenerConfig};
 use crate::error::{RelayError, relay_response};
 use crate::policy::Authority;
+use crate::reload::Swap;
 use crate::tls::{self, TlsSetupError};
 use crate::upstream::BoxError;
 
 pub struct PostProxy {
     name: Arc<str>,
-    acceptor: Option<TlsAcceptor>,
+    acceptor: Swap<Option<TlsAcceptor>>,
     upstream_port: u16,
     relay: Arc<Relay>,
     max_header_bytes: usize,
@@ -50,30 +51,43 @@ enum Next {
 }
 
 impl PostProxy {
+    /// The TLS acceptor for `listener`, if it has `tls`: one certificate whatever the SNI.
+    pub fn tls_for(
+        index: usize,
+        listener: &ListenerConfig,
+        relay: &Relay,
+    ) -> Result<Option<TlsAcceptor>, TlsSetupError> {
+        let Some(t) = &listener.tls else {
+            return Ok(None);
+        };
+        let mut names = vec!["localhost".to_owned()];
+        if !listener.bind.ip().is_unspecified() {
+            names.push(listener.bind.ip().to_string());
+        }
+        let key = format!("listeners[{index}].tls");
+        let (config, expiries) = tls::server::build(t, tls::server::Names::Any(&names), &key)?;
+        for c in expiries {
+            relay
+                .metrics()
+                .certificate(&listener.name, c.kind, &c.name, c.not_after);
+        }
+        Ok(Some(TlsAcceptor::from(config)))
+    }
+
+    pub fn set_tls(&self, acceptor: Option<TlsAcceptor>) {
+        self.acceptor.store(acceptor);
+    }
+
     pub fn new(
         index: usize,
         listener: &ListenerConfig,
         config: &Config,
         relay: Arc<Relay>,
     ) -> Result<Self, TlsSetupError> {
-        let acceptor = match &listener.tls {
-            Some(t) => {
-                let mut names = vec!["localhost".to_owned()];
-                if !listener.bind.ip().is_unspecified() {
-                    names.push(listener.bind.ip().to_string());
-                }
-                let key = format!("listeners[{index}].tls");
-                Some(TlsAcceptor::from(tls::server::build(
-                    t,
-                    tls::server::Names::Any(&names),
-                    &key,
-                )?))
-            }
-            None => None,
-        };
+        let acceptor = Self::tls_for(index, listener, &relay)?;
         Ok(PostProxy {
             name: listener.name.as_str().into(),
-            acceptor,
+            acceptor: Swap::new(acceptor),
             upstream_port: listener.upstream_port,
             relay,
             max_header_bytes: config.limits.max_header_bytes,
@@ -92,14 +106,16 @@ impl PostProxy {
             listener: self.name.clone(),
             client: peer,
         };
-        match &self.acceptor {
+        match self.acceptor.load().as_ref() {
             None => self.serve_http(stream, &ctx, &shutdown).await,
             Some(acceptor) => match timeout(self.head_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls_stream)) => self.serve_http(tls_stream, &ctx, &shutdown).await,
                 Ok(Err(e)) => {
+                    self.relay.metrics().tls_failure("client");
                     tracing::info!(listener = %self.name, client.addr = %peer, error = %e, "client TLS handshake failed")
                 }
                 Err(_) => {
+                    self.relay.metrics().tls_failure("client");
                     tracing::info!(listener = %self.name, client.addr = %peer, "client TLS handshake timed out")
                 }
             },
@@ -131,6 +147,13 @@ impl PostProxy {
             {
                 Ok(Ok(head)) => head,
                 Ok(Err(ReadError::Http(e))) => {
+                    self.relay.metrics().relay_error(e.reason());
+                    self.relay.metrics().request(
+                        &self.name,
+                        "",
+                        e.status().as_u16(),
+                        Duration::ZERO,
+                    );
                     tracing::info!(listener = %self.name, client.addr = %ctx.client, status = e.status().as_u16(), error = %e, "refused request head");
                     let _ = write_response(
                         &mut writer,
@@ -221,7 +244,8 @@ impl PostProxy {
             Ok(r) => r,
             Err(e) => {
                 let path = super::loggable_path(head.target.as_str()).into_owned();
-                self.relay.log_failure(ctx, &method, None, &path, &e, 0.0);
+                self.relay
+                    .record_failure(ctx, &method, None, &path, &e, Duration::ZERO);
                 // An unread body would be taken for the next request: close instead.
                 let keep = keep_alive && framing == Framing::Empty;
                 return finish(

@@ -24,7 +24,8 @@ use super::headers::{HeadError, named_host};
 use super::{Ctx, Relay};
 use crate::config::{Config, ListenerConfig};
 use crate::error::RelayError;
-use crate::policy::{Authority, normalize_host};
+use crate::policy::{Authority, DestinationPolicy, normalize_host};
+use crate::reload::Swap;
 use crate::tls::{self, TlsSetupError};
 
 /// HTTP/2 streams a client may have open at once on one connection, as APNs allows about 1000.
@@ -32,7 +33,7 @@ const CLIENT_MAX_STREAMS: u32 = 1000;
 
 pub struct PreProxy {
     name: Arc<str>,
-    acceptor: TlsAcceptor,
+    acceptor: Swap<TlsAcceptor>,
     upstream_port: u16,
     relay: Arc<Relay>,
     http: auto::Builder<TokioExecutor>,
@@ -58,27 +59,46 @@ pub fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
 }
 
 impl PreProxy {
+    /// The TLS acceptor for `listener`: a certificate per destination host on its upstream port.
+    pub fn tls_for(
+        index: usize,
+        listener: &ListenerConfig,
+        destinations: &DestinationPolicy,
+        relay: &Relay,
+    ) -> Result<TlsAcceptor, TlsSetupError> {
+        let key = format!("listeners[{index}].tls");
+        let hosts = destinations.hosts_on_port(listener.upstream_port);
+        let Some(tls_config) = &listener.tls else {
+            return Err(TlsSetupError::new(
+                &key,
+                std::path::Path::new("-"),
+                "pre-proxy needs tls",
+            ));
+        };
+        let (server_config, expiries) =
+            tls::server::build(tls_config, tls::server::Names::Only(&hosts), &key)?;
+        for c in expiries {
+            relay
+                .metrics()
+                .certificate(&listener.name, c.kind, &c.name, c.not_after);
+        }
+        Ok(TlsAcceptor::from(server_config))
+    }
+
+    pub fn set_tls(&self, acceptor: TlsAcceptor) {
+        self.acceptor.store(acceptor);
+    }
+
     pub fn new(
         index: usize,
         listener: &ListenerConfig,
         config: &Config,
         relay: Arc<Relay>,
     ) -> Result<Self, TlsSetupError> {
-        let key = format!("listeners[{index}].tls");
-        let hosts = relay.destinations().hosts_on_port(listener.upstream_port);
-        let tls_config = match &listener.tls {
-            Some(t) => tls::server::build(t, tls::server::Names::Only(&hosts), &key)?,
-            None => {
-                return Err(TlsSetupError::new(
-                    &key,
-                    std::path::Path::new("-"),
-                    "pre-proxy needs tls",
-                ));
-            }
-        };
+        let acceptor = Self::tls_for(index, listener, &relay.destinations(), &relay)?;
         Ok(PreProxy {
             name: listener.name.as_str().into(),
-            acceptor: TlsAcceptor::from(tls_config),
+            acceptor: Swap::new(acceptor),
             upstream_port: listener.upstream_port,
             relay,
             http: http_builder(config),
@@ -92,13 +112,16 @@ impl PreProxy {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
-        let tls_stream = match timeout(self.handshake_timeout, self.acceptor.accept(stream)).await {
+        let acceptor = self.acceptor.load();
+        let tls_stream = match timeout(self.handshake_timeout, acceptor.accept(stream)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
+                self.relay.metrics().tls_failure("client");
                 tracing::info!(listener = %self.name, client.addr = %peer, error = %e, "client TLS handshake failed");
                 return;
             }
             Err(_) => {
+                self.relay.metrics().tls_failure("client");
                 tracing::info!(listener = %self.name, client.addr = %peer, "client TLS handshake timed out");
                 return;
             }
@@ -161,14 +184,9 @@ impl PreProxy {
     }
 
     fn refuse(&self, ctx: &Ctx, req: &Request<Incoming>, e: RelayError) -> Response<RelayBody> {
-        self.relay.log_failure(
-            ctx,
-            req.method(),
-            None,
-            &super::loggable_path(req.uri().path()),
-            &e,
-            0.0,
-        );
+        let path = super::loggable_path(req.uri().path());
+        self.relay
+            .record_failure(ctx, req.method(), None, &path, &e, Duration::ZERO);
         e.to_response()
     }
 }

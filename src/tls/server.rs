@@ -49,13 +49,35 @@ impl ResolvesServerCert for ByHost {
     }
 }
 
-/// Builds the listener's TLS server config. `key_prefix` (e.g. `listeners[0].tls`) names the keys in
-/// errors.
+/// A certificate a listener serves or mints from, for expiry monitoring.
+#[derive(Debug, Clone)]
+pub struct CertExpiry {
+    /// `served` or `ca`.
+    pub kind: &'static str,
+    pub name: String,
+    pub not_after: i64,
+}
+
+fn expiry(
+    kind: &'static str,
+    name: &str,
+    chain: &[rustls::pki_types::CertificateDer<'_>],
+) -> Option<CertExpiry> {
+    let not_after = super::pki::not_after_unix(chain.first()?)?;
+    Some(CertExpiry {
+        kind,
+        name: name.to_owned(),
+        not_after,
+    })
+}
+
+/// Builds the listener's TLS server config, and the expiry of what it serves. `key_prefix` (e.g.
+/// `listeners[0].tls`) names the keys in errors.
 pub fn build(
     tls: &ListenerTls,
     names: Names<'_>,
     key_prefix: &str,
-) -> Result<Arc<ServerConfig>, TlsSetupError> {
+) -> Result<(Arc<ServerConfig>, Vec<CertExpiry>), TlsSetupError> {
     let provider = provider();
     let key = |k: &str| format!("{key_prefix}.{k}");
     let source = tls.cert_source().ok_or_else(|| {
@@ -80,6 +102,7 @@ pub fn build(
         hosts: HashMap::new(),
         fallback: None,
     };
+    let mut expiries = Vec::new();
     match source {
         CertSource::Mint { ca_cert, ca_key } => {
             let ca = Ca::from_files(ca_cert, ca_key).map_err(|e| match e {
@@ -88,10 +111,14 @@ pub fn build(
                 }
                 other => TlsSetupError::new(&key("ca_cert"), ca_cert, other),
             })?;
-            let mint = |hosts: &[String]| {
+            if let Ok(ca_chain) = super::load_certs(&key("ca_cert"), ca_cert) {
+                expiries.extend(expiry("ca", &ca_cert.display().to_string(), &ca_chain));
+            }
+            let mut mint = |hosts: &[String]| {
                 let leaf = ca
                     .issue(hosts)
                     .map_err(|e| TlsSetupError::new(&key("ca_cert"), ca_cert, e))?;
+                expiries.extend(expiry("served", &hosts.join(","), &leaf.chain));
                 certified(leaf.chain, leaf.key, "ca_key", ca_key)
             };
             match names {
@@ -110,6 +137,7 @@ pub fn build(
             key: key_path,
         } => {
             let chain = load_certs(&key("cert"), cert)?;
+            expiries.extend(expiry("served", &cert.display().to_string(), &chain));
             let private_key = load_key(&key("key"), key_path)?;
             let ck = certified(chain, private_key, "key", key_path)?;
             match names {
@@ -144,5 +172,5 @@ pub fn build(
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), expiries))
 }

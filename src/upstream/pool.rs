@@ -24,7 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::connect::{ConnectError, Connector, H2Connection, H2Send, Route};
 use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
 use crate::policy::Authority;
+use crate::upstream::tunnel::TunnelError;
 
 /// Which connections a request may share: same destination, same upstream identity.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -234,6 +236,7 @@ struct Inner {
     events: watch::Sender<u64>,
     /// Cancelled at shutdown: every connection driver closes its connection.
     closing: CancellationToken,
+    metrics: Arc<Metrics>,
 }
 
 /// What the pool holds for one destination, for metrics and tests.
@@ -249,6 +252,7 @@ impl Pool {
         connector: Connector,
         tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
         settings: PoolSettings,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Pool {
             inner: Arc::new(Inner {
@@ -259,6 +263,7 @@ impl Pool {
                 next_id: AtomicU64::new(1),
                 events: watch::Sender::new(0),
                 closing: CancellationToken::new(),
+                metrics,
             }),
         }
     }
@@ -418,6 +423,20 @@ impl Pool {
                 st.failures = st.failures.saturating_add(1);
                 let delay = backoff_delay(&self.inner.settings, st.failures, random_jitter());
                 st.retry_at = Some(Instant::now() + delay);
+                match &e {
+                    ConnectError::Tunnel(t) => self.inner.metrics.proxy_failure(&match t {
+                        TunnelError::Refused { status, .. } => status.to_string(),
+                        TunnelError::ConnectTimeout { .. } | TunnelError::ReplyTimeout { .. } => {
+                            "timeout".into()
+                        }
+                        TunnelError::Connect { .. } => "unreachable".into(),
+                        _ => "malformed".into(),
+                    }),
+                    ConnectError::Tls { .. } | ConnectError::NoH2 { .. } => {
+                        self.inner.metrics.tls_failure("upstream")
+                    }
+                    _ => {}
+                }
                 let e = Arc::new(e);
                 st.last_error = Some(e.clone());
                 tracing::warn!(
@@ -551,8 +570,15 @@ async fn drive(
     };
     let reason = tokio::select! {
         r = connection.as_mut() => match r {
-            Ok(()) => "closed".to_owned(),
-            Err(e) if e.is_go_away() => format!("GOAWAY {:?}", e.reason()),
+            // A clean HTTP/2 close from the origin always comes with its GOAWAY.
+            Ok(()) => {
+                pool.metrics.goaway(&dest.key.dest.to_string());
+                "closed by the origin (GOAWAY)".to_owned()
+            }
+            Err(e) if e.is_go_away() && e.is_remote() => {
+                pool.metrics.goaway(&dest.key.dest.to_string());
+                format!("GOAWAY {:?}", e.reason())
+            }
             Err(e) => format!("error: {e}"),
         },
         why = keepalive => why,

@@ -1,0 +1,101 @@
+//! The admin listener: `/healthz` (the process answers), `/readyz` (listeners bound and
+//! configuration loaded; never depends on Apple being reachable, so a proxy outage does not make
+//! every replica unready at once), `/metrics` (Prometheus text). Plain HTTP/1.1, GET only.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::relay::Relay;
+use crate::relay::body::RelayBody;
+
+/// Whether the relay takes traffic: set once listeners run, cleared when draining starts.
+#[derive(Default)]
+pub struct Readiness(AtomicBool);
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.0.store(ready, Ordering::Release);
+    }
+
+    pub fn get(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+fn text(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<RelayBody> {
+    let mut response = Response::new(RelayBody::full(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}
+
+fn answer(req: &Request<Incoming>, relay: &Relay, ready: &Readiness) -> Response<RelayBody> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n"),
+        "/readyz" if ready.get() => text(StatusCode::OK, "text/plain", "ready\n"),
+        "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n"),
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            relay.metrics().render(relay.pool()),
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: /healthz, /readyz, /metrics\n",
+        ),
+    }
+}
+
+/// Serves the admin endpoints on `socket` until `shutdown`.
+pub async fn serve(
+    socket: TcpListener,
+    relay: Arc<Relay>,
+    ready: Arc<Readiness>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = socket.accept() => match r {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (relay, ready, shutdown) = (relay.clone(), ready.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let response = answer(&req, &relay, &ready);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = crate::relay::drive(conn, &shutdown).await {
+                tracing::debug!(client.addr = %peer, error = %e, "admin connection ended with an error");
+            }
+        });
+    }
+}

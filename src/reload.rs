@@ -1,0 +1,98 @@
+//! What a running relay can change without a restart: certificates (fixed files and the CA that
+//! mints), `allow_sources` and `destinations`. A reload builds everything new first and swaps only
+//! when all of it built, so a bad new configuration leaves the running one untouched. Existing
+//! connections keep going. Listener and upstream changes need a restart and are refused / reported.
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::config::Config;
+use crate::listen::FrontDoor;
+use crate::policy::{DestinationPolicy, SourcePolicy};
+use crate::relay::Relay;
+use crate::tls::TlsSetupError;
+
+/// A value read on every use and replaced whole on reload.
+pub struct Swap<T>(RwLock<Arc<T>>);
+
+impl<T> Swap<T> {
+    pub fn new(value: T) -> Self {
+        Swap(RwLock::new(Arc::new(value)))
+    }
+
+    pub fn load(&self) -> Arc<T> {
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn store(&self, value: T) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(value);
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("listeners changed ({0}): that needs a restart")]
+    ListenersChanged(String),
+    #[error(transparent)]
+    Tls(#[from] TlsSetupError),
+}
+
+pub struct Reloader {
+    current: Mutex<Config>,
+    relay: Arc<Relay>,
+    doors: Vec<FrontDoor>,
+    sources: Vec<Arc<Swap<SourcePolicy>>>,
+}
+
+impl Reloader {
+    pub fn new(
+        config: Config,
+        relay: Arc<Relay>,
+        doors: Vec<FrontDoor>,
+        sources: Vec<Arc<Swap<SourcePolicy>>>,
+    ) -> Self {
+        Reloader {
+            current: Mutex::new(config),
+            relay,
+            doors,
+            sources,
+        }
+    }
+
+    /// Applies `new`, or changes nothing and says why.
+    pub fn reload(&self, new: Config) -> Result<(), ReloadError> {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let shape = |c: &Config| {
+            c.listeners
+                .iter()
+                .map(|l| format!("{}/{:?}/{}/{}", l.name, l.mode, l.bind, l.upstream_port))
+                .collect::<Vec<_>>()
+        };
+        if shape(&current) != shape(&new) {
+            return Err(ReloadError::ListenersChanged(format!(
+                "{:?} -> {:?}",
+                shape(&current),
+                shape(&new)
+            )));
+        }
+        let destinations = DestinationPolicy::new(new.destinations.iter().cloned());
+        // Build every listener's TLS first; swap nothing unless all of it built.
+        let mut prepared = Vec::new();
+        for (i, (door, listener)) in self.doors.iter().zip(&new.listeners).enumerate() {
+            prepared.push(door.prepare_tls(i, listener, &destinations, &self.relay)?);
+        }
+        for (door, tls) in self.doors.iter().zip(prepared) {
+            door.set_tls(tls);
+        }
+        for (swap, listener) in self.sources.iter().zip(&new.listeners) {
+            swap.store(SourcePolicy::new(listener.allow_sources.clone()));
+        }
+        self.relay.set_destinations(destinations);
+        let upstream_changed = format!("{:?}", current.upstream) != format!("{:?}", new.upstream);
+        if upstream_changed {
+            tracing::warn!("upstream settings changed: they take effect after a restart");
+        }
+        *current = new;
+        tracing::info!("configuration reloaded: certificates, allow_sources and destinations");
+        Ok(())
+    }
+}

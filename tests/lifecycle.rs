@@ -1,0 +1,358 @@
+//! The relay as admins run it: the real binary, real signals, the admin listener and the log.
+//! SIGTERM drains in-flight pushes and refuses new connections; SIGHUP reloads allow_sources
+//! without dropping connections and refuses a bad configuration; /metrics moves; the log carries
+//! one line per request and never a secret.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use support::client::{Connect, H2Client, push_request};
+use support::http1::RawConn;
+use support::origin::{FakeApns, OriginOptions};
+use support::pki::TestPki;
+use support::proxy::{Behaviour, TestProxy};
+use support::relay::{Via, pre_proxy_yaml};
+use support::{token, within};
+
+/// The relay binary, started by this test and ended by PID.
+struct Relay {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    new_line: mpsc::Receiver<()>,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    config: std::path::PathBuf,
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bind_of(line: &str) -> Option<SocketAddr> {
+    let start = line.find("\"bind\":\"")? + 8;
+    let end = line[start..].find('"')? + start;
+    line[start..end].parse().ok()
+}
+
+impl Relay {
+    fn start(dir: &std::path::Path, yaml: &str) -> Relay {
+        let config = dir.join("relay.yaml");
+        let yaml = format!(
+            "{yaml}\nadmin:\n  bind: \"127.0.0.1:0\"\nlog:\n  format: json\n  level: info\n"
+        );
+        std::fs::write(&config, yaml).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pushrelay"));
+        cmd.args(["serve", "--config"])
+            .arg(&config)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null());
+        for (k, _) in std::env::vars() {
+            if k.starts_with("PUSHRELAY_")
+                || k.eq_ignore_ascii_case("https_proxy")
+                || k == "RUST_LOG"
+            {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd.spawn().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, new_line) = mpsc::channel();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+                let _ = tx.send(());
+            }
+        });
+        let mut relay = Relay {
+            child,
+            lines,
+            new_line,
+            addr: "127.0.0.1:1".parse().unwrap(),
+            admin: "127.0.0.1:1".parse().unwrap(),
+            config,
+        };
+        let listening = relay.wait_for("\"listening\"");
+        relay.addr = bind_of(&listening).unwrap();
+        let admin = relay.wait_for("admin listening");
+        relay.admin = bind_of(&admin).unwrap();
+        relay
+    }
+
+    /// Waits (bounded) for a log line containing `needle`, and returns it.
+    fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(line) = self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return line.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line with {needle:?}; log:\n{}",
+                self.log()
+            );
+            let _ = self.new_line.recv_timeout(left);
+        }
+    }
+
+    fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits (bounded) for the process to exit; its exit code.
+    fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            let _ = self.new_line.recv_timeout(Duration::from_millis(100));
+        }
+        panic!("relay did not exit; log:\n{}", self.log());
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut conn = RawConn::connect(addr).await;
+    conn.send(
+        format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let answer = conn.read_answer().await.unwrap();
+    (
+        answer.status,
+        String::from_utf8_lossy(&answer.body).into_owned(),
+    )
+}
+
+fn metric(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// SIGTERM: /readyz turns 503 and new connections are refused, but the push in flight completes;
+/// then the process exits 0.
+#[tokio::test]
+async fn sigterm_drains_the_push_in_flight_and_refuses_new_connections() {
+    let pki = TestPki::new();
+    let hold = Arc::new(tokio::sync::Semaphore::new(0));
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            hold: Some(hold.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut relay = Relay::start(pki.dir.path(), &pre_proxy_yaml(&pki, &origin, Via::Direct));
+    assert_eq!(get(relay.admin, "/readyz").await.0, 200);
+    let client = Arc::new(H2Client::connect(&pki, relay.addr).await);
+    let in_flight = {
+        let c = client.clone();
+        tokio::spawn(async move { c.push(&token(1), "{}").await })
+    };
+    origin.wait_received(1).await;
+
+    relay.signal("-TERM");
+    relay.wait_for("listeners closed");
+    assert!(
+        tokio::net::TcpStream::connect(relay.addr).await.is_err(),
+        "new connections are refused while draining"
+    );
+    assert_eq!(
+        get(relay.admin, "/readyz").await.0,
+        503,
+        "not ready while draining"
+    );
+    hold.add_permits(1);
+    let answer = within(10, "in-flight push", in_flight).await.unwrap();
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "the push in flight completed"
+    );
+    assert_eq!(relay.wait_exit(), Some(0));
+}
+
+/// SIGHUP reloads allow_sources: a refused address is let in, the open connection keeps working,
+/// and a bad configuration is refused with a log line while the running one stays.
+#[tokio::test]
+async fn sighup_reloads_allow_sources_and_refuses_a_bad_config() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let yaml = pre_proxy_yaml(&pki, &origin, Via::Direct);
+    let relay = Relay::start(pki.dir.path(), &yaml);
+    let kept = H2Client::connect(&pki, relay.addr).await;
+    assert_eq!(kept.push(&token(1), "{}").await.status, StatusCode::OK);
+    let from_2 = || {
+        let mut c = Connect::new(relay.addr);
+        c.from = Some("127.0.0.2".parse().unwrap());
+        c
+    };
+    assert!(
+        H2Client::connect_with(&pki, from_2()).await.is_err(),
+        "127.0.0.2 is not allowed yet"
+    );
+
+    let wider = yaml.replace(
+        "allow_sources: [\"127.0.0.1/32\"]",
+        "allow_sources: [\"127.0.0.0/8\"]",
+    );
+    assert_ne!(wider, yaml);
+    let full = |y: &str| {
+        format!("{y}\nadmin:\n  bind: \"127.0.0.1:0\"\nlog:\n  format: json\n  level: info\n")
+    };
+    std::fs::write(&relay.config, full(&wider)).unwrap();
+    relay.signal("-HUP");
+    relay.wait_for("configuration reloaded");
+    let newcomer = H2Client::connect_with(&pki, from_2())
+        .await
+        .expect("127.0.0.2 allowed after reload");
+    assert_eq!(newcomer.push(&token(2), "{}").await.status, StatusCode::OK);
+    assert_eq!(
+        kept.push(&token(3), "{}").await.status,
+        StatusCode::OK,
+        "the open connection survived"
+    );
+
+    std::fs::write(&relay.config, "listeners: [oops\n").unwrap();
+    relay.signal("-HUP");
+    relay.wait_for("reload refused");
+    assert_eq!(
+        kept.push(&token(4), "{}").await.status,
+        StatusCode::OK,
+        "still serving on the old configuration"
+    );
+}
+
+/// /healthz and /metrics answer, and the request and error counters move with traffic.
+#[tokio::test]
+async fn metrics_move_with_traffic() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = Relay::start(pki.dir.path(), &pre_proxy_yaml(&pki, &origin, Via::Direct));
+    assert_eq!(get(relay.admin, "/healthz").await.0, 200);
+    let (_, before) = get(relay.admin, "/metrics").await;
+    let ok = "pushrelay_requests_total{listener=\"apns\"";
+    let client = H2Client::connect(&pki, relay.addr).await;
+    for i in 0..3 {
+        assert_eq!(client.push(&token(i), "{}").await.status, StatusCode::OK);
+    }
+    let misdirected = client
+        .send(push_request("evil.example.com", &token(9)), Bytes::new())
+        .await
+        .unwrap();
+    assert_eq!(misdirected.status, StatusCode::MISDIRECTED_REQUEST);
+    let (status, after) = get(relay.admin, "/metrics").await;
+    assert_eq!(status, 200);
+    assert_eq!(metric(&after, ok) - metric(&before, ok), 4.0, "{after}");
+    assert_eq!(
+        metric(
+            &after,
+            "pushrelay_relay_errors_total{reason=\"RelayMisdirectedRequest\"}"
+        ),
+        1.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "pushrelay_request_duration_seconds_count") >= 4.0,
+        "{after}"
+    );
+    assert_eq!(
+        metric(&after, "pushrelay_upstream_connections{"),
+        1.0,
+        "{after}"
+    );
+    assert!(
+        metric(&after, "pushrelay_certificate_expiry_timestamp_seconds{") > 1.7e9,
+        "{after}"
+    );
+}
+
+/// The log has one line per push with the token cut to 8 characters, and never the payload, the
+/// whole token, the authorization value or the proxy password.
+#[tokio::test]
+async fn log_has_one_line_per_request_and_no_secrets() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Auth {
+        user: "relay".into(),
+        pass: "Pr0xyS3cret".into(),
+    })
+    .await;
+    let relay = Relay::start(
+        pki.dir.path(),
+        &pre_proxy_yaml(
+            &pki,
+            &origin,
+            Via::Proxy(proxy.url_with("relay", "Pr0xyS3cret")),
+        ),
+    );
+    let client = H2Client::connect(&pki, relay.addr).await;
+    let device = token(77);
+    let payload = r#"{"aps":{"alert":"PayloadSecretText"}}"#;
+    let mut req = push_request("api.push.apple.com", &device);
+    req.headers_mut().insert(
+        "authorization",
+        "bearer AuthSecretJWT.claims.sig".parse().unwrap(),
+    );
+    req.headers_mut().insert(
+        "apns-id",
+        "12345678-1234-4234-8234-123456789012".parse().unwrap(),
+    );
+    assert_eq!(
+        client.send(req, Bytes::from(payload)).await.unwrap().status,
+        StatusCode::OK
+    );
+    let line = relay.wait_for("\"relayed\"");
+    assert!(
+        line.contains(&format!("/3/device/{}", &device[..8])),
+        "{line}"
+    );
+    assert!(
+        line.contains("12345678-1234-4234-8234-123456789012"),
+        "apns-id logged: {line}"
+    );
+    assert!(line.contains("\"status\":200"), "{line}");
+    let log = relay.log();
+    for secret in [
+        "Pr0xyS3cret",
+        "AuthSecretJWT",
+        "PayloadSecretText",
+        device.as_str(),
+    ] {
+        assert!(
+            !log.contains(secret),
+            "{secret} leaked into the log:\n{log}"
+        );
+    }
+}
