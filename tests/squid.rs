@@ -23,7 +23,7 @@ use std::process::Output;
 
 use bytes::Bytes;
 use http::StatusCode;
-use squid_proxy::{BasicAuth, Squid, SquidOptions};
+use squid_proxy::{BasicAuth, Forward, Squid, SquidOptions};
 use support::client::{Answer, H2Client, push_request};
 use support::origin::{APNS_HOSTS, FakeApns};
 use support::pki::TestPki;
@@ -107,7 +107,7 @@ fn push_through_real_squid_arrives_unaltered_and_squid_logs_the_tunnel() {
     let squid = Squid::start(
         &squid_bin,
         &SquidOptions {
-            tunnel_port: origin.apns.port(),
+            forward: Forward::Tunnel(origin.apns.port()),
             basic_auth: None,
         },
     );
@@ -148,7 +148,7 @@ fn squid_basic_auth_with_right_credentials_reaches_the_origin() {
     let squid = Squid::start(
         &squid_bin,
         &SquidOptions {
-            tunnel_port: origin.apns.port(),
+            forward: Forward::Tunnel(origin.apns.port()),
             basic_auth: Some(auth),
         },
     );
@@ -176,7 +176,7 @@ fn squid_407_for_wrong_credentials_becomes_502_proxy_authentication_required() {
     let squid = Squid::start(
         &squid_bin,
         &SquidOptions {
-            tunnel_port: origin.apns.port(),
+            forward: Forward::Tunnel(origin.apns.port()),
             basic_auth: Some(auth),
         },
     );
@@ -192,10 +192,11 @@ fn squid_407_for_wrong_credentials_becomes_502_proxy_authentication_required() {
     assert!(line.contains("TCP_DENIED/407"), "{line}");
 }
 
-/// curl's answer: the status line, and the headers with lower-case names.
+/// curl's answer: the status line, the headers with lower-case names, and the body.
 struct CurlAnswer {
     status_line: String,
     headers: HashMap<String, String>,
+    body: String,
 }
 
 fn parse_curl(out: &Output) -> CurlAnswer {
@@ -213,9 +214,14 @@ fn parse_curl(out: &Output) -> CurlAnswer {
         .filter_map(|l| l.split_once(':'))
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
     CurlAnswer {
         status_line,
         headers,
+        body,
     }
 }
 
@@ -355,4 +361,249 @@ async fn hosts_override_in_a_namespace_sends_curl_to_the_relay_on_443() {
     assert_eq!(received[0].authority.as_deref(), Some("api.push.apple.com"));
     relay.stop().await;
     drop(ns);
+}
+
+/// The post-proxy path: a real Squid as the legacy proxy, with pushrelay (post-proxy listener, in
+/// this process) as its only parent, and the fake origin behind pushrelay. The runtime is
+/// multi-threaded so the relay and the origin keep serving while the test thread waits on Squid
+/// and curl.
+struct LegacyPath {
+    squid: Squid,
+    relay: relay::RunningRelay,
+    origin: FakeApns,
+    runtime: Runtime,
+    curl: PathBuf,
+    _pki: TestPki,
+}
+
+impl LegacyPath {
+    /// None after a SKIP note when squid or curl is missing.
+    fn start() -> Option<LegacyPath> {
+        let squid_bin = host_tools::require("squid", "squid")?;
+        let curl = host_tools::require("curl", "curl")?;
+        let pki = TestPki::new();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (origin, relay) = runtime.block_on(async {
+            let origin = FakeApns::start(&pki).await;
+            let relay = relay::start(&relay::post_proxy_yaml(&pki, &origin, "")).await;
+            (origin, relay)
+        });
+        let squid = Squid::start(
+            &squid_bin,
+            &SquidOptions {
+                forward: Forward::Parent {
+                    parent_port: relay.addr().port(),
+                    // 80: URLs without a port, as a push server configured for plain HTTP writes them.
+                    dest_ports: vec![80, origin.port()],
+                },
+                basic_auth: None,
+            },
+        );
+        Some(LegacyPath {
+            squid,
+            relay,
+            origin,
+            runtime,
+            curl,
+            _pki: pki,
+        })
+    }
+
+    /// One push with curl over HTTP/1.1 through Squid (`-x`), as a push server behind the legacy
+    /// proxy sends it.
+    fn curl_push(&self, url: &str) -> CurlAnswer {
+        let mut cmd = tokio::process::Command::new(&self.curl);
+        cmd.args([
+            "--silent",
+            "--show-error",
+            "--include",
+            "--http1.1",
+            "--max-time",
+            "15",
+            "--proxy",
+            &self.squid.url(),
+            // Overrides any no_proxy in the environment: this request must go through Squid.
+            "--noproxy",
+            "",
+            url,
+            "-H",
+            "apns-topic: com.example.app",
+            "-H",
+            "apns-push-type: alert",
+            "-H",
+            "apns-priority: 10",
+            "-H",
+            "apns-expiration: 0",
+            "-H",
+            &format!("apns-id: {APNS_ID}"),
+            "-H",
+            "authorization: bearer eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJERUYxMjMifQ.c2ln",
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            PAYLOAD,
+        ])
+        .env_remove("http_proxy")
+        .env_remove("HTTP_PROXY");
+        parse_curl(&self.runtime.block_on(run_curl(cmd)))
+    }
+
+    fn stop(self) {
+        let LegacyPath {
+            squid,
+            relay,
+            origin,
+            runtime,
+            ..
+        } = self;
+        drop(squid);
+        runtime.block_on(relay.stop());
+        drop(origin);
+    }
+}
+
+/// post-proxy behind Squid as the legacy proxy: curl speaks HTTP/1.1 to Squid, Squid hands the
+/// request to pushrelay as its parent, pushrelay relays it as HTTP/2 to the origin. Body and apns-*
+/// headers arrive unaltered, no hop-by-hop header from curl or Squid reaches the origin, and
+/// Apple's answer comes back through Squid.
+#[test]
+fn post_proxy_behind_squid_as_the_legacy_proxy_relays_http11_as_http2() {
+    let Some(path) = LegacyPath::start() else {
+        return;
+    };
+    let port = path.origin.port();
+    let target = format!("/3/device/{}", token(4));
+    let url = format!("http://api.push.apple.com:{port}{target}");
+
+    let answer = path.curl_push(&url);
+    assert!(
+        answer.status_line.starts_with("HTTP/1.1 200"),
+        "{}\n{}",
+        answer.status_line,
+        path.squid.logs()
+    );
+    assert_eq!(
+        answer.headers.get("apns-id").map(String::as_str),
+        Some(APNS_ID)
+    );
+    assert!(answer.body.is_empty(), "{:?}", answer.body);
+
+    let received = path.origin.received();
+    assert_eq!(received.len(), 1, "{}", path.squid.logs());
+    let got = &received[0];
+    assert_eq!(got.method, http::Method::POST);
+    assert_eq!(got.path, target);
+    assert_eq!(
+        got.authority.as_deref(),
+        Some(format!("api.push.apple.com:{port}").as_str()),
+        "the port written in the URL stays in :authority"
+    );
+    assert_eq!(got.body, PAYLOAD.as_bytes());
+    for (name, value) in [
+        ("apns-topic", "com.example.app"),
+        ("apns-push-type", "alert"),
+        ("apns-priority", "10"),
+        ("apns-expiration", "0"),
+        ("apns-id", APNS_ID),
+        (
+            "authorization",
+            "bearer eyJhbGciOiJFUzI1NiJ9.eyJpc3MiOiJERUYxMjMifQ.c2ln",
+        ),
+        ("content-type", "application/json"),
+    ] {
+        assert_eq!(
+            got.headers.get(name).map(|v| v.to_str().unwrap()),
+            Some(value),
+            "header {name}: {:?}",
+            got.headers
+        );
+    }
+    // `Via` is end-to-end: Squid's may pass. Hop-by-hop headers (curl's Proxy-Connection, Squid's
+    // Connection: keep-alive) and Host (now :authority) must not.
+    for name in [
+        "host",
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+    ] {
+        assert!(
+            got.headers.get(name).is_none(),
+            "{name} reached the origin: {:?}",
+            got.headers
+        );
+    }
+
+    let logged = format!("POST http://api.push.apple.com:{port}{target}");
+    let line = path
+        .squid
+        .wait_for_access_line("the push", |l| l.contains(&logged));
+    assert!(line.contains("/200 "), "{line}");
+    assert!(
+        line.contains("_PARENT/127.0.0.1"),
+        "not via the parent: {line}"
+    );
+    path.stop();
+}
+
+/// A URL without a port, as a push server configured for `http://api.push.apple.com` writes it:
+/// Squid sees port 80, pushrelay sends it to the listener's `upstream_port`.
+#[test]
+fn post_proxy_behind_squid_sends_a_url_without_port_to_upstream_port() {
+    let Some(path) = LegacyPath::start() else {
+        return;
+    };
+    let target = format!("/3/device/{}", token(5));
+    let answer = path.curl_push(&format!("http://api.sandbox.push.apple.com{target}"));
+    assert!(
+        answer.status_line.starts_with("HTTP/1.1 200"),
+        "{}\n{}",
+        answer.status_line,
+        path.squid.logs()
+    );
+    let received = path.origin.received();
+    assert_eq!(received.len(), 1, "{}", path.squid.logs());
+    assert_eq!(received[0].path, target);
+    assert_eq!(
+        received[0].authority.as_deref(),
+        Some("api.sandbox.push.apple.com")
+    );
+    assert_eq!(received[0].body, PAYLOAD.as_bytes());
+    path.stop();
+}
+
+/// A destination not in `destinations`, through Squid (which only talks to its parent): pushrelay's
+/// 403 RelayDestinationNotAllowed comes back through Squid, and nothing reaches the origin.
+#[test]
+fn post_proxy_behind_squid_refuses_a_destination_outside_the_allowlist() {
+    let Some(path) = LegacyPath::start() else {
+        return;
+    };
+    let answer = path.curl_push("http://fcm.googleapis.com/v1/projects/demo/messages:send");
+    assert!(
+        answer.status_line.starts_with("HTTP/1.1 403"),
+        "{}\n{}",
+        answer.status_line,
+        path.squid.logs()
+    );
+    assert_eq!(answer.body, r#"{"reason":"RelayDestinationNotAllowed"}"#);
+    assert!(path.origin.received().is_empty());
+    assert_eq!(path.origin.connection_count(), 0);
+
+    let line = path.squid.wait_for_access_line("the refused push", |l| {
+        l.contains("POST http://fcm.googleapis.com/")
+    });
+    assert!(line.contains("/403 "), "{line}");
+    assert!(
+        line.contains("_PARENT/127.0.0.1"),
+        "not via the parent: {line}"
+    );
+    path.stop();
 }

@@ -1,8 +1,11 @@
 //! A real Squid per test: its own config, logs and pid file in a temporary directory, listening on
-//! a free 127.0.0.1 port, no cache, names answered from its own hosts file (the APNs hosts are
-//! 127.0.0.1) and a DNS server on 127.0.0.1 so no query ever leaves the machine. Tunnels are allowed
-//! only to the fake origin's port, optionally behind Basic auth (basic_ncsa_auth + htpasswd). The
-//! process is killed by its PID when the handle drops.
+//! a free 127.0.0.1 port, no cache, names answered from its own hosts file (the APNs hosts and
+//! fcm.googleapis.com are 127.0.0.1) and a DNS server on 127.0.0.1 so no query ever leaves the
+//! machine. Either it tunnels (CONNECT only, to the fake origin's port), as the corporate proxy in
+//! front of a pre-proxy relay, or it forwards plain HTTP requests for a few ports to a parent peer
+//! only (`never_direct`), as the legacy proxy in front of a post-proxy relay. Either way optionally
+//! behind Basic auth (basic_ncsa_auth + htpasswd). The process is killed by its PID when the handle
+//! drops.
 //!
 //! Started as root, Squid drops to `cache_effective_user` (Debian: `proxy`); the directory is then
 //! handed to that user so Squid can write its logs and the auth helper can read the password file.
@@ -37,9 +40,20 @@ pub struct BasicAuth {
     pub pass: String,
 }
 
+/// What Squid lets through, and where it sends it.
+pub enum Forward {
+    /// `CONNECT` only, straight to this port and no other.
+    Tunnel(u16),
+    /// Plain HTTP requests (no `CONNECT`) for these destination ports, every one handed to the
+    /// parent peer on 127.0.0.1:`parent_port` and never sent direct.
+    Parent {
+        parent_port: u16,
+        dest_ports: Vec<u16>,
+    },
+}
+
 pub struct SquidOptions {
-    /// The only port CONNECT may reach.
-    pub tunnel_port: u16,
+    pub forward: Forward,
     pub basic_auth: Option<BasicAuth>,
 }
 
@@ -82,7 +96,7 @@ impl Squid {
 
         std::fs::write(
             dir.path().join("hosts"),
-            "127.0.0.1 localhost\n127.0.0.1 api.push.apple.com api.sandbox.push.apple.com api.development.push.apple.com\n",
+            "127.0.0.1 localhost\n127.0.0.1 api.push.apple.com api.sandbox.push.apple.com api.development.push.apple.com fcm.googleapis.com\n",
         )
         .unwrap();
         let auth = match &options.basic_auth {
@@ -126,8 +140,36 @@ impl Squid {
         } else {
             String::new()
         };
+        let forward = match &options.forward {
+            Forward::Tunnel(port) => format!(
+                "acl loopback src 127.0.0.0/8\n\
+                 acl tunnel_port port {port}\n\
+                 acl CONNECT method CONNECT\n\
+                 http_access deny !loopback\n\
+                 http_access deny !CONNECT\n\
+                 http_access deny CONNECT !tunnel_port\n"
+            ),
+            Forward::Parent {
+                parent_port,
+                dest_ports,
+            } => {
+                let ports: Vec<String> = dest_ports.iter().map(u16::to_string).collect();
+                format!(
+                    "cache_peer 127.0.0.1 parent {parent_port} 0 no-query no-digest no-netdb-exchange name=pushrelay\n\
+                     cache_peer_access pushrelay allow all\n\
+                     never_direct allow all\n\
+                     acl loopback src 127.0.0.0/8\n\
+                     acl dest_port port {ports}\n\
+                     acl CONNECT method CONNECT\n\
+                     http_access deny !loopback\n\
+                     http_access deny CONNECT\n\
+                     http_access deny !dest_port\n",
+                    ports = ports.join(" ")
+                )
+            }
+        };
         let conf = format!(
-            "# Written by tests/squid.rs: loopback only, no cache, no DNS, tunnels to one port.\n\
+            "# Written by tests/squid.rs: loopback only, no cache, no DNS.\n\
              http_port 127.0.0.1:{port}\n\
              pid_filename {d}/squid.pid\n\
              cache_log {d}/cache.log\n\
@@ -145,15 +187,9 @@ impl Squid {
              shutdown_lifetime 0 seconds\n\
              {user}\
              {auth}\
-             acl loopback src 127.0.0.0/8\n\
-             acl tunnel_port port {tunnel}\n\
-             acl CONNECT method CONNECT\n\
-             http_access deny !loopback\n\
-             http_access deny !CONNECT\n\
-             http_access deny CONNECT !tunnel_port\n\
+             {forward}\
              {allow}\n\
              http_access deny all\n",
-            tunnel = options.tunnel_port,
         );
         let conf_path = dir.path().join("squid.conf");
         std::fs::write(&conf_path, conf).unwrap();
