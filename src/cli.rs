@@ -195,6 +195,7 @@ fn init_tracing(config: &Config) {
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match config.log.format {
@@ -266,10 +267,12 @@ fn serve(file: Option<&Path>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        let poll_every = app.config().reload_poll_interval;
         tokio::spawn(watch_for_reload(
             file.map(Path::to_path_buf),
             app.reloader(),
             loaded_files,
+            poll_every,
         ));
         match app
             .run_with_admin(bound.listeners, bound.admin, shutdown_signal())
@@ -327,14 +330,12 @@ fn files_fingerprint(file: Option<&Path>, config: &Config) -> u64 {
     hasher.finish()
 }
 
-/// How often certificate files are checked for replacement (Kubernetes secret swaps).
-const FILE_POLL: std::time::Duration = std::time::Duration::from_secs(30);
-
 /// Reloads on SIGHUP, and when the configuration or certificate files change on disk.
 async fn watch_for_reload(
     file: Option<PathBuf>,
     reloader: std::sync::Arc<crate::reload::Reloader>,
     mut seen: u64,
+    every: std::time::Duration,
 ) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hup = match signal(SignalKind::hangup()) {
@@ -344,7 +345,7 @@ async fn watch_for_reload(
             None
         }
     };
-    let mut poll = tokio::time::interval(FILE_POLL);
+    let mut poll = tokio::time::interval(every);
     poll.tick().await;
     loop {
         let by_signal = tokio::select! {

@@ -42,6 +42,10 @@ pub struct Config {
     /// How long in-flight requests may take to finish after SIGTERM. Default 15s.
     #[serde(with = "duration")]
     pub shutdown_grace: Duration,
+    /// How often the configuration and certificate files are checked for changes (Kubernetes
+    /// secret swaps); a change reloads as SIGHUP does. Default 30s.
+    #[serde(with = "duration")]
+    pub reload_poll_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,6 +240,7 @@ impl Default for Config {
             log: LogConfig::default(),
             admin: None,
             shutdown_grace: Duration::from_secs(15),
+            reload_poll_interval: Duration::from_secs(30),
         }
     }
 }
@@ -920,6 +925,9 @@ fn validate(config: &Config, figment: &Figment, problems: &mut Vec<Problem>) -> 
             };
             problem(&["limits", key], why.into());
         }
+    }
+    if config.reload_poll_interval < Duration::from_millis(100) {
+        problem(&["reload_poll_interval"], "must be at least 100ms".into());
     }
     if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
         problem(

@@ -192,6 +192,7 @@ impl App {
             )));
         }
         self.ready.set(true);
+        tracing::info!("ready");
         shutdown.await;
         self.ready.set(false);
         tracing::info!(grace = ?self.config.shutdown_grace, "shutting down: no new connections, draining");

@@ -88,6 +88,7 @@ impl Relay {
         relay.addr = bind_of(&listening).unwrap();
         let admin = relay.wait_for("admin listening");
         relay.admin = bind_of(&admin).unwrap();
+        relay.wait_for("\"message\":\"ready\"");
         relay
     }
 
@@ -355,4 +356,50 @@ async fn log_has_one_line_per_request_and_no_secrets() {
             "{secret} leaked into the log:\n{log}"
         );
     }
+}
+
+/// CA files replaced on disk (a Kubernetes secret swap) are picked up without a signal: new
+/// clients get certificates from the new CA.
+#[tokio::test]
+async fn replaced_certificate_files_are_picked_up_without_a_signal() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let yaml = format!(
+        "{}reload_poll_interval: 200ms\n",
+        pre_proxy_yaml(&pki, &origin, Via::Direct)
+    );
+    let relay = Relay::start(pki.dir.path(), &yaml);
+    let old = H2Client::connect(&pki, relay.addr).await;
+    assert_eq!(old.push(&token(1), "{}").await.status, StatusCode::OK);
+
+    // A new CA in the same files; clients trusting only it must be served after the reload.
+    pushrelay::tls::pki::init_dir(pki.dir.path(), true).unwrap();
+    relay.wait_for("changed on disk");
+    relay.wait_for("configuration reloaded");
+    let new_ca = pushrelay::tls::pki::Ca::from_files(&pki.ca_cert, &pki.ca_key).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    roots
+        .add(
+            rustls::pki_types::CertificateDer::from_pem_slice(new_ca.cert_pem().as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let fresh = H2Client::connect_tls(Arc::new(config), Connect::new(relay.addr))
+        .await
+        .expect("a client trusting the new CA is served");
+    assert_eq!(fresh.push(&token(2), "{}").await.status, StatusCode::OK);
+    assert_eq!(
+        old.push(&token(3), "{}").await.status,
+        StatusCode::OK,
+        "the open connection survived"
+    );
 }

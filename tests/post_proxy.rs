@@ -638,3 +638,59 @@ async fn smuggled_request_behind_a_refused_one_is_never_relayed() {
     assert!(conn.closed().await);
     assert!(s.origin.received().is_empty());
 }
+
+/// A TLS post-proxy listener with `client_ca` requires client certificates: a proxy without one
+/// is refused, one with a certificate from that CA is served.
+#[tokio::test]
+async fn tls_listener_with_client_ca_requires_client_certificates() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let tls = format!(
+        "    tls:\n      ca_cert: \"{0}\"\n      ca_key: \"{1}\"\n      client_ca: \"{0}\"\n",
+        pki.ca_cert.display(),
+        pki.ca_key.display()
+    );
+    let yaml = relay::post_proxy_yaml(&pki, &origin, "").replace(
+        "    allow_sources: [\"127.0.0.1/32\"]\n",
+        &format!("{tls}    allow_sources: [\"127.0.0.1/32\"]\n"),
+    );
+    let relay = relay::start(&yaml).await;
+    let request = push(
+        &format!("/3/device/{}", token(70)),
+        "api.push.apple.com",
+        "",
+        PAYLOAD,
+    );
+    let addr = relay.addr();
+    let exchange_tls = |config: std::sync::Arc<rustls::ClientConfig>| {
+        let request = request.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            tls.write_all(&request).await?;
+            let mut buf = vec![0u8; 4096];
+            let n = tls.read(&mut buf).await?;
+            Ok::<String, std::io::Error>(String::from_utf8_lossy(&buf[..n]).into_owned())
+        }
+    };
+    let without = within(10, "no client cert", exchange_tls(pki.client_config(&[]))).await;
+    assert!(
+        without.is_err() || without.as_ref().is_ok_and(|s| s.is_empty()),
+        "{without:?}"
+    );
+    let with = within(
+        10,
+        "client cert",
+        exchange_tls(pki.client_config_with_cert("corp-proxy", &[])),
+    )
+    .await;
+    assert!(
+        with.as_ref().unwrap().starts_with("HTTP/1.1 200"),
+        "{with:?}"
+    );
+    assert_eq!(origin.received().len(), 1);
+}

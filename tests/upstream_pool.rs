@@ -430,3 +430,51 @@ async fn reconnect_backoff_is_spaced_exponentially() {
     }
     assert!(waits[3] > waits[0], "waits grow: {waits:?}");
 }
+
+/// With every connection full and the queue full, a push is answered 503 RelayOverloaded at once;
+/// the queued one still succeeds when a stream frees.
+#[tokio::test]
+async fn full_queue_answers_503_relay_overloaded() {
+    let pki = TestPki::new();
+    let hold = Arc::new(tokio::sync::Semaphore::new(0));
+    let options = OriginOptions {
+        max_concurrent_streams: Some(1),
+        hold: Some(hold.clone()),
+        ..Default::default()
+    };
+    let origin = FakeApns::start_with(&pki, options).await;
+    let upstream = "  max_connections_per_destination: 1\n  max_queued_requests: 1\n";
+    let relay = relay::start(&yaml_with(&pki, &origin, Via::Direct, upstream)).await;
+    let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
+    let first = {
+        let c = client.clone();
+        tokio::spawn(async move { c.push(&token(1), PAYLOAD).await })
+    };
+    origin.wait_received(1).await;
+    let (b, c) = {
+        let (c1, c2) = (client.clone(), client.clone());
+        (
+            tokio::spawn(async move { c1.push(&token(2), PAYLOAD).await }),
+            tokio::spawn(async move { c2.push(&token(3), PAYLOAD).await }),
+        )
+    };
+    // One of the two waits in the queue; the other finds it full and is answered at once.
+    let (mut b, mut c) = (b, c);
+    let overloaded = tokio::select! {
+        r = &mut b => (r.unwrap(), c),
+        r = &mut c => (r.unwrap(), b),
+    };
+    let (answer, queued) = overloaded;
+    assert_eq!(answer.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(answer.reason().as_deref(), Some("RelayOverloaded"));
+    hold.add_permits(2);
+    assert_eq!(
+        within(10, "first", first).await.unwrap().status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        within(10, "queued", queued).await.unwrap().status,
+        StatusCode::OK
+    );
+    assert_eq!(origin.connection_count(), 1);
+}
