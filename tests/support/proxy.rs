@@ -155,6 +155,7 @@ async fn serve(
         let _ = client.write_all(b"HTTP/1.1 502 Bad Gateway\r\n\r\n").await;
         return;
     };
+    let _ = (client.set_nodelay(true), upstream.set_nodelay(true));
     if client
         .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
         .await
