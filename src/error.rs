@@ -191,6 +191,7 @@ mod tests {
                 target: "api.push.apple.com:443".into(),
                 status: 407,
                 reason: "Proxy Authentication Required".into(),
+                headers: vec![],
             })),
         }));
         assert_eq!(e.classify().0, StatusCode::BAD_GATEWAY);

@@ -338,8 +338,18 @@ async fn connect(tcp: &mut TcpStream, proxy: &ProxyUrl, target: &str, wait: Dura
 fn tunnel_failure(e: &TunnelError, proxy: &ProxyUrl, target: &str) -> Failure {
     let not_http = "is upstream.proxy an HTTP CONNECT proxy (not SOCKS, not HTTPS)?";
     match e {
-        TunnelError::Refused { status, reason, .. } => {
-            let failure = Failure::new(format!("proxy answered {status} {reason}"));
+        TunnelError::Refused {
+            status,
+            reason,
+            headers,
+            ..
+        } => {
+            let shown: Vec<String> = headers.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let failure = Failure::new(if shown.is_empty() {
+                format!("proxy answered {status} {reason}")
+            } else {
+                format!("proxy answered {status} {reason}; {}", shown.join("; "))
+            });
             match status {
                 407 if proxy.username.is_none() => failure.hint(
                     "proxy answered 407: check upstream.proxy credentials (none are set: \

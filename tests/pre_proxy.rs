@@ -330,3 +330,108 @@ async fn unreachable_origin_is_502_and_fails_fast_while_down() {
     assert_eq!(second.reason().as_deref(), Some("RelayUpstreamUnreachable"));
     relay.stop().await;
 }
+
+/// HPACK "literal without indexing, new name", no Huffman: enough to send any header by hand.
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
+    assert!(name.len() < 127 && value.len() < 127);
+    out.push(0x00);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An aioapns-shaped request (`:scheme`, `:path`, a `host` header and no `:authority`, which the
+/// h2 client crate cannot send) is relayed with `:authority` from `host` and no stray `host`.
+#[tokio::test]
+async fn request_with_host_header_and_no_authority_is_relayed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let tcp = tokio::net::TcpStream::connect(relay.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.push.apple.com").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(&[b"h2"]))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut block = Vec::new();
+    for (k, v) in [
+        (":method", "POST"),
+        (":scheme", "https"),
+        (":path", &*format!("/3/device/{}", token(90))),
+        ("host", "api.push.apple.com"),
+        ("apns-topic", "com.example.app"),
+    ] {
+        hpack_literal(&mut block, k, v);
+    }
+    let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    out.extend(frame(0x4, 0, 0, &[]));
+    out.extend(frame(0x1, 0x4, 1, &block));
+    out.extend(frame(0x0, 0x1, 1, PAYLOAD.as_bytes()));
+    tls.write_all(&out).await.unwrap();
+
+    // Read frames until the answer's HEADERS on stream 1; ACK the relay's SETTINGS on the way.
+    let first_byte = within(10, "answer headers", async {
+        loop {
+            let mut head = [0u8; 9];
+            tls.read_exact(&mut head).await.unwrap();
+            let len = ((head[0] as usize) << 16) | ((head[1] as usize) << 8) | head[2] as usize;
+            let mut payload = vec![0u8; len];
+            tls.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if head[3] == 0x4 && head[4] & 0x1 == 0 {
+                tls.write_all(&frame(0x4, 0x1, 0, &[])).await.unwrap();
+            }
+            if head[3] == 0x1 && stream == 1 {
+                // Skip dynamic-table size updates (001xxxxx) before the first field.
+                return payload.into_iter().find(|b| b & 0xe0 != 0x20).unwrap();
+            }
+        }
+    })
+    .await;
+    assert_eq!(first_byte, 0x88, "HPACK static index 8 is :status 200");
+    let got = origin.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].authority.as_deref(), Some("api.push.apple.com"));
+    assert!(got[0].headers.get("host").is_none());
+    assert_eq!(got[0].body, PAYLOAD.as_bytes());
+}
+
+/// With ALPN http/1.1 the pre-proxy door serves HTTP/1.1 and still relays over HTTP/2.
+#[tokio::test]
+async fn http11_client_over_tls_is_relayed() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let tcp = tokio::net::TcpStream::connect(relay.addr()).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.push.apple.com").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(&[b"http/1.1"]))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let request = format!(
+        "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: com.example.app\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{PAYLOAD}",
+        token(91),
+        PAYLOAD.len()
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    within(10, "answer", tls.read_to_string(&mut answer))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("apns-id:"), "{answer}");
+    assert_eq!(origin.received()[0].body, PAYLOAD.as_bytes());
+}

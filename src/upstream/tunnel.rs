@@ -31,12 +31,14 @@ pub enum TunnelError {
         target: String,
         after: Duration,
     },
-    #[error("proxy {proxy} refused CONNECT {target}: {status} {reason}")]
+    #[error("proxy {proxy} refused CONNECT {target}: {status} {reason}{}", challenge(.headers))]
     Refused {
         proxy: String,
         target: String,
         status: u16,
         reason: String,
+        /// The proxy's reply headers (bounded by the reply size), e.g. `Proxy-Authenticate`.
+        headers: Vec<(String, String)>,
     },
     #[error("proxy {proxy} sent an unreadable CONNECT reply: {detail}")]
     Malformed { proxy: String, detail: String },
@@ -48,6 +50,21 @@ pub enum TunnelError {
         #[source]
         source: io::Error,
     },
+}
+
+/// The authentication schemes a proxy asks for: pushrelay speaks Basic only, so a proxy that
+/// offers only NTLM or Negotiate is worth saying so.
+fn challenge(headers: &[(String, String)]) -> String {
+    let schemes: Vec<&str> = headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("proxy-authenticate"))
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if schemes.is_empty() {
+        String::new()
+    } else {
+        format!(" (Proxy-Authenticate: {})", schemes.join(", "))
+    }
 }
 
 impl TunnelError {
@@ -183,6 +200,7 @@ where
                         target: target.to_owned(),
                         status,
                         reason,
+                        headers,
                     });
                 }
                 if len < buf.len() {
@@ -282,6 +300,10 @@ mod tests {
                 .to_string()
                 .contains("407 Proxy Authentication Required"),
             "{refused}"
+        );
+        assert!(
+            refused.to_string().ends_with("(Proxy-Authenticate: Basic)"),
+            "the proxy's challenge is kept: {refused}"
         );
         let forbidden = reply_to(b"HTTP/1.1 403 Forbidden\r\n\r\n")
             .await
