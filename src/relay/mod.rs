@@ -95,8 +95,8 @@ impl Relay {
         B::Error: Into<BoxError>,
     {
         let started = Instant::now();
-        let (parts, body) = req.into_parts();
-        let result = self.exchange(&dest, authority, &parts, body).await;
+        let (mut parts, body) = req.into_parts();
+        let result = self.exchange(&dest, authority, &mut parts, body).await;
         let elapsed = started.elapsed();
         let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         let path = loggable_path(parts.uri.path());
@@ -181,7 +181,7 @@ impl Relay {
         &self,
         dest: &Authority,
         authority: &str,
-        parts: &http::request::Parts,
+        parts: &mut http::request::Parts,
         body: B,
     ) -> Result<(Response<RelayBody>, u64), RelayError>
     where
@@ -202,17 +202,18 @@ impl Relay {
             }
             .into());
         }
-        let head = headers::upstream_head(
-            parts.method.clone(),
-            &parts.uri,
-            parts.headers.clone(),
-            authority,
-        )
-        .map_err(|e| RelayError::BadRequest(e.to_string()))?;
         let key = PoolKey {
             dest: dest.clone(),
             identity: identity_for(&parts.headers, &self.cert_topics),
         };
+        // The headers go upstream; the log line only needs the method and path.
+        let head = headers::upstream_head(
+            parts.method.clone(),
+            &parts.uri,
+            std::mem::take(&mut parts.headers),
+            authority,
+        )
+        .map_err(|e| RelayError::BadRequest(e.to_string()))?;
         let mut body = ReplayBody::new(body, self.max_request_body);
         let deadline = Instant::now() + self.request_timeout;
         let ex = upstream::exchange(
