@@ -23,8 +23,9 @@ per round, the order rotated each round):
   post: haproxy     the same through HAProxy (plain http frontend)                    [if installed]
 
 Each request is a POST /3/device/<64 hex> with apns-topic and a 300-byte JSON body. After the rounds
-at full load, one more round runs every case at half of pushrelay's measured peak (h2load --rps) to
-show the p99 each proxy adds over direct at a moderate load.
+at full load, more rounds run every case at half of pushrelay's measured peak in that role
+(h2load --rps) to show the p99 each proxy adds over direct at a moderate load. A last round counts
+each proxy's system calls per request with perf stat (syscall tracepoints), when perf can.
 
 Options:
   --rounds N        rounds at full load (default 3)
@@ -36,9 +37,14 @@ Options:
                     the same number of requests in flight (default 100)
   --threads N       worker threads for each proxy (default: nproc)
   --run-timeout S   bound on one h2load run, in seconds (default 120)
-  --no-half-load    skip the half-load round
+  --half-rounds N   rounds at half load (default: as --rounds)
+  --no-half-load    skip the half-load rounds
+  --no-syscalls     skip the syscall-count round (it needs perf with syscall tracepoints; Debian:
+                    apt-get install linux-perf, and root or kernel.perf_event_paranoid <= 1)
   --no-peers        benchmark pushrelay only, even if nghttpx / HAProxy are installed
   --no-build        use the binaries already in target/release
+  --pushrelay PATH  benchmark this pushrelay binary instead of target/release/pushrelay (to compare
+                    builds; fake_apns still comes from target/release)
   --out FILE        also write the report to FILE (nothing is written unless given)
   --keep DIR        keep logs, configs and h2load per-request logs in DIR, a new or empty
                     directory (default: a temporary directory, removed on exit)
@@ -57,8 +63,11 @@ H1_CLIENTS=""
 THREADS="$(nproc)"
 RUN_TIMEOUT=120
 HALF_LOAD=1
+HALF_ROUNDS=""
+SYSCALLS=1
 PEERS=1
 BUILD=1
+PUSHRELAY=""
 OUT=""
 KEEP=""
 
@@ -84,9 +93,12 @@ while [[ $# -gt 0 ]]; do
     --h1-clients) need_value "$@"; positive "$1" "$2"; H1_CLIENTS="$2"; shift 2 ;;
     --threads) need_value "$@"; positive "$1" "$2"; THREADS="$2"; shift 2 ;;
     --run-timeout) need_value "$@"; positive "$1" "$2"; RUN_TIMEOUT="$2"; shift 2 ;;
+    --half-rounds) need_value "$@"; positive "$1" "$2"; HALF_ROUNDS="$2"; shift 2 ;;
     --no-half-load) HALF_LOAD=0; shift ;;
+    --no-syscalls) SYSCALLS=0; shift ;;
     --no-peers) PEERS=0; shift ;;
     --no-build) BUILD=0; shift ;;
+    --pushrelay) need_value "$@"; PUSHRELAY="$2"; shift 2 ;;
     --out) need_value "$@"; OUT="$2"; shift 2 ;;
     --keep) need_value "$@"; KEEP="$2"; shift 2 ;;
     -h | --help) usage; exit 0 ;;
@@ -94,7 +106,15 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 H1_CLIENTS="${H1_CLIENTS:-$((CLIENTS * STREAMS))}"
+HALF_ROUNDS="${HALF_ROUNDS:-$ROUNDS}"
 
+# Paths given on the command line are relative to where the script was started.
+absolute() {
+  [[ -z "$1" || "$1" == /* ]] && echo "$1" || echo "$PWD/$1"
+}
+OUT="$(absolute "$OUT")"
+KEEP="$(absolute "$KEEP")"
+PUSHRELAY="$(absolute "$PUSHRELAY")"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
@@ -120,11 +140,27 @@ if [[ $PEERS -eq 1 ]]; then
   fi
 fi
 
+SYS_EVENTS="raw_syscalls:sys_enter"
+for e in write writev sendto sendmsg sendmmsg read readv recvfrom recvmsg epoll_wait epoll_pwait futex; do
+  SYS_EVENTS+=",syscalls:sys_enter_$e"
+done
+SYSCALLS_WHY=""
+if [[ $SYSCALLS -eq 1 ]]; then
+  if ! command -v perf >/dev/null 2>&1; then
+    SYSCALLS=0
+    SYSCALLS_WHY="perf not found (Debian/Ubuntu: apt-get install linux-perf)"
+  elif ! perf stat -x, -e "$SYS_EVENTS" -- true >/dev/null 2>&1; then
+    SYSCALLS=0
+    SYSCALLS_WHY="perf cannot count syscall tracepoints here (needs root or kernel.perf_event_paranoid <= 1, and tracefs)"
+  fi
+  [[ -z "$SYSCALLS_WHY" ]] || echo "bench.sh: skipping the syscall round: $SYSCALLS_WHY" >&2
+fi
+
 if [[ $BUILD -eq 1 ]]; then
   echo "bench.sh: building (release)" >&2
   cargo build --release --locked --bin pushrelay --example fake_apns >&2
 fi
-PUSHRELAY="$ROOT/target/release/pushrelay"
+PUSHRELAY="${PUSHRELAY:-$ROOT/target/release/pushrelay}"
 FAKE_APNS="$ROOT/target/release/examples/fake_apns"
 [[ -x "$PUSHRELAY" ]] || die "$PUSHRELAY is missing (build it, or drop --no-build)"
 [[ -x "$FAKE_APNS" ]] || die "$FAKE_APNS is missing (build it, or drop --no-build)"
@@ -368,12 +404,18 @@ RESULTS="$WORK/results.tsv"
 
 # run_case CASE ROUND [RPS_TOTAL]
 run_case() {
-  local c=$1 round=$2 rps=${3:-} pid log out before after ok failed reqps p50 p99 cpu extra=()
+  local c=$1 round=$2 rps=${3:-} pid log out before after ok failed reqps p50 p99 cpu extra=() perf_pid=""
   pid="$(case_pid "$c")"
   log="$WORK/h2load.${c/:/-}.$round.tsv"
   out="$WORK/h2load.${c/:/-}.$round.out"
   if [[ -n "$rps" ]]; then
     extra=(--rps="$(((rps + $(case_clients "$c") - 1) / $(case_clients "$c")))")
+  fi
+  if [[ -n "${SYS_ROUND:-}" ]]; then
+    perf stat -x, -o "$WORK/perf-stat.${c/:/-}.txt" -e "$SYS_EVENTS" -p "$pid" >/dev/null 2>&1 &
+    perf_pid=$!
+    PIDS+=("$perf_pid")
+    sleep 0.5
   fi
   before="$(cpu_ticks "$pid")"
   # shellcheck disable=SC2046 # case_args is split on purpose
@@ -383,6 +425,10 @@ run_case() {
     echo "bench.sh: h2load failed or timed out for $c (round $round); see $out" >&2
   fi
   after="$(cpu_ticks "$pid")"
+  if [[ -n "$perf_pid" ]]; then
+    kill -INT "$perf_pid" 2>/dev/null || true
+    wait "$perf_pid" 2>/dev/null || true
+  fi
   reqps="$(sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' "$out" | head -n1)"
   ok="$(sed -n 's/^status codes: \([0-9]*\) 2xx.*/\1/p' "$out" | head -n1)"
   failed="$(sed -n 's/^requests: .* \([0-9]*\) failed.*/\1/p' "$out" | head -n1)"
@@ -412,20 +458,20 @@ for ((r = 1; r <= ROUNDS; r++)); do
   done
 done
 
-# Median of a column (3 = req/s, 4 = p50, 5 = p99, 6 = cpu) over the full-load rounds of a case.
+# Median and range of a column (3 = req/s, 4 = p50, 5 = p99, 6 = cpu) over the runs of a case whose
+# round matches $3 (default: the full-load rounds).
+column() {
+  awk -F'\t' -v c="$1" -v col="$2" -v r="${3:-^[0-9]+\$}" \
+    '$1 == c && $2 ~ r && $col != "NA" { print $col }' "$RESULTS"
+}
 median() {
-  awk -F'\t' -v c="$1" -v col="$2" '$1 == c && $2 ~ /^[0-9]+$/ && $col != "NA" { print $col }' \
-    "$RESULTS" | sort -g | awk '{ v[NR] = $1 } END {
+  column "$@" | sort -g | awk '{ v[NR] = $1 } END {
       if (NR == 0) { print "NA"; exit }
       if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
 }
 spread() {
-  awk -F'\t' -v c="$1" -v col="$2" '$1 == c && $2 ~ /^[0-9]+$/ && $col != "NA" { print $col }' \
-    "$RESULTS" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END {
+  column "$@" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END {
       if (NR == 0) print "NA"; else printf "%.0f–%.0f", lo, hi }'
-}
-value() { # case round col
-  awk -F'\t' -v c="$1" -v r="$2" -v col="$3" '$1 == c && $2 == r { print $col }' "$RESULTS" | head -n1
 }
 failures() {
   awk -F'\t' -v c="$1" -v want="$REQUESTS" '$1 == c && $2 ~ /^[0-9]+$/ && $7 != want { bad++ }
@@ -447,15 +493,41 @@ if [[ $HALF_LOAD -eq 1 ]]; then
     fi
     HALF_RATE[$role]="$(awk -v p="$peak" 'BEGIN { printf "%d", p / 2 }')"
   done
-  for role in pre post; do
-    rate="${HALF_RATE[$role]:-}"
-    [[ -n "$rate" ]] || continue
-    run_case direct "half-$role" "$rate"
-    for p in "${PROXIES[@]}"; do
-      run_case "$role:$p" "half-$role" "$rate"
+  for ((r = 1; r <= HALF_ROUNDS; r++)); do
+    for role in pre post; do
+      rate="${HALF_RATE[$role]:-}"
+      [[ -n "$rate" ]] || continue
+      half_cases=(direct)
+      for p in "${PROXIES[@]}"; do half_cases+=("$role:$p"); done
+      m=${#half_cases[@]}
+      for ((k = 0; k < m; k++)); do
+        run_case "${half_cases[$(((k + r - 1) % m))]}" "h-$role-$r" "$rate"
+      done
     done
   done
 fi
+
+# One more round with perf stat counting the serving process's system calls.
+if [[ $SYSCALLS -eq 1 ]]; then
+  SYS_ROUND=1
+  for c in "${CASES[@]}"; do run_case "$c" sys; done
+  SYS_ROUND=""
+fi
+
+# Syscalls per 2xx answer for a case: total, writes, reads, epoll waits, futex.
+syscalls_per_request() {
+  local c=$1 ok
+  ok="$(awk -F'\t' -v c="$c" '$1 == c && $2 == "sys" { print $7 }' "$RESULTS" | head -n1)"
+  awk -F, -v n="${ok:-0}" '
+    { gsub(/^syscalls:sys_enter_/, "", $3); count[$3] = $1 + 0 }
+    END {
+      if (n == 0) { print "NA\tNA\tNA\tNA\tNA"; exit }
+      w = count["write"] + count["writev"] + count["sendto"] + count["sendmsg"] + count["sendmmsg"]
+      r = count["read"] + count["readv"] + count["recvfrom"] + count["recvmsg"]
+      e = count["epoll_wait"] + count["epoll_pwait"]
+      printf "%.2f\t%.2f\t%.2f\t%.2f\t%.2f\n", count["raw_syscalls:sys_enter"] / n, w / n, r / n, e / n, count["futex"] / n
+    }' "$WORK/perf-stat.${c/:/-}.txt" 2>/dev/null || printf 'NA\tNA\tNA\tNA\tNA\n'
+}
 
 # --- report ----------------------------------------------------------------------------------------
 
@@ -481,7 +553,14 @@ report() {
   echo "### Run of $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "- machine: $(nproc) CPUs, ${cpu_model:-unknown CPU}, kernel $(uname -r)"
-  echo "- tools: $(version_of pushrelay) (git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- src 2>/dev/null || echo ', src/ modified'))," \
+  local built
+  if [[ "$PUSHRELAY" == "$ROOT/target/release/pushrelay" ]]; then
+    built="git $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')"
+    git -C "$ROOT" diff --quiet HEAD -- src 2>/dev/null || built+=", src/ modified"
+  else
+    built="binary $PUSHRELAY"
+  fi
+  echo "- tools: $(version_of pushrelay) ($built)," \
     "$(version_of h2load)$([[ $HAVE_NGHTTPX -eq 1 ]] && echo ", $(version_of nghttpx)")$([[ $HAVE_HAPROXY -eq 1 ]] && echo ", $(version_of haproxy)")"
   echo "- load: h2load -t 1, $REQUESTS POSTs of 300 bytes per run; HTTP/2 cases -c $CLIENTS -m $STREAMS," \
     "HTTP/1.1 cases --h1 -c $H1_CLIENTS (one request in flight per connection); $ROUNDS interleaved" \
@@ -518,28 +597,51 @@ report() {
   done
   if [[ $HALF_LOAD -eq 1 ]]; then
     echo
-    echo "#### Half of pushrelay's peak (h2load --rps; one round)"
+    echo "#### Half of pushrelay's peak (h2load --rps; median of $HALF_ROUNDS interleaved rounds)"
     echo
-    echo "| case | offered req/s | achieved req/s | p50 ms | p99 ms | p99 added over direct ms | CPU µs/req |"
+    echo "| case | offered req/s | achieved req/s | p50 ms | p99 ms [range] | p99 added over direct ms | CPU µs/req |"
     echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-    local r rate d99
+    local rate d99 rx label p99
     for role in pre post; do
       rate="${HALF_RATE[$role]:-}"
       [[ -n "$rate" ]] || continue
-      r="half-$role"
-      d99="$(value direct "$r" 5)"
-      printf '| %s | %s | %s | %s | %s | – | %s |\n' "direct (baseline for $role)" "$rate" \
-        "$(value direct "$r" 3)" "$(ms "$(value direct "$r" 4)")" "$(ms "$d99")" "$(value direct "$r" 6)"
-      for p in "${PROXIES[@]}"; do
-        c="$role:$p"
-        printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$(role_name "$role"): $p" "$rate" \
-          "$(value "$c" "$r" 3)" "$(ms "$(value "$c" "$r" 4)")" "$(ms "$(value "$c" "$r" 5)")" \
-          "$(awk -v a="$(value "$c" "$r" 5)" -v b="$d99" 'BEGIN { if (a == "" || b == "" || a == "NA" || b == "NA") print "NA"; else printf "%+.2f", (a - b) / 1000 }')" \
-          "$(value "$c" "$r" 6)"
+      rx="^h-$role-"
+      d99="$(median direct 5 "$rx")"
+      for c in direct "${PROXIES[@]/#/$role:}"; do
+        if [[ $c == direct ]]; then
+          label="direct (baseline for $role)"
+        else
+          label="$(role_name "$role"): ${c#*:}"
+        fi
+        p99="$(median "$c" 5 "$rx")"
+        printf '| %s | %s | %.0f | %s | %s [%s] | %s | %s |\n' "$label" "$rate" \
+          "$(median "$c" 3 "$rx" | sed 's/NA/0/')" "$(ms "$(median "$c" 4 "$rx")")" "$(ms "$p99")" \
+          "$(spread "$c" 5 "$rx" | awk -F'–' '{ if ($1 == "NA") print "NA"; else printf "%.2f–%.2f", $1 / 1000, $2 / 1000 }')" \
+          "$(if [[ $c == direct ]]; then echo "–"; else awk -v a="$p99" -v b="$d99" 'BEGIN { if (a == "NA" || b == "NA") print "NA"; else printf "%+.2f", (a - b) / 1000 }'; fi)" \
+          "$(median "$c" 6 "$rx")"
       done
     done
     echo
     echo "h2load --rps is per connection: the offered rate is split evenly over the case's connections."
+  fi
+  echo
+  if [[ $SYSCALLS -eq 1 ]]; then
+    echo "#### System calls per request (one full-load round under perf stat; direct = the origin)"
+    echo
+    echo "| case | all | writes (write, writev, send*) | reads (read, readv, recv*) | epoll_wait | futex |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: |"
+    local t w r e f
+    for c in "${CASES[@]}"; do
+      IFS=$'\t' read -r t w r e f < <(syscalls_per_request "$c")
+      if [[ $c == direct ]]; then
+        label="$(role_name direct)"
+      else
+        label="$(role_name "${c%%:*}"): ${c#*:}"
+      fi
+      printf '| %s | %s | %s | %s | %s | %s |\n' "$label" "$t" "$w" "$r" "$e" "$f"
+    done
+  else
+    echo "No syscall counts: ${SYSCALLS_WHY:-skipped with --no-syscalls}."
   fi
   if [[ $PEERS -eq 1 && ($HAVE_NGHTTPX -eq 0 || $HAVE_HAPROXY -eq 0) ]]; then
     echo
