@@ -570,7 +570,7 @@ report() {
   echo "- CPU/request: the proxy's utime+stime delta (/proc/PID/stat, CLK_TCK $CLK_TCK) over a run ÷ 2xx answers;" \
     "for direct it is the origin's own cost"
   echo
-  echo "#### Full load (median of $ROUNDS rounds; range in brackets)"
+  echo "#### Full load (median of $ROUNDS rounds; req/s range and each round's CPU in brackets)"
   echo
   echo "| case | req/s | p50 ms | p99 ms | CPU µs/req | pushrelay CPU ÷ this | failed runs |"
   echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
