@@ -190,18 +190,20 @@ fn ca_issue(dir: &Path, hosts: &[String], name: &str) -> ExitCode {
     }
 }
 
-fn init_tracing(config: &Config) {
+fn init_tracing(config: &Config) -> crate::log::LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (sink, guard) = crate::log::sink(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(sink);
     match config.log.format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 /// With no configuration file, the built-in listener's CA is created on first start.
@@ -235,7 +237,7 @@ fn serve(file: Option<&Path>) -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
-    init_tracing(&loaded.config);
+    let _log = init_tracing(&loaded.config);
     tracing::info!(version = env!("CARGO_PKG_VERSION"), config = %loaded.origin, "pushrelay starting");
     for w in &loaded.warnings {
         tracing::warn!("{w}");

@@ -4,6 +4,7 @@
 //! - `cli`: the command line (serve, check, ca init, ca issue).
 //! - `config`: YAML + `PUSHRELAY_` env into typed, validated configuration, before any bind.
 //! - `admin`: /healthz, /readyz and /metrics on the admin listener.
+//! - `log`: the log sink (one writer thread, lines batched).
 //! - `metrics`: Prometheus metrics with stable names.
 //! - `listen`: accept loop, connection limit, source allowlist before any TLS work.
 //! - `policy`: pure allowlists (source CIDRs, destination host:port).
@@ -25,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod listen;
+pub mod log;
 pub mod metrics;
 pub mod policy;
 pub mod probe;

@@ -375,7 +375,8 @@ impl Pool {
                 }
             };
             if connect_now {
-                return self.connect(&dest).await;
+                // Boxed: connecting is rare, and inline it would triple every request's future.
+                return Box::pin(self.connect(&dest)).await;
             }
             // Wake at the back-off's end too, so a queued request can start the reconnect.
             let retry_at = dest.lock().retry_at;
