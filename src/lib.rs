@@ -1,7 +1,8 @@
 //! pushrelay: a relay appliance that carries APNs / FCM HTTP/2 push traffic out of locked-down
 //! networks. Data flows one way: listener → restrictions → protocol → upstream.
 //!
-//! - `cli`: the command line (serve, check, ca init, ca issue).
+//! - `cli`: the command line (serve, check, ca init, ca issue, probe).
+//! - `coalesce`: write coalescing so a burst of pushes shares TLS records and syscalls.
 //! - `config`: YAML + `PUSHRELAY_` env into typed, validated configuration, before any bind.
 //! - `admin`: /healthz, /readyz and /metrics on the admin listener.
 //! - `log`: the log sink (one writer thread, lines batched).
@@ -23,6 +24,7 @@
 
 pub mod admin;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod listen;

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::body::RelayBody;
 use super::headers::{HeadError, named_host};
 use super::{Ctx, Relay};
+use crate::coalesce::Coalesce;
 use crate::config::{Config, ListenerConfig};
 use crate::error::RelayError;
 use crate::policy::{Authority, DestinationPolicy, normalize_host};
@@ -149,7 +150,7 @@ impl PreProxy {
         });
         let conn = self
             .http
-            .serve_connection(TokioIo::new(tls_stream), service);
+            .serve_connection(TokioIo::new(Coalesce::new(tls_stream)), service);
         if let Err(e) = super::drive(conn, &shutdown).await {
             tracing::debug!(listener = %self.name, client.addr = %peer, error = %e, "client connection ended with an error");
         }
