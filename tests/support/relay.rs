@@ -92,12 +92,6 @@ pub fn pre_proxy_yaml(pki: &TestPki, origin: &FakeApns, via: Via) -> String {
 }
 
 pub fn pre_proxy_yaml_on(pki: &TestPki, port: u16, via: Via) -> String {
-    let upstream = match via {
-        Via::Direct => format!(
-            "  connect_to:\n    \"api.push.apple.com:{port}\": \"127.0.0.1:{port}\"\n    \"api.sandbox.push.apple.com:{port}\": \"127.0.0.1:{port}\"\n"
-        ),
-        Via::Proxy(url) => format!("  proxy: \"{url}\"\n"),
-    };
     format!(
         r#"listeners:
   - name: apns
@@ -108,20 +102,15 @@ pub fn pre_proxy_yaml_on(pki: &TestPki, port: u16, via: Via) -> String {
       ca_cert: "{ca_cert}"
       ca_key: "{ca_key}"
     allow_sources: ["127.0.0.1/32"]
-destinations:
-  - "api.push.apple.com:{port}"
-  - "api.sandbox.push.apple.com:{port}"
-upstream:
-  extra_roots: ["{ca_cert}"]
-  connect_timeout: 2s
-  request_timeout: 5s
-{upstream}"#,
+{rest}"#,
         ca_cert = pki.ca_cert.display(),
         ca_key = pki.ca_key.display(),
+        rest = destinations_and_upstream(pki, port, via),
     )
 }
 
-/// A post-proxy relay (plain HTTP/1.1 front door) for the APNs hosts on the origin's port.
+/// A post-proxy relay (plain HTTP/1.1 front door) for the APNs hosts on the origin's port;
+/// `extra` is appended (top-level keys such as `limits:`).
 pub fn post_proxy_yaml(pki: &TestPki, origin: &FakeApns, extra: &str) -> String {
     let port = origin.port();
     format!(
@@ -131,17 +120,29 @@ pub fn post_proxy_yaml(pki: &TestPki, origin: &FakeApns, extra: &str) -> String 
     bind: "127.0.0.1:0"
     upstream_port: {port}
     allow_sources: ["127.0.0.1/32"]
-destinations:
+{rest}{extra}"#,
+        rest = destinations_and_upstream(pki, port, Via::Direct),
+    )
+}
+
+/// The APNs hosts on `port` as destinations, and an upstream that trusts the test CA and reaches
+/// the origin directly (pinned by `connect_to`) or through a proxy.
+fn destinations_and_upstream(pki: &TestPki, port: u16, via: Via) -> String {
+    let route = match via {
+        Via::Direct => format!(
+            "  connect_to:\n    \"api.push.apple.com:{port}\": \"127.0.0.1:{port}\"\n    \"api.sandbox.push.apple.com:{port}\": \"127.0.0.1:{port}\"\n"
+        ),
+        Via::Proxy(url) => format!("  proxy: \"{url}\"\n"),
+    };
+    format!(
+        r#"destinations:
   - "api.push.apple.com:{port}"
   - "api.sandbox.push.apple.com:{port}"
 upstream:
   extra_roots: ["{ca_cert}"]
   connect_timeout: 2s
   request_timeout: 5s
-  connect_to:
-    "api.push.apple.com:{port}": "127.0.0.1:{port}"
-    "api.sandbox.push.apple.com:{port}": "127.0.0.1:{port}"
-{extra}"#,
+{route}"#,
         ca_cert = pki.ca_cert.display(),
     )
 }
