@@ -478,3 +478,57 @@ async fn full_queue_answers_503_relay_overloaded() {
     );
     assert_eq!(origin.connection_count(), 1);
 }
+
+/// An origin that accepts TCP but never speaks TLS: 504 RelayUpstreamTimeout within
+/// connect_timeout (1 s here), not a hang.
+#[tokio::test]
+async fn silent_origin_tls_times_out_with_504() {
+    let pki = TestPki::new();
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            open.push(s);
+        }
+    });
+    let yaml = relay::pre_proxy_yaml_on(&pki, port, Via::Direct)
+        .replace("connect_timeout: 2s", "connect_timeout: 1s");
+    let relay = relay::start(&yaml).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let started = std::time::Instant::now();
+    let answer = within(10, "silent origin", client.push(&token(1), PAYLOAD)).await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.reason().as_deref(), Some("RelayUpstreamTimeout"));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    held.abort();
+}
+
+/// An origin that takes the push but never answers: 504 RelayUpstreamTimeout after
+/// request_timeout, and the push is not sent a second time.
+#[tokio::test]
+async fn unanswered_push_times_out_with_504_and_is_not_resent() {
+    let pki = TestPki::new();
+    let hold = Arc::new(tokio::sync::Semaphore::new(0));
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            hold: Some(hold.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let yaml = relay::pre_proxy_yaml(&pki, &origin, Via::Direct)
+        .replace("request_timeout: 5s", "request_timeout: 500ms");
+    let relay = relay::start(&yaml).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let answer = within(10, "unanswered push", client.push(&token(2), PAYLOAD)).await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(answer.reason().as_deref(), Some("RelayUpstreamTimeout"));
+    assert_eq!(origin.received().len(), 1, "sent once, never again");
+    hold.add_permits(1);
+}
