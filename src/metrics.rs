@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::tls::server::CertExpiry;
 use crate::upstream::Pool;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -195,15 +196,17 @@ impl Metrics {
             .inc();
     }
 
-    /// `kind` is `served` or `ca`.
-    pub fn certificate(&self, listener: &str, kind: &'static str, name: &str, not_after: i64) {
-        self.cert_expiry
-            .get_or_create(&CertLabels {
-                listener: listener.to_owned(),
-                kind,
-                name: name.to_owned(),
-            })
-            .set(not_after);
+    /// The expiry of every certificate a listener serves or mints from.
+    pub fn certificates(&self, listener: &str, certs: &[CertExpiry]) {
+        for c in certs {
+            self.cert_expiry
+                .get_or_create(&CertLabels {
+                    listener: listener.to_owned(),
+                    kind: c.kind,
+                    name: c.name.clone(),
+                })
+                .set(c.not_after);
+        }
     }
 
     /// The text exposition, with pool gauges read from `pool` now.

@@ -66,11 +66,7 @@ impl PostProxy {
         }
         let key = format!("listeners[{index}].tls");
         let (config, expiries) = tls::server::build(t, tls::server::Names::Any(&names), &key)?;
-        for c in expiries {
-            relay
-                .metrics()
-                .certificate(&listener.name, c.kind, &c.name, c.not_after);
-        }
+        relay.metrics().certificates(&listener.name, &expiries);
         Ok(Some(TlsAcceptor::from(config)))
     }
 

@@ -78,11 +78,7 @@ impl PreProxy {
         };
         let (server_config, expiries) =
             tls::server::build(tls_config, tls::server::Names::Only(&hosts), &key)?;
-        for c in expiries {
-            relay
-                .metrics()
-                .certificate(&listener.name, c.kind, &c.name, c.not_after);
-        }
+        relay.metrics().certificates(&listener.name, &expiries);
         Ok(TlsAcceptor::from(server_config))
     }
 
