@@ -165,15 +165,7 @@ fn metric(text: &str, prefix: &str) -> f64 {
 #[tokio::test]
 async fn sigterm_drains_the_push_in_flight_and_refuses_new_connections() {
     let pki = TestPki::new();
-    let hold = Arc::new(tokio::sync::Semaphore::new(0));
-    let origin = FakeApns::start_with(
-        &pki,
-        OriginOptions {
-            hold: Some(hold.clone()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let (origin, hold) = FakeApns::start_holding(&pki, OriginOptions::default()).await;
     let mut relay = Relay::start(pki.dir.path(), &pre_proxy_yaml(&pki, &origin, Via::Direct));
     assert_eq!(get(relay.admin, "/readyz").await.0, 200);
     let client = Arc::new(H2Client::connect(&pki, relay.addr).await);

@@ -134,13 +134,11 @@ async fn refused_twice_is_not_sent_a_third_time() {
 #[tokio::test]
 async fn max_streams_one_leads_to_several_connections() {
     let pki = TestPki::new();
-    let hold = Arc::new(tokio::sync::Semaphore::new(0));
     let options = OriginOptions {
         max_concurrent_streams: Some(1),
-        hold: Some(hold.clone()),
         ..Default::default()
     };
-    let origin = FakeApns::start_with(&pki, options).await;
+    let (origin, hold) = FakeApns::start_holding(&pki, options).await;
     let relay = relay::start(&yaml_with(
         &pki,
         &origin,
@@ -172,14 +170,12 @@ async fn max_streams_one_leads_to_several_connections() {
 #[tokio::test]
 async fn max_streams_lowered_at_run_time_is_respected() {
     let pki = TestPki::new();
-    let hold = Arc::new(tokio::sync::Semaphore::new(0));
     let script = Script::new();
     let options = OriginOptions {
-        hold: Some(hold.clone()),
         script: Some(script.clone()),
         ..Default::default()
     };
-    let origin = FakeApns::start_with(&pki, options).await;
+    let (origin, hold) = FakeApns::start_holding(&pki, options).await;
     let relay = relay::start(&yaml_with(
         &pki,
         &origin,
@@ -436,13 +432,11 @@ async fn reconnect_backoff_is_spaced_exponentially() {
 #[tokio::test]
 async fn full_queue_answers_503_relay_overloaded() {
     let pki = TestPki::new();
-    let hold = Arc::new(tokio::sync::Semaphore::new(0));
     let options = OriginOptions {
         max_concurrent_streams: Some(1),
-        hold: Some(hold.clone()),
         ..Default::default()
     };
-    let origin = FakeApns::start_with(&pki, options).await;
+    let (origin, hold) = FakeApns::start_holding(&pki, options).await;
     let upstream = "  max_connections_per_destination: 1\n  max_queued_requests: 1\n";
     let relay = relay::start(&yaml_with(&pki, &origin, Via::Direct, upstream)).await;
     let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
@@ -513,15 +507,7 @@ async fn silent_origin_tls_times_out_with_504() {
 #[tokio::test]
 async fn unanswered_push_times_out_with_504_and_is_not_resent() {
     let pki = TestPki::new();
-    let hold = Arc::new(tokio::sync::Semaphore::new(0));
-    let origin = FakeApns::start_with(
-        &pki,
-        OriginOptions {
-            hold: Some(hold.clone()),
-            ..Default::default()
-        },
-    )
-    .await;
+    let (origin, hold) = FakeApns::start_holding(&pki, OriginOptions::default()).await;
     let yaml = relay::pre_proxy_yaml(&pki, &origin, Via::Direct)
         .replace("request_timeout: 5s", "request_timeout: 500ms");
     let relay = relay::start(&yaml).await;

@@ -147,6 +147,21 @@ impl FakeApns {
         }
     }
 
+    /// An origin whose answers wait until the test adds permits to the returned semaphore, one
+    /// per answer; `options` may set anything else.
+    pub async fn start_holding(pki: &TestPki, options: OriginOptions) -> (Self, Arc<Semaphore>) {
+        let hold = Arc::new(Semaphore::new(0));
+        let origin = Self::start_with(
+            pki,
+            OriginOptions {
+                hold: Some(hold.clone()),
+                ..options
+            },
+        )
+        .await;
+        (origin, hold)
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
