@@ -70,12 +70,16 @@ impl RelayError {
 
 /// A JSON answer `{"reason":"…"}` with `status`.
 pub fn relay_response(status: StatusCode, reason: &str) -> Response<RelayBody> {
-    let mut response = Response::new(RelayBody::full(format!("{{\"reason\":\"{reason}\"}}")));
+    let body = format!("{{\"reason\":\"{reason}\"}}");
+    let length = HeaderValue::from(body.len());
+    let mut response = Response::new(RelayBody::full(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
+    let headers = response.headers_mut();
+    headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    headers.insert(header::CONTENT_LENGTH, length);
     response
 }
 

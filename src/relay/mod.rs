@@ -3,6 +3,7 @@
 //! destination a request is for; everything after that is here, so both modes behave the same.
 
 pub mod body;
+pub mod h2_server;
 pub mod headers;
 pub mod http1;
 pub mod post_proxy;

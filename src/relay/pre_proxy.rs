@@ -1,8 +1,8 @@
 //! The pre-proxy front door: an APNs client that resolves the APNs host to pushrelay connects with
 //! TLS. The certificate is chosen by SNI from the destinations on the listener's upstream port, so
 //! the SNI names the destination; the request's own host must agree (else 421). HTTP/2 is served
-//! with ALPN h2 and also without ALPN (pushy and aioapns start HTTP/2 straight away), HTTP/1.1
-//! with ALPN http/1.1.
+//! with ALPN h2 and also without ALPN (pushy and aioapns start HTTP/2 straight away; the preface
+//! tells them apart), by `h2_server`; HTTP/1.1 (ALPN http/1.1, or no ALPN and no preface) by hyper.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,16 +10,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
+use http_body::Body;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
-use super::body::RelayBody;
+use super::body::{H2Body, RelayBody};
+use super::h2_server::{self, CLIENT_MAX_STREAMS};
 use super::headers::{HeadError, named_host};
 use super::{Ctx, Relay};
 use crate::coalesce::Coalesce;
@@ -28,9 +30,7 @@ use crate::error::RelayError;
 use crate::policy::{Authority, DestinationPolicy, normalize_host};
 use crate::reload::Swap;
 use crate::tls::{self, TlsSetupError};
-
-/// HTTP/2 streams a client may have open at once on one connection, as APNs allows about 1000.
-const CLIENT_MAX_STREAMS: u32 = 1000;
+use crate::upstream::BoxError;
 
 pub struct PreProxy {
     name: Arc<str>,
@@ -38,10 +38,11 @@ pub struct PreProxy {
     upstream_port: u16,
     relay: Arc<Relay>,
     http: auto::Builder<TokioExecutor>,
+    h2: h2_server::Settings,
     handshake_timeout: Duration,
 }
 
-/// The HTTP server settings both front doors share.
+/// The HTTP/1.1 server settings (HTTP/2 clients are served by `h2_server`).
 pub fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -99,6 +100,10 @@ impl PreProxy {
             upstream_port: listener.upstream_port,
             relay,
             http: http_builder(config),
+            h2: h2_server::Settings {
+                max_header_list_size: config.limits.max_header_bytes as u32,
+                handshake_timeout: config.limits.handshake_timeout,
+            },
             handshake_timeout: config.limits.handshake_timeout,
         })
     }
@@ -136,8 +141,56 @@ impl PreProxy {
             listener: self.name.clone(),
             client: peer,
         };
+        let served = match tls_stream.get_ref().1.alpn_protocol() {
+            Some(b"h2") => self.serve_h2(tls_stream, &ctx, &sni, &shutdown).await,
+            Some(_) => {
+                self.serve_http1(tls_stream, &ctx, sni.into(), &shutdown)
+                    .await
+            }
+            // No ALPN: pushy and aioapns start HTTP/2 straight away; anything else is HTTP/1.1.
+            None => {
+                match timeout(self.handshake_timeout, h2_server::sniff_preface(tls_stream)).await {
+                    Ok(Ok((true, io))) => self.serve_h2(io, &ctx, &sni, &shutdown).await,
+                    Ok(Ok((false, io))) => self.serve_http1(io, &ctx, sni.into(), &shutdown).await,
+                    Ok(Err(e)) => Err(e.into()),
+                    Err(_) => Err("no request within the handshake timeout".into()),
+                }
+            }
+        };
+        if let Err(e) = served {
+            tracing::debug!(listener = %self.name, client.addr = %peer, error = %e, "client connection ended with an error");
+        }
+    }
+
+    async fn serve_h2<IO>(
+        &self,
+        io: IO,
+        ctx: &Ctx,
+        sni: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BoxError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin,
+    {
+        h2_server::serve(io, &self.h2, shutdown, |req: Request<h2::RecvStream>| {
+            self.handle(ctx, sni, req.map(H2Body::new))
+        })
+        .await
+        .map_err(Into::into)
+    }
+
+    async fn serve_http1<IO>(
+        self: &Arc<Self>,
+        io: IO,
+        ctx: &Ctx,
+        sni: Arc<str>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BoxError>
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let this = self.clone();
-        let sni: Arc<str> = sni.into();
+        let ctx = ctx.clone();
         let service = service_fn(move |req| {
             let this = this.clone();
             let ctx = ctx.clone();
@@ -146,13 +199,15 @@ impl PreProxy {
         });
         let conn = self
             .http
-            .serve_connection(TokioIo::new(Coalesce::new(tls_stream)), service);
-        if let Err(e) = super::drive(conn, &shutdown).await {
-            tracing::debug!(listener = %self.name, client.addr = %peer, error = %e, "client connection ended with an error");
-        }
+            .serve_connection(TokioIo::new(Coalesce::new(io)), service);
+        super::drive(conn, shutdown).await
     }
 
-    async fn handle(&self, ctx: &Ctx, sni: &str, req: Request<Incoming>) -> Response<RelayBody> {
+    async fn handle<B>(&self, ctx: &Ctx, sni: &str, req: Request<B>) -> Response<RelayBody>
+    where
+        B: Body<Data = bytes::Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
         let named = match named_host(req.uri(), req.headers()) {
             Ok(n) => Some(n),
             // SNI already names the host; a request without one is for it.
@@ -180,7 +235,7 @@ impl PreProxy {
         self.relay.forward(ctx, dest, &authority, req).await
     }
 
-    fn refuse(&self, ctx: &Ctx, req: &Request<Incoming>, e: RelayError) -> Response<RelayBody> {
+    fn refuse<B>(&self, ctx: &Ctx, req: &Request<B>, e: RelayError) -> Response<RelayBody> {
         let path = super::loggable_path(req.uri().path());
         self.relay
             .record_failure(ctx, req.method(), None, &path, &e, Duration::ZERO);

@@ -79,19 +79,23 @@ where
         self.done && self.sent.is_empty() && self.trailers.is_none()
     }
 
-    /// Sends what was sent before, then the rest of the client's body, with flow control.
+    /// Sends what was sent before, then the rest of the client's body. Frames are handed to h2
+    /// without waiting for flow-control credit: h2 holds what the window does not yet allow, and
+    /// that is bounded by the body limit, as this body keeps a copy of all of it anyway.
     async fn pump(&mut self, send: &mut SendStream<Bytes>) -> Result<(), PumpError> {
         let replayed = self.sent.len();
         for (i, chunk) in self.sent.iter().enumerate() {
             let last = self.done && self.trailers.is_none() && i + 1 == replayed;
-            send_data(send, chunk.clone(), last).await?;
+            send.send_data(chunk.clone(), last)
+                .map_err(|_| PumpError::Stream)?;
         }
         while !self.done {
             let frame = poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await;
             match frame {
                 None => {
                     self.done = true;
-                    send_data(send, Bytes::new(), true).await?;
+                    send.send_data(Bytes::new(), true)
+                        .map_err(|_| PumpError::Stream)?;
                 }
                 Some(Err(e)) => return Err(PumpError::Body(UpstreamError::ClientBody(e.into()))),
                 Some(Ok(frame)) => match frame.into_data() {
@@ -103,10 +107,14 @@ where
                             }));
                         }
                         self.done = self.body.is_end_stream();
+                        if data.is_empty() && !self.done {
+                            continue;
+                        }
                         if !data.is_empty() {
                             self.sent.push(data.clone());
                         }
-                        send_data(send, data, self.done).await?;
+                        send.send_data(data, self.done)
+                            .map_err(|_| PumpError::Stream)?;
                     }
                     Err(frame) => {
                         if let Ok(trailers) = frame.into_trailers() {
@@ -125,16 +133,21 @@ where
     }
 }
 
-/// Sends `data` as DATA frames as the stream's window allows; an empty `data` with `end` sends the
-/// closing empty frame.
-async fn send_data(
+/// The stream was reset or closed: nothing more can be sent on it.
+#[derive(Debug)]
+pub struct StreamGone;
+
+/// Sends `data` as DATA frames as the stream's window allows, waiting for credit, so a slow reader
+/// slows the sender down instead of filling memory; an empty `data` with `end` sends the closing
+/// empty frame.
+pub async fn send_flow_controlled(
     send: &mut SendStream<Bytes>,
     mut data: Bytes,
     end: bool,
-) -> Result<(), PumpError> {
+) -> Result<(), StreamGone> {
     if data.is_empty() {
         if end {
-            send.send_data(data, true).map_err(|_| PumpError::Stream)?;
+            send.send_data(data, true).map_err(|_| StreamGone)?;
         }
         return Ok(());
     }
@@ -142,14 +155,14 @@ async fn send_data(
         send.reserve_capacity(data.len());
         let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
             Some(Ok(n)) => n,
-            _ => return Err(PumpError::Stream),
+            _ => return Err(StreamGone),
         };
         if granted == 0 {
             continue;
         }
         let chunk = data.split_to(granted.min(data.len()));
         send.send_data(chunk, end && data.is_empty())
-            .map_err(|_| PumpError::Stream)?;
+            .map_err(|_| StreamGone)?;
     }
     Ok(())
 }

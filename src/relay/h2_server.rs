@@ -1,0 +1,268 @@
+//! HTTP/2 clients served with the `h2` server API directly. Every stream of a connection is
+//! answered inside the connection's own task (no task per request): a burst of pushes is decoded,
+//! handed upstream and answered with one wake-up and, through `Coalesce`, one TLS record and one
+//! write, where a task per stream would cost a spawn, a wake-up and a write each.
+//!
+//! Also here: telling an HTTP/2 client that sent no ALPN from an HTTP/1.1 one, by its preface.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use h2::RecvStream;
+use h2::server::SendResponse;
+use http::{Request, Response};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
+
+use super::body::RelayBody;
+use crate::coalesce::Coalesce;
+use crate::upstream::send_flow_controlled;
+
+/// HTTP/2 streams a client may have open at once on one connection, as APNs allows about 1000.
+pub const CLIENT_MAX_STREAMS: u32 = 1000;
+/// Receive windows towards clients: a push (≤ 5 KiB) never waits for credit.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+
+/// The connection preface every HTTP/2 client sends first (RFC 9113 §3.4).
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_header_list_size: u32,
+    /// Bound on the client's preface and SETTINGS.
+    pub handshake_timeout: Duration,
+}
+
+/// Why a connection ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("HTTP/2 handshake timed out after {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error(transparent)]
+    H2(#[from] h2::Error),
+}
+
+/// Serves one HTTP/2 connection until the client closes it, or until `shutdown` (then GOAWAY, and
+/// the streams in flight finish). `handle` answers each request.
+pub async fn serve<IO, H, F>(
+    io: IO,
+    settings: &Settings,
+    shutdown: &CancellationToken,
+    handle: H,
+) -> Result<(), ServeError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    H: Fn(Request<RecvStream>) -> F,
+    F: Future<Output = Response<RelayBody>>,
+{
+    let handshake = h2::server::Builder::new()
+        .max_concurrent_streams(CLIENT_MAX_STREAMS)
+        .max_header_list_size(settings.max_header_list_size)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .handshake::<_, Bytes>(Coalesce::new(io));
+    let mut conn = timeout(settings.handshake_timeout, handshake)
+        .await
+        .map_err(|_| ServeError::HandshakeTimeout(settings.handshake_timeout))??;
+    let mut streams = FuturesUnordered::new();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((request, respond))) => streams.push(answer(handle(request), respond)),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Ok(()),
+            },
+            Some(()) = streams.next(), if !streams.is_empty() => {}
+            _ = shutdown.cancelled(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Waits for `handle`'s answer and sends it on the stream. A client that resets the stream stops
+/// the work: dropping `handle` cancels the upstream stream with it.
+async fn answer<F>(handle: F, mut respond: SendResponse<Bytes>)
+where
+    F: Future<Output = Response<RelayBody>>,
+{
+    let response = {
+        let mut handle = pin!(handle);
+        tokio::select! {
+            response = handle.as_mut() => response,
+            _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
+        }
+    };
+    let (parts, mut body) = response.into_parts();
+    let end = body.is_end_stream();
+    let Ok(mut send) = respond.send_response(Response::from_parts(parts, ()), end) else {
+        return;
+    };
+    if end {
+        return;
+    }
+    loop {
+        match poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+            None => {
+                let _ = send_flow_controlled(&mut send, Bytes::new(), true).await;
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::info!(error = %e, "origin's answer body broke off; resetting the client's stream");
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let last = body.is_end_stream();
+                    if (!data.is_empty() || last)
+                        && send_flow_controlled(&mut send, data, last).await.is_err()
+                    {
+                        return;
+                    }
+                    if last {
+                        return;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = send.send_trailers(trailers);
+                        return;
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Reads until the bytes seen either are the HTTP/2 preface or cannot be, and returns the stream
+/// with those bytes put back. `true`: the client speaks HTTP/2.
+pub async fn sniff_preface<IO>(mut io: IO) -> io::Result<(bool, Rewind<IO>)>
+where
+    IO: AsyncRead + Unpin,
+{
+    let mut seen = Vec::with_capacity(PREFACE.len());
+    while seen.len() < PREFACE.len() && PREFACE.starts_with(&seen) {
+        let mut byte = [0u8; PREFACE.len()];
+        let want = PREFACE.len() - seen.len();
+        let n = io.read(&mut byte[..want]).await?;
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&byte[..n]);
+    }
+    let h2 = seen.as_slice() == PREFACE;
+    Ok((
+        h2,
+        Rewind {
+            prefix: Bytes::from(seen),
+            io,
+        },
+    ))
+}
+
+/// A stream whose first bytes, already read, are served again before the rest.
+pub struct Rewind<IO> {
+    prefix: Bytes,
+    io: IO,
+}
+
+impl<IO> Rewind<IO> {
+    pub fn get_ref(&self) -> &IO {
+        &self.io
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            buf.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, data)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    async fn sniff(sent: &[u8]) -> (bool, Vec<u8>) {
+        let (mut a, b) = tokio::io::duplex(1024);
+        a.write_all(sent).await.unwrap();
+        drop(a);
+        let (h2, mut rewound) = sniff_preface(b).await.unwrap();
+        let mut all = Vec::new();
+        rewound.read_to_end(&mut all).await.unwrap();
+        (h2, all)
+    }
+
+    #[tokio::test]
+    async fn the_preface_means_http2_and_every_byte_is_read_again() {
+        let mut sent = PREFACE.to_vec();
+        sent.extend_from_slice(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00");
+        assert_eq!(sniff(&sent).await, (true, sent.clone()));
+    }
+
+    #[tokio::test]
+    async fn an_http1_request_is_told_apart_at_its_first_byte_and_kept_whole() {
+        let sent = b"POST /3/device/abc HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
+        assert_eq!(sniff(&sent).await, (false, sent.clone()));
+        // Sharing the preface's first bytes is not enough.
+        let sent = b"PRI * HTTP/1.1\r\n\r\n".to_vec();
+        assert_eq!(sniff(&sent).await, (false, sent.clone()));
+    }
+
+    #[tokio::test]
+    async fn a_client_that_closes_early_is_not_http2() {
+        assert_eq!(sniff(b"PRI * HT").await, (false, b"PRI * HT".to_vec()));
+    }
+}
