@@ -370,7 +370,7 @@ impl FromStr for ProxyUrl {
             }
         };
         Ok(ProxyUrl {
-            host,
+            host: host.into_owned(),
             port,
             username,
             password,

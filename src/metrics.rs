@@ -3,6 +3,7 @@
 //! the pool's own accounting, so they can never drift from it.
 
 use std::fmt::Write;
+use std::sync::Arc;
 use std::sync::atomic::AtomicI64;
 use std::time::Duration;
 
@@ -18,8 +19,8 @@ use crate::upstream::Pool;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
-    listener: String,
-    destination: String,
+    listener: Arc<str>,
+    destination: Arc<str>,
     status_class: &'static str,
 }
 
@@ -30,7 +31,7 @@ struct ReasonLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ListenerLabels {
-    listener: String,
+    listener: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -144,7 +145,15 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    pub fn request(&self, listener: &str, destination: &str, status: u16, elapsed: Duration) {
+    /// Counts an answered request. Labels are shared strings: looking a series up per request
+    /// allocates nothing.
+    pub fn request(
+        &self,
+        listener: &Arc<str>,
+        destination: &Arc<str>,
+        status: u16,
+        elapsed: Duration,
+    ) {
         let status_class = match status {
             100..=199 => "1xx",
             200..=299 => "2xx",
@@ -154,14 +163,14 @@ impl Metrics {
         };
         self.requests
             .get_or_create(&RequestLabels {
-                listener: listener.to_owned(),
-                destination: destination.to_owned(),
+                listener: listener.clone(),
+                destination: destination.clone(),
                 status_class,
             })
             .inc();
         self.duration
             .get_or_create(&ListenerLabels {
-                listener: listener.to_owned(),
+                listener: listener.clone(),
             })
             .observe(elapsed.as_secs_f64());
     }

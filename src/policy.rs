@@ -2,18 +2,46 @@
 //! may ever connect to. Host names compare case-insensitively and without a trailing dot, IPv6 hosts
 //! are held without brackets, and IPv4-mapped IPv6 clients are judged as the IPv4 address they are.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
 /// A destination `host:port`, normalised: lower-case host, no trailing dot, IPv6 without brackets.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Written out once (`host:port`, IPv6 in brackets) and shared, so cloning one per request, using
+/// it as a pool key or a metrics label, costs no allocation.
+#[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Authority {
-    host: String,
+    /// `host:port` as `Display` writes it.
+    text: Arc<str>,
+    /// Where the host is in `text`.
+    host: std::ops::Range<usize>,
     port: u16,
+}
+
+impl fmt::Debug for Authority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authority")
+            .field("host", &self.host())
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+impl PartialOrd for Authority {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Authority {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.host(), self.port).cmp(&(other.host(), other.port))
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -33,11 +61,29 @@ impl Authority {
         if port == 0 {
             return Err(AuthorityError::BadPort(format!("{host}:0")));
         }
-        Ok(Authority { host, port })
+        Ok(Authority::from_parts(&host, port))
+    }
+
+    fn from_parts(host: &str, port: u16) -> Self {
+        let (text, start) = if host.contains(':') {
+            (format!("[{host}]:{port}"), 1)
+        } else {
+            (format!("{host}:{port}"), 0)
+        };
+        Authority {
+            text: text.into(),
+            host: start..start + host.len(),
+            port,
+        }
     }
 
     pub fn host(&self) -> &str {
-        &self.host
+        &self.text[self.host.clone()]
+    }
+
+    /// `host:port`, as `Display` writes it, shared.
+    pub fn as_shared_str(&self) -> &Arc<str> {
+        &self.text
     }
 
     pub fn port(&self) -> u16 {
@@ -45,7 +91,7 @@ impl Authority {
     }
 
     /// Splits `host[:port]` as written in a `Host` header or `:authority`; the port is optional here.
-    pub fn split_host_port(s: &str) -> Result<(String, Option<u16>), AuthorityError> {
+    pub fn split_host_port(s: &str) -> Result<(Cow<'_, str>, Option<u16>), AuthorityError> {
         let bad_host = || AuthorityError::BadHost(s.to_owned());
         let (host, port) = if let Some(rest) = s.strip_prefix('[') {
             let (v6, after) = rest.split_once(']').ok_or_else(bad_host)?;
@@ -69,7 +115,7 @@ impl Authority {
                 _ => return Err(AuthorityError::BadPort(s.to_owned())),
             },
         };
-        let host = normalize_host(host).ok_or_else(bad_host)?;
+        let host = normalized_host(host).ok_or_else(bad_host)?;
         Ok((host, port))
     }
 }
@@ -79,7 +125,7 @@ impl FromStr for Authority {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match Authority::split_host_port(s)? {
-            (host, Some(port)) => Ok(Authority { host, port }),
+            (host, Some(port)) => Ok(Authority::from_parts(&host, port)),
             (_, None) => Err(AuthorityError::MissingPort(s.to_owned())),
         }
     }
@@ -87,22 +133,23 @@ impl FromStr for Authority {
 
 impl fmt::Display for Authority {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
+        f.write_str(&self.text)
     }
 }
 
 /// Lower-cases a host, drops one trailing dot and IPv6 brackets; `None` when it cannot be a host.
 pub fn normalize_host(host: &str) -> Option<String> {
+    normalized_host(host).map(Cow::into_owned)
+}
+
+/// As `normalize_host`, borrowing when the host is already in normal form (the usual case).
+pub fn normalized_host(host: &str) -> Option<Cow<'_, str>> {
     let host = host
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return Some(ip.to_string());
+        return Some(Cow::Owned(ip.to_string()));
     }
     let host = host.strip_suffix('.').unwrap_or(host);
     let valid = !host.is_empty()
@@ -114,7 +161,13 @@ pub fn normalize_host(host: &str) -> Option<String> {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         });
-    valid.then(|| host.to_ascii_lowercase())
+    if !valid {
+        None
+    } else if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Some(Cow::Owned(host.to_ascii_lowercase()))
+    } else {
+        Some(Cow::Borrowed(host))
+    }
 }
 
 /// Client addresses allowed to connect. Empty means nobody.
@@ -168,7 +221,7 @@ impl DestinationPolicy {
             .allowed
             .iter()
             .filter(|a| a.port == port)
-            .map(|a| a.host.clone())
+            .map(|a| a.host().to_owned())
             .collect();
         hosts.sort();
         hosts

@@ -3,6 +3,8 @@
 //! becomes `:authority` without staying behind as a stray header, and a request whose target and
 //! `Host` disagree is refused.
 
+use std::borrow::Cow;
+
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 
@@ -36,31 +38,27 @@ pub enum HeadError {
 
 /// The host a request names: from the target (`:authority` or absolute-form) or `Host`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NamedHost {
+pub struct NamedHost<'a> {
     /// Normalised host name.
-    pub host: String,
+    pub host: Cow<'a, str>,
     /// The port when the request wrote one.
     pub port: Option<u16>,
-    /// As the client wrote it, for `:authority` upstream.
-    pub raw: String,
+    /// As the client wrote it.
+    pub raw: &'a str,
 }
 
 /// Finds the host a request is for. When both the target and `Host` name one, they must agree
 /// (ports included, default ports compared as absent).
-pub fn named_host(uri: &Uri, headers: &HeaderMap) -> Result<NamedHost, HeadError> {
+pub fn named_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<NamedHost<'a>, HeadError> {
     let mut hosts = headers.get_all(header::HOST).iter();
     let host_header = hosts.next();
     if hosts.next().is_some() {
         return Err(HeadError::DuplicateHost);
     }
-    let parse = |raw: &str| -> Result<NamedHost, HeadError> {
+    let parse = |raw: &'a str| -> Result<NamedHost<'a>, HeadError> {
         let (host, port) =
             Authority::split_host_port(raw).map_err(|_| HeadError::BadHost(raw.to_owned()))?;
-        Ok(NamedHost {
-            host,
-            port,
-            raw: raw.to_owned(),
-        })
+        Ok(NamedHost { host, port, raw })
     };
     let from_target = match uri.authority() {
         Some(a) if a.as_str().contains('@') => {
@@ -80,8 +78,8 @@ pub fn named_host(uri: &Uri, headers: &HeaderMap) -> Result<NamedHost, HeadError
             let default_port = |p: Option<u16>| p.filter(|p| *p != 443 && *p != 80);
             if t.host != h.host || default_port(t.port) != default_port(h.port) {
                 return Err(HeadError::HostMismatch {
-                    target: t.raw,
-                    host: h.raw,
+                    target: t.raw.to_owned(),
+                    host: h.raw.to_owned(),
                 });
             }
             Ok(t)
@@ -94,6 +92,13 @@ pub fn named_host(uri: &Uri, headers: &HeaderMap) -> Result<NamedHost, HeadError
 
 /// Removes hop-by-hop headers, those `Connection` names, `Host`, and `TE` other than `trailers`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // A push carries none of them: one look at each name settles that without any removal.
+    let any = headers.keys().any(|name| {
+        name == header::HOST || name == header::TE || HOP_BY_HOP.iter().any(|h| h == name)
+    });
+    if !any {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -125,20 +130,22 @@ pub fn upstream_head(
     method: Method,
     uri: &Uri,
     mut headers: HeaderMap,
-    authority: &str,
+    authority: http::uri::Authority,
 ) -> Result<Request<()>, http::Error> {
     strip_hop_by_hop(&mut headers);
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let uri = Uri::builder()
-        .scheme("https")
-        .authority(authority)
-        .path_and_query(path)
-        .build()?;
-    let mut request = Request::builder()
-        .method(method)
-        .uri(uri)
-        .version(Version::HTTP_2)
-        .body(())?;
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(http::uri::Scheme::HTTPS);
+    parts.authority = Some(authority);
+    // The client's path as parsed already: shared, not parsed again.
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = Uri::from_parts(parts)?;
+    *request.version_mut() = Version::HTTP_2;
     *request.headers_mut() = headers;
     Ok(request)
 }
@@ -208,9 +215,10 @@ mod tests {
             ("https://[::1]:8443/x", &[], "::1", Some(8443)),
         ];
         for (uri, h, host, port) in ok {
-            let named = named_host(&uri.parse().unwrap(), &headers(h)).unwrap();
+            let (uri, h) = (uri.parse().unwrap(), headers(h));
+            let named = named_host(&uri, &h).unwrap();
             assert_eq!(
-                (named.host.as_str(), named.port),
+                (named.host.as_ref(), named.port),
                 (host, port),
                 "{uri} {h:?}"
             );
@@ -305,7 +313,7 @@ mod tests {
             Method::POST,
             &"/3/device/abc?x=1".parse().unwrap(),
             headers(&[("host", "api.push.apple.com"), ("apns-topic", "t")]),
-            "api.push.apple.com",
+            http::uri::Authority::from_static("api.push.apple.com"),
         )
         .unwrap();
         assert_eq!(

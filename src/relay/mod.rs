@@ -88,7 +88,7 @@ impl Relay {
         &self,
         ctx: &Ctx,
         dest: Authority,
-        authority: &str,
+        authority: http::uri::Authority,
         req: Request<B>,
     ) -> Response<RelayBody>
     where
@@ -99,37 +99,36 @@ impl Relay {
         let (mut parts, body) = req.into_parts();
         let result = self.exchange(&dest, authority, &mut parts, body).await;
         let elapsed = started.elapsed();
-        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
-        let path = loggable_path(parts.uri.path());
         match result {
             Ok((response, conn)) => {
                 self.metrics.request(
                     &ctx.listener,
-                    &dest.to_string(),
+                    dest.as_shared_str(),
                     response.status().as_u16(),
                     elapsed,
                 );
-                let apns_id = response
-                    .headers()
-                    .get("apns-id")
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("");
+                // Fields are worked out only when the line is written.
                 tracing::info!(
                     listener = %ctx.listener,
                     client.addr = %ctx.client,
                     method = %parts.method,
                     authority = %dest,
-                    path = %path,
+                    path = %loggable_path(parts.uri.path()),
                     status = response.status().as_u16(),
-                    apns_id,
+                    apns_id = response
+                        .headers()
+                        .get("apns-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or(""),
                     upstream.conn = conn,
-                    duration_ms = elapsed_ms,
+                    duration_ms = elapsed.as_secs_f64() * 1000.0,
                     "relayed"
                 );
                 response
             }
             Err(e) => {
                 let response = e.to_response();
+                let path = loggable_path(parts.uri.path());
                 self.record_failure(ctx, &parts.method, Some(&dest), &path, &e, elapsed);
                 response
             }
@@ -150,9 +149,11 @@ impl Relay {
         let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         let (status, reason, fault) = e.classify();
         let (hop, proxy_status) = hop_of(e);
-        let dest = dest.map(ToString::to_string).unwrap_or_default();
+        let no_dest: Arc<str> = Arc::from("");
+        let label = dest.map(Authority::as_shared_str).unwrap_or(&no_dest);
         self.metrics
-            .request(&ctx.listener, &dest, status.as_u16(), elapsed);
+            .request(&ctx.listener, label, status.as_u16(), elapsed);
+        let dest = dest.map(ToString::to_string).unwrap_or_default();
         self.metrics.relay_error(reason);
         macro_rules! line {
             ($level:ident) => {
@@ -181,7 +182,7 @@ impl Relay {
     async fn exchange<B>(
         &self,
         dest: &Authority,
-        authority: &str,
+        authority: http::uri::Authority,
         parts: &mut http::request::Parts,
         body: B,
     ) -> Result<(Response<RelayBody>, u64), RelayError>

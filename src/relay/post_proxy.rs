@@ -146,7 +146,7 @@ impl PostProxy {
                     self.relay.metrics().relay_error(e.reason());
                     self.relay.metrics().request(
                         &self.name,
-                        "",
+                        &Arc::from(""),
                         e.status().as_u16(),
                         Duration::ZERO,
                     );
@@ -189,7 +189,10 @@ impl PostProxy {
     }
 
     /// The destination, the `:authority` to send, and the target as a URI.
-    fn route(&self, head: &RequestHead) -> Result<(Authority, String, Uri), RelayError> {
+    fn route(
+        &self,
+        head: &RequestHead,
+    ) -> Result<(Authority, http::uri::Authority, Uri), RelayError> {
         if head.method == Method::CONNECT {
             return Err(RelayError::MethodNotAllowed("CONNECT".into()));
         }
@@ -216,9 +219,10 @@ impl PostProxy {
         let dest =
             Authority::new(&named.host, port).map_err(|e| RelayError::BadRequest(e.to_string()))?;
         let authority = match named.port {
-            Some(_) => dest.to_string(),
-            None => named.host,
-        };
+            Some(_) => http::uri::Authority::try_from(dest.to_string()),
+            None => http::uri::Authority::try_from(named.host.as_ref()),
+        }
+        .map_err(|e| RelayError::BadRequest(format!("invalid host: {e}")))?;
         Ok((dest, authority, uri))
     }
 
@@ -258,7 +262,7 @@ impl PostProxy {
         *request.headers_mut() = head.headers;
 
         let (response, fed) = {
-            let mut forward = pin!(self.relay.forward(ctx, dest, &authority, request));
+            let mut forward = pin!(self.relay.forward(ctx, dest, authority, request));
             let mut feed = pin!(feed_body(
                 reader,
                 writer,

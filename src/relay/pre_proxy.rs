@@ -137,21 +137,25 @@ impl PreProxy {
         else {
             return;
         };
+        let target = match Target::new(sni, self.upstream_port) {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                tracing::info!(listener = %self.name, client.addr = %peer, error = %e, "no destination for this SNI");
+                return;
+            }
+        };
         let ctx = Ctx {
             listener: self.name.clone(),
             client: peer,
         };
         let served = match tls_stream.get_ref().1.alpn_protocol() {
-            Some(b"h2") => self.serve_h2(tls_stream, &ctx, &sni, &shutdown).await,
-            Some(_) => {
-                self.serve_http1(tls_stream, &ctx, sni.into(), &shutdown)
-                    .await
-            }
+            Some(b"h2") => self.serve_h2(tls_stream, &ctx, &target, &shutdown).await,
+            Some(_) => self.serve_http1(tls_stream, &ctx, target, &shutdown).await,
             // No ALPN: pushy and aioapns start HTTP/2 straight away; anything else is HTTP/1.1.
             None => {
                 match timeout(self.handshake_timeout, h2_server::sniff_preface(tls_stream)).await {
-                    Ok(Ok((true, io))) => self.serve_h2(io, &ctx, &sni, &shutdown).await,
-                    Ok(Ok((false, io))) => self.serve_http1(io, &ctx, sni.into(), &shutdown).await,
+                    Ok(Ok((true, io))) => self.serve_h2(io, &ctx, &target, &shutdown).await,
+                    Ok(Ok((false, io))) => self.serve_http1(io, &ctx, target, &shutdown).await,
                     Ok(Err(e)) => Err(e.into()),
                     Err(_) => Err("no request within the handshake timeout".into()),
                 }
@@ -166,14 +170,14 @@ impl PreProxy {
         &self,
         io: IO,
         ctx: &Ctx,
-        sni: &str,
+        target: &Target,
         shutdown: &CancellationToken,
     ) -> Result<(), BoxError>
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
         h2_server::serve(io, &self.h2, shutdown, |req: Request<h2::RecvStream>| {
-            self.handle(ctx, sni, req.map(H2Body::new))
+            self.handle(ctx, target, req.map(H2Body::new))
         })
         .await
         .map_err(Into::into)
@@ -183,7 +187,7 @@ impl PreProxy {
         self: &Arc<Self>,
         io: IO,
         ctx: &Ctx,
-        sni: Arc<str>,
+        target: Arc<Target>,
         shutdown: &CancellationToken,
     ) -> Result<(), BoxError>
     where
@@ -194,8 +198,8 @@ impl PreProxy {
         let service = service_fn(move |req| {
             let this = this.clone();
             let ctx = ctx.clone();
-            let sni = sni.clone();
-            async move { Ok::<_, Infallible>(this.handle(&ctx, &sni, req).await) }
+            let target = target.clone();
+            async move { Ok::<_, Infallible>(this.handle(&ctx, &target, req).await) }
         });
         let conn = self
             .http
@@ -203,7 +207,7 @@ impl PreProxy {
         super::drive(conn, shutdown).await
     }
 
-    async fn handle<B>(&self, ctx: &Ctx, sni: &str, req: Request<B>) -> Response<RelayBody>
+    async fn handle<B>(&self, ctx: &Ctx, target: &Target, req: Request<B>) -> Response<RelayBody>
     where
         B: Body<Data = bytes::Bytes> + Unpin,
         B::Error: Into<BoxError>,
@@ -215,24 +219,22 @@ impl PreProxy {
             Err(e) => return self.refuse(ctx, &req, e.into()),
         };
         if let Some(named) = &named
-            && named.host != sni
+            && named.host != target.sni
         {
             let e = RelayError::Misdirected {
-                sni: sni.to_owned(),
-                authority: named.raw.clone(),
+                sni: target.sni.clone(),
+                authority: named.raw.to_string(),
             };
             return self.refuse(ctx, &req, e);
         }
-        let dest = match Authority::new(sni, self.upstream_port) {
-            Ok(d) => d,
-            Err(e) => return self.refuse(ctx, &req, RelayError::BadRequest(e.to_string())),
-        };
         // The client's port (if any) was the relay's; the origin is told its own.
         let authority = match named.and_then(|n| n.port) {
-            Some(_) => dest.to_string(),
-            None => sni.to_owned(),
+            Some(_) => target.with_port.clone(),
+            None => target.bare.clone(),
         };
-        self.relay.forward(ctx, dest, &authority, req).await
+        self.relay
+            .forward(ctx, target.dest.clone(), authority, req)
+            .await
     }
 
     fn refuse<B>(&self, ctx: &Ctx, req: &Request<B>, e: RelayError) -> Response<RelayBody> {
@@ -240,5 +242,26 @@ impl PreProxy {
         self.relay
             .record_failure(ctx, req.method(), None, &path, &e, Duration::ZERO);
         e.to_response()
+    }
+}
+
+/// Where a client connection's requests go, worked out once from its SNI.
+struct Target {
+    sni: String,
+    dest: Authority,
+    /// `:authority` upstream when the client wrote a port, and when it did not.
+    with_port: http::uri::Authority,
+    bare: http::uri::Authority,
+}
+
+impl Target {
+    fn new(sni: String, upstream_port: u16) -> Result<Self, BoxError> {
+        let dest = Authority::new(&sni, upstream_port)?;
+        Ok(Target {
+            with_port: http::uri::Authority::try_from(dest.to_string())?,
+            bare: http::uri::Authority::try_from(sni.as_str())?,
+            dest,
+            sni,
+        })
     }
 }

@@ -198,8 +198,7 @@ where
         let mut resent = false;
         loop {
             let lease = pool.checkout(key, deadline).await?;
-            let (response, mut send) = match lease.send_request(head.clone(), body.is_empty()).await
-            {
+            let (response, mut send) = match lease.send_request(head.clone(), body.is_empty()) {
                 Ok(pair) => pair,
                 // Nothing went out on the wire: another connection may take it.
                 Err(e) if !resent => {

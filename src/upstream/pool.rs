@@ -115,7 +115,7 @@ pub struct Conn {
 impl Conn {
     fn has_room(&self) -> bool {
         self.open.load(Ordering::Acquire)
-            && self.in_flight.load(Ordering::Acquire) < self.send.current_max_send_streams()
+            && self.in_flight.load(Ordering::SeqCst) < self.send.current_max_send_streams()
     }
 
     pub fn id(&self) -> u64 {
@@ -141,6 +141,8 @@ struct Dest {
     key: PoolKey,
     state: Mutex<DestState>,
     changed: Notify,
+    /// Requests waiting on `changed`; a freed stream slot wakes nobody when there are none.
+    waiting: AtomicUsize,
 }
 
 impl Dest {
@@ -168,16 +170,14 @@ impl Lease {
     }
 
     /// Opens a stream. An error here means nothing was sent: the caller may try another lease.
-    pub async fn send_request(
+    pub fn send_request(
         &self,
         request: Request<()>,
         end_of_stream: bool,
     ) -> Result<(ResponseFuture, SendStream<Bytes>), h2::Error> {
-        let result = async {
-            let mut send = self.conn.send.clone().ready().await?;
-            send.send_request(request, end_of_stream)
-        }
-        .await;
+        // A handle of its own, so a stream h2 holds back (the origin lowered its limit under us)
+        // never blocks another request's handle. The pool's accounting stands in for `ready()`.
+        let result = self.conn.send.clone().send_request(request, end_of_stream);
         if result.is_err() {
             self.retire();
         }
@@ -196,16 +196,29 @@ impl Lease {
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.conn.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.dest.changed.notify_waiters();
+        // SeqCst pairs with `QueueSlot::new`: either a new waiter sees this slot free when it
+        // checks again, or this sees the waiter and wakes it.
+        self.conn.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.dest.waiting.load(Ordering::SeqCst) > 0 {
+            self.dest.changed.notify_waiters();
+        }
     }
 }
 
-/// Decrements the waiting count however the wait ends.
+/// A place in the wait queue (the caller counted it in `queued`); decrements both counts however
+/// the wait ends.
 struct QueueSlot<'a>(&'a Dest);
+
+impl<'a> QueueSlot<'a> {
+    fn new(dest: &'a Dest) -> Self {
+        dest.waiting.fetch_add(1, Ordering::SeqCst);
+        QueueSlot(dest)
+    }
+}
 
 impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
         self.0.lock().queued -= 1;
     }
 }
@@ -277,6 +290,7 @@ impl Pool {
                     key: key.clone(),
                     state: Mutex::new(DestState::default()),
                     changed: Notify::new(),
+                    waiting: AtomicUsize::new(0),
                 })
             })
             .clone()
@@ -369,7 +383,10 @@ impl Pool {
                             });
                         }
                         st.queued += 1;
-                        slot = Some(QueueSlot(&dest));
+                        slot = Some(QueueSlot::new(&dest));
+                        // Counted as waiting now: look once more, so a slot freed in between
+                        // (whose Lease saw no waiter) is not missed.
+                        continue;
                     }
                     false
                 }
