@@ -316,6 +316,14 @@ async fn destination_outside_allowlist_is_403() {
         );
     }
     assert_eq!(s.origin.connection_count(), 0);
+    // Counted, but not under the names the client made up: series must not grow without bound.
+    let metrics = s.relay.relay.metrics().render(s.relay.relay.pool());
+    assert!(!metrics.contains("fcm.googleapis.com"), "{metrics}");
+    assert!(!metrics.contains(":2197"), "{metrics}");
+    assert!(
+        metrics.contains("destination=\"\",status_class=\"4xx\"} 2"),
+        "{metrics}"
+    );
 }
 
 /// The origin's GOAWAY after a push is not the client's problem: the next push succeeds.

@@ -149,8 +149,13 @@ impl Relay {
         let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         let (status, reason, fault) = e.classify();
         let (hop, proxy_status) = hop_of(e);
+        // A refused destination is counted without its name: clients choose it, and one series
+        // per made-up host would grow without bound.
         let no_dest: Arc<str> = Arc::from("");
-        let label = dest.map(Authority::as_shared_str).unwrap_or(&no_dest);
+        let label = match (dest, e) {
+            (_, RelayError::DestinationNotAllowed(_)) | (None, _) => &no_dest,
+            (Some(d), _) => d.as_shared_str(),
+        };
         self.metrics
             .request(&ctx.listener, label, status.as_u16(), elapsed);
         let dest = dest.map(ToString::to_string).unwrap_or_default();
