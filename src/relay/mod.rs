@@ -10,7 +10,6 @@ pub mod post_proxy;
 pub mod pre_proxy;
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +26,7 @@ use crate::error::{Fault, RelayError, hop_of};
 use crate::metrics::Metrics;
 use crate::policy::{Authority, DestinationPolicy};
 use crate::reload::Swap;
-use crate::upstream::identity::identity_for;
+use crate::upstream::identity::Identities;
 use crate::upstream::{self, BoxError, Pool, PoolKey, ReplayBody};
 use body::RelayBody;
 
@@ -42,8 +41,8 @@ pub struct Ctx {
 pub struct Relay {
     pool: Pool,
     destinations: Swap<DestinationPolicy>,
-    /// Topics with a configured client certificate (certificate-based APNs auth).
-    cert_topics: HashSet<String>,
+    /// Which upstream identity each request travels under.
+    identities: Identities,
     metrics: Arc<Metrics>,
     max_request_body: usize,
     request_timeout: Duration,
@@ -54,12 +53,7 @@ impl Relay {
         Relay {
             pool,
             destinations: Swap::new(DestinationPolicy::new(config.destinations.iter().cloned())),
-            cert_topics: config
-                .upstream
-                .identities
-                .iter()
-                .map(|i| i.topic.clone())
-                .collect(),
+            identities: Identities::new(config.upstream.identities.iter().map(|i| i.topic.clone())),
             metrics,
             max_request_body: config.limits.max_request_body,
             request_timeout: config.upstream.request_timeout,
@@ -211,7 +205,7 @@ impl Relay {
         }
         let key = PoolKey {
             dest: dest.clone(),
-            identity: identity_for(&parts.headers, &self.cert_topics),
+            identity: self.identities.identity_for(&parts.headers),
         };
         // The headers go upstream; the log line only needs the method and path.
         let head = headers::upstream_head(

@@ -5,32 +5,74 @@
 //! one connection trigger `429 TooManyProviderTokenUpdates`, so each issuer + key id gets its own
 //! connections. The JWT is read, never verified: that is Apple's job.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 
 use base64::Engine;
-use http::HeaderMap;
+use http::{HeaderMap, HeaderValue};
 
 /// Topic suffixes APNs uses for an app's other push types, all served by the app's certificate.
 const TOPIC_SUFFIXES: [&str; 3] = [".voip", ".complication", ".pushkit.fileprovider"];
 
-/// The pool identity for a request: `cert:<topic>` for a configured certificate identity,
-/// `jwt:<iss>/<kid>` for token auth, `None` otherwise.
-pub fn identity_for(headers: &HeaderMap, cert_topics: &HashSet<String>) -> Option<Arc<str>> {
-    if !cert_topics.is_empty()
-        && let Some(topic) = headers.get("apns-topic").and_then(|v| v.to_str().ok())
-    {
-        let base = TOPIC_SUFFIXES
-            .iter()
-            .find_map(|s| topic.strip_suffix(s))
-            .unwrap_or(topic);
-        for candidate in [topic, base] {
-            if cert_topics.contains(candidate) {
-                return Some(format!("cert:{candidate}").into());
-            }
+/// `authorization` values remembered with their identity.
+const RECENT_TOKENS: usize = 16;
+
+/// Finds the pool identity of each request.
+pub struct Identities {
+    /// Each configured certificate topic with its identity, `cert:<topic>`.
+    cert_topics: HashMap<String, Arc<str>>,
+    /// Recently seen `authorization` values and their identities, newest last. A push client
+    /// sends the same JWT for up to an hour, so it is decoded once rather than once per push.
+    recent: Mutex<VecDeque<(HeaderValue, Option<Arc<str>>)>>,
+}
+
+impl Identities {
+    pub fn new(cert_topics: impl IntoIterator<Item = String>) -> Self {
+        Identities {
+            cert_topics: cert_topics
+                .into_iter()
+                .map(|t| {
+                    let id = format!("cert:{t}").into();
+                    (t, id)
+                })
+                .collect(),
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_TOKENS)),
         }
     }
-    let auth = headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+
+    /// The pool identity for a request: `cert:<topic>` for a configured certificate identity,
+    /// `jwt:<iss>/<kid>` for token auth, `None` otherwise.
+    pub fn identity_for(&self, headers: &HeaderMap) -> Option<Arc<str>> {
+        if !self.cert_topics.is_empty()
+            && let Some(topic) = headers.get("apns-topic").and_then(|v| v.to_str().ok())
+        {
+            let base = TOPIC_SUFFIXES
+                .iter()
+                .find_map(|s| topic.strip_suffix(s))
+                .unwrap_or(topic);
+            for candidate in [topic, base] {
+                if let Some(id) = self.cert_topics.get(candidate) {
+                    return Some(id.clone());
+                }
+            }
+        }
+        let auth = headers.get(http::header::AUTHORIZATION)?;
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, id)) = recent.iter().rev().find(|(seen, _)| seen == auth) {
+            return id.clone();
+        }
+        let id = token_identity(auth);
+        if recent.len() == RECENT_TOKENS {
+            recent.pop_front();
+        }
+        recent.push_back((auth.clone(), id.clone()));
+        id
+    }
+}
+
+/// `jwt:<iss>/<kid>` of a bearer token.
+fn token_identity(auth: &HeaderValue) -> Option<Arc<str>> {
+    let auth = auth.to_str().ok()?;
     let token = auth
         .strip_prefix("bearer ")
         .or_else(|| auth.strip_prefix("Bearer "))?;
@@ -91,25 +133,25 @@ mod tests {
 
     #[test]
     fn certificate_identity_by_topic_and_its_suffixes() {
-        let topics: HashSet<String> = ["com.example.app".to_string()].into();
+        let ids = Identities::new(["com.example.app".to_string()]);
         for topic in [
             "com.example.app",
             "com.example.app.voip",
             "com.example.app.complication",
             "com.example.app.pushkit.fileprovider",
         ] {
-            let id = identity_for(&headers(&[("apns-topic", topic)]), &topics);
+            let id = ids.identity_for(&headers(&[("apns-topic", topic)]));
             assert_eq!(id.as_deref(), Some("cert:com.example.app"), "{topic}");
         }
         assert_eq!(
-            identity_for(&headers(&[("apns-topic", "com.other.app")]), &topics),
+            ids.identity_for(&headers(&[("apns-topic", "com.other.app")])),
             None
         );
     }
 
     #[test]
     fn token_identity_by_issuer_and_key_id() {
-        let none = HashSet::new();
+        let ids = Identities::new([]);
         let a = jwt(
             r#"{"alg":"ES256","kid":"KEY1"}"#,
             r#"{"iss":"TEAM1","iat":1}"#,
@@ -122,16 +164,40 @@ mod tests {
             r#"{"alg":"ES256","kid":"KEY2"}"#,
             r#"{"iss":"TEAM1","iat":1}"#,
         );
-        let id = |t: &str| {
-            identity_for(
-                &headers(&[("authorization", &format!("bearer {t}"))]),
-                &none,
-            )
-        };
+        let id = |t: &str| ids.identity_for(&headers(&[("authorization", &format!("bearer {t}"))]));
         assert_eq!(id(&a).as_deref(), Some("jwt:TEAM1/KEY1"));
         assert_eq!(id(&spaced), id(&a));
         assert_ne!(id(&a), id(&b));
         assert_eq!(id("not-a-jwt"), None);
-        assert_eq!(identity_for(&headers(&[]), &none), None);
+        assert_eq!(ids.identity_for(&headers(&[])), None);
+    }
+
+    #[test]
+    fn remembered_tokens_keep_their_identity_and_the_oldest_is_forgotten() {
+        let ids = Identities::new([]);
+        let bearer = |n: usize| {
+            let t = jwt(
+                &format!(r#"{{"kid":"K{n}"}}"#),
+                &format!(r#"{{"iss":"T{n}"}}"#),
+            );
+            headers(&[("authorization", &format!("bearer {t}"))])
+        };
+        for n in 0..RECENT_TOKENS + 5 {
+            assert_eq!(
+                ids.identity_for(&bearer(n)).as_deref(),
+                Some(&*format!("jwt:T{n}/K{n}"))
+            );
+            // Asked again, from memory.
+            assert_eq!(
+                ids.identity_for(&bearer(n)).as_deref(),
+                Some(&*format!("jwt:T{n}/K{n}"))
+            );
+        }
+        assert_eq!(ids.recent.lock().unwrap().len(), RECENT_TOKENS);
+        // Forgotten ones are decoded again, to the same answer.
+        assert_eq!(ids.identity_for(&bearer(0)).as_deref(), Some("jwt:T0/K0"));
+        let not_jwt = headers(&[("authorization", "bearer nope")]);
+        assert_eq!(ids.identity_for(&not_jwt), None);
+        assert_eq!(ids.identity_for(&not_jwt), None);
     }
 }
