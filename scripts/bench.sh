@@ -288,7 +288,7 @@ log:
   level: warn
 EOF
 # RUST_LOG would win over log.level; per-request info lines would dominate the measurement.
-env -u RUST_LOG TOKIO_WORKER_THREADS="$THREADS" "$PUSHRELAY" serve --config "$WORK/pushrelay.yaml" \
+env -u RUST_LOG PUSHRELAY_WORKERS="$THREADS" "$PUSHRELAY" serve --config "$WORK/pushrelay.yaml" \
   >"$WORK/pushrelay.log" 2>&1 &
 RELAY_PID=$!
 PIDS+=("$RELAY_PID")
@@ -565,7 +565,7 @@ report() {
   echo "- load: h2load -t 1, $REQUESTS POSTs of 300 bytes per run; HTTP/2 cases -c $CLIENTS -m $STREAMS," \
     "HTTP/1.1 cases --h1 -c $H1_CLIENTS (one request in flight per connection); $ROUNDS interleaved" \
     "rounds after a warm-up of 2000 requests per case"
-  echo "- proxies: $THREADS worker threads each (pushrelay TOKIO_WORKER_THREADS, nghttpx --workers," \
+  echo "- proxies: $THREADS worker threads each (pushrelay workers, nghttpx --workers," \
     "HAProxy nbthread); pushrelay log.level warn; origin: examples/fake_apns.rs (TLS + HTTP/2, 200 + apns-id)"
   echo "- CPU/request: the proxy's utime+stime delta (/proc/PID/stat, CLK_TCK $CLK_TCK) over a run ÷ 2xx answers;" \
     "for direct it is the origin's own cost"

@@ -244,7 +244,8 @@ fn serve(file: Option<&Path>) -> ExitCode {
     }
     announce(&loaded.config);
     let loaded_files = files_fingerprint(file, &loaded.config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // This thread keeps the control work (signals, reloads, admin); connections go to workers.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -254,8 +255,19 @@ fn serve(file: Option<&Path>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async move {
-        let app = match crate::App::build(loaded.config) {
+    let count = crate::workers::count(loaded.config.workers);
+    let workers = match crate::workers::Workers::start(count) {
+        Ok(w) => w,
+        Err(e) => {
+            err(&format!(
+                "pushrelay: cannot start {count} worker threads: {e}\n"
+            ));
+            return ExitCode::from(1);
+        }
+    };
+    tracing::info!(workers = count, "worker threads started");
+    let code = runtime.block_on(async {
+        let app = match crate::App::with_workers(loaded.config, count) {
             Ok(app) => app,
             Err(e) => {
                 tracing::error!(error = %e, "invalid configuration");
@@ -277,7 +289,12 @@ fn serve(file: Option<&Path>) -> ExitCode {
             poll_every,
         ));
         match app
-            .run_with_admin(bound.listeners, bound.admin, shutdown_signal())
+            .run_on(
+                workers.handles(),
+                bound.listeners,
+                bound.admin,
+                shutdown_signal(),
+            )
             .await
         {
             Ok(()) => {
@@ -289,7 +306,9 @@ fn serve(file: Option<&Path>) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-    })
+    });
+    workers.stop();
+    code
 }
 
 /// Tells the admin what the push server needs: which CA to trust and the /etc/hosts line.

@@ -46,6 +46,9 @@ pub struct Config {
     /// secret swaps); a change reloads as SIGHUP does. Default 30s.
     #[serde(with = "duration")]
     pub reload_poll_interval: Duration,
+    /// Worker threads serving connections, each with its own event loop and its own share of the
+    /// upstream connections; 0 means one per CPU. Default 0.
+    pub workers: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -241,6 +244,7 @@ impl Default for Config {
             admin: None,
             shutdown_grace: Duration::from_secs(15),
             reload_poll_interval: Duration::from_secs(30),
+            workers: 0,
         }
     }
 }
@@ -925,6 +929,9 @@ fn validate(config: &Config, figment: &Figment, problems: &mut Vec<Problem>) -> 
             };
             problem(&["limits", key], why.into());
         }
+    }
+    if config.workers > 1024 {
+        problem(&["workers"], "must be at most 1024 (0: one per CPU)".into());
     }
     if config.reload_poll_interval < Duration::from_millis(100) {
         problem(&["reload_poll_interval"], "must be at least 100ms".into());

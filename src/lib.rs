@@ -15,6 +15,7 @@
 //! - `upstream`: CONNECT tunnel, connections, the shared HTTP/2 pool, safe resend.
 //! - `error`: the one place an error becomes an HTTP answer.
 //! - `probe`: step-by-step diagnosis of the upstream path (`pushrelay probe`).
+//! - `workers`: one single-threaded runtime per core; a connection stays on the one that took it.
 
 // Library code handles every failure; tests may unwrap.
 #![cfg_attr(
@@ -36,6 +37,7 @@ pub mod relay;
 pub mod reload;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -63,6 +65,8 @@ pub enum SetupError {
     Tls(#[from] TlsSetupError),
     #[error("{given} listening sockets given for {configured} configured listeners")]
     ListenerCount { given: usize, configured: usize },
+    #[error("cannot hand a listening socket to the worker threads: {0}")]
+    Socket(#[source] std::io::Error),
 }
 
 /// Everything built from a configuration, ready to serve: TLS material loaded, pool created.
@@ -78,6 +82,12 @@ impl App {
     /// Builds the relay from a validated configuration. Fails on unreadable TLS material, naming
     /// the key and the file; nothing is bound yet.
     pub fn build(config: Config) -> Result<App, SetupError> {
+        App::with_workers(config, 1)
+    }
+
+    /// As `build`, for serving on `workers` worker threads (`run_on`): the pool gets a shard per
+    /// worker.
+    pub fn with_workers(config: Config, workers: usize) -> Result<App, SetupError> {
         let mut tls_by_identity = HashMap::new();
         tls_by_identity.insert(
             None,
@@ -96,7 +106,10 @@ impl App {
         let pool = Pool::new(
             Connector::new(&config.upstream),
             tls_by_identity,
-            PoolSettings::from_config(&config.upstream),
+            PoolSettings {
+                shards: workers.max(1),
+                ..PoolSettings::from_config(&config.upstream)
+            },
             metrics.clone(),
         );
         let relay = Arc::new(Relay::new(&config, pool, metrics));
@@ -114,7 +127,7 @@ impl App {
                 name: l.name.as_str().into(),
                 sources: Arc::new(Swap::new(SourcePolicy::new(l.allow_sources.clone()))),
                 door,
-                max_connections: config.limits.max_connections,
+                connections: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
             });
         }
         let reloader = Arc::new(Reloader::new(
@@ -163,6 +176,18 @@ impl App {
         admin: Option<TcpListener>,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), SetupError> {
+        self.run_on(&[], sockets, admin, shutdown).await
+    }
+
+    /// As `run_with_admin`, with client connections served on `workers` (see `workers`): every
+    /// worker accepts on every listener. No workers: on the current runtime.
+    pub async fn run_on(
+        self,
+        workers: &[tokio::runtime::Handle],
+        sockets: Vec<TcpListener>,
+        admin: Option<TcpListener>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), SetupError> {
         if sockets.len() != self.listeners.len() {
             return Err(SetupError::ListenerCount {
                 given: sockets.len(),
@@ -188,12 +213,28 @@ impl App {
             if let Ok(addr) = socket.local_addr() {
                 tracing::info!(listener = %listener.name, bind = %addr, "listening");
             }
-            loops.push(tokio::spawn(listen::accept_loop(
-                socket,
-                listener,
-                token.clone(),
-                tracker.clone(),
-            )));
+            if workers.is_empty() {
+                loops.push(tokio::spawn(listen::accept_loop(
+                    socket,
+                    listener,
+                    token.clone(),
+                    tracker.clone(),
+                )));
+                continue;
+            }
+            let shared = socket.into_std().map_err(SetupError::Socket)?;
+            for worker in workers {
+                let socket = shared.try_clone().map_err(SetupError::Socket)?;
+                let (listener, token, tracker) = (listener.clone(), token.clone(), tracker.clone());
+                loops.push(worker.spawn(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(socket) => listen::accept_loop(socket, listener, token, tracker).await,
+                        Err(e) => {
+                            tracing::error!(listener = %listener.name, error = %e, "worker cannot listen")
+                        }
+                    }
+                }));
+            }
         }
         self.ready.set(true);
         tracing::info!("ready");

@@ -60,11 +60,14 @@ impl FrontDoor {
     }
 }
 
+#[derive(Clone)]
 pub struct Listener {
     pub name: Arc<str>,
     pub sources: Arc<Swap<SourcePolicy>>,
     pub door: FrontDoor,
-    pub max_connections: usize,
+    /// Client connections open at once (`limits.max_connections`), shared by every worker's
+    /// accept loop on this listener.
+    pub connections: Arc<Semaphore>,
 }
 
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
@@ -76,7 +79,7 @@ pub async fn accept_loop(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) {
-    let limit = Arc::new(Semaphore::new(listener.max_connections));
+    let limit = listener.connections.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
         let permit = tokio::select! {

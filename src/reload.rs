@@ -91,6 +91,9 @@ impl Reloader {
         if upstream_changed {
             tracing::warn!("upstream settings changed: they take effect after a restart");
         }
+        if current.workers != new.workers {
+            tracing::warn!("workers changed: that takes effect after a restart");
+        }
         *current = new;
         tracing::info!("configuration reloaded: certificates, allow_sources and destinations");
         Ok(())

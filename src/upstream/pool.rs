@@ -67,6 +67,10 @@ pub struct PoolSettings {
     pub keepalive_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    /// Worker threads: each has a shard of the pool (connections, limits, back-off) of its own,
+    /// so a request and the connection it uses stay on one thread. `max_connections` and
+    /// `max_queued` are shared out among the shards, at least one each.
+    pub shards: usize,
 }
 
 impl PoolSettings {
@@ -79,8 +83,18 @@ impl PoolSettings {
             keepalive_timeout: upstream.keepalive_timeout,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            shards: 1,
         }
     }
+}
+
+thread_local! {
+    static WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as worker `index`: requests made on it use the pool's shard `index`.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
 }
 
 /// The wait before connect attempt number `failures + 1`: base·2^(failures-1), capped, then
@@ -242,8 +256,10 @@ pub struct Pool {
 struct Inner {
     connector: Connector,
     tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
+    /// Limits per shard.
     settings: PoolSettings,
-    dests: Mutex<HashMap<PoolKey, Arc<Dest>>>,
+    /// One map per shard (worker thread).
+    dests: Vec<Mutex<HashMap<PoolKey, Arc<Dest>>>>,
     next_id: AtomicU64,
     /// Bumped whenever a connection opens or ends: for metrics and tests that wait on it.
     events: watch::Sender<u64>,
@@ -264,15 +280,18 @@ impl Pool {
     pub fn new(
         connector: Connector,
         tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
-        settings: PoolSettings,
+        mut settings: PoolSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let shards = settings.shards.max(1);
+        settings.max_connections = settings.max_connections.div_ceil(shards).max(1);
+        settings.max_queued = settings.max_queued.div_ceil(shards).max(1);
         Pool {
             inner: Arc::new(Inner {
                 connector,
                 tls,
                 settings,
-                dests: Mutex::new(HashMap::new()),
+                dests: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
                 next_id: AtomicU64::new(1),
                 events: watch::Sender::new(0),
                 closing: CancellationToken::new(),
@@ -282,7 +301,10 @@ impl Pool {
     }
 
     fn dest(&self, key: &PoolKey) -> Arc<Dest> {
-        let mut dests = self.inner.dests.lock().unwrap_or_else(|p| p.into_inner());
+        let shard = WORKER.with(|w| w.get()) % self.inner.dests.len();
+        let mut dests = self.inner.dests[shard]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         dests
             .entry(key.clone())
             .or_insert_with(|| {
@@ -306,31 +328,30 @@ impl Pool {
         self.inner.events.subscribe()
     }
 
-    /// Open connections and streams in flight per key.
+    /// Open connections and streams in flight per key, summed over the shards.
     pub fn stats(&self) -> Vec<(PoolKey, DestStats)> {
-        let dests = self.inner.dests.lock().unwrap_or_else(|p| p.into_inner());
-        dests
-            .values()
-            .map(|d| {
+        let mut by_key: HashMap<PoolKey, DestStats> = HashMap::new();
+        for shard in &self.inner.dests {
+            let dests = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for d in dests.values() {
                 let st = d.lock();
-                let open: Vec<&Arc<Conn>> = st
+                let e = by_key.entry(d.key.clone()).or_insert(DestStats {
+                    open_connections: 0,
+                    streams_in_flight: 0,
+                });
+                e.open_connections += st
                     .conns
                     .iter()
                     .filter(|c| c.open.load(Ordering::Acquire))
-                    .collect();
-                (
-                    d.key.clone(),
-                    DestStats {
-                        open_connections: open.len(),
-                        streams_in_flight: st
-                            .conns
-                            .iter()
-                            .map(|c| c.in_flight.load(Ordering::Acquire))
-                            .sum(),
-                    },
-                )
-            })
-            .collect()
+                    .count();
+                e.streams_in_flight += st
+                    .conns
+                    .iter()
+                    .map(|c| c.in_flight.load(Ordering::Acquire))
+                    .sum::<usize>();
+            }
+        }
+        by_key.into_iter().collect()
     }
 
     /// A stream slot towards `key`, opening a connection when every open one is full. Waits (bounded
@@ -621,6 +642,7 @@ mod tests {
             keepalive_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
+            shards: 1,
         }
     }
 

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use pushrelay::App;
 use pushrelay::config;
+use pushrelay::workers::Workers;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
@@ -17,6 +18,8 @@ pub struct RunningRelay {
     pub relay: std::sync::Arc<pushrelay::relay::Relay>,
     shutdown: Option<oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<()>>,
+    /// Worker threads serving the connections, when started with `start_on_workers`.
+    workers: Option<Workers>,
 }
 
 impl RunningRelay {
@@ -31,6 +34,9 @@ impl RunningRelay {
         }
         if let Some(task) = self.task.take() {
             let _ = task.await;
+        }
+        if let Some(workers) = self.workers.take() {
+            workers.stop();
         }
     }
 
@@ -51,6 +57,15 @@ impl Drop for RunningRelay {
 
 /// Starts the relay from YAML; each listener's `bind` is replaced by 127.0.0.1:0.
 pub async fn start(yaml: &str) -> RunningRelay {
+    start_with(yaml, None).await
+}
+
+/// As `start`, with connections served on `n` worker threads, as `pushrelay serve` does.
+pub async fn start_on_workers(yaml: &str, n: usize) -> RunningRelay {
+    start_with(yaml, Some(n)).await
+}
+
+async fn start_with(yaml: &str, workers: Option<usize>) -> RunningRelay {
     let loaded =
         config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
     let mut sockets = Vec::new();
@@ -60,11 +75,17 @@ pub async fn start(yaml: &str) -> RunningRelay {
         addrs.push(socket.local_addr().unwrap());
         sockets.push(socket);
     }
-    let app = App::build(loaded.config).unwrap_or_else(|e| panic!("relay setup failed: {e}"));
+    let app = App::with_workers(loaded.config, workers.unwrap_or(1))
+        .unwrap_or_else(|e| panic!("relay setup failed: {e}"));
+    let workers = workers.map(|n| Workers::start(n).unwrap());
+    let handles = workers
+        .as_ref()
+        .map(|w| w.handles().to_vec())
+        .unwrap_or_default();
     let relay = app.relay().clone();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        app.run(sockets, async {
+        app.run_on(&handles, sockets, None, async {
             let _ = rx.await;
         })
         .await
@@ -75,6 +96,7 @@ pub async fn start(yaml: &str) -> RunningRelay {
         relay,
         shutdown: Some(tx),
         task: Some(task),
+        workers,
     }
 }
 
