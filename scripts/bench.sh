@@ -42,6 +42,8 @@ Options:
   --no-syscalls     skip the syscall-count round (it needs perf with syscall tracepoints; Debian:
                     apt-get install linux-perf, and root or kernel.perf_event_paranoid <= 1)
   --no-peers        benchmark pushrelay only, even if nghttpx / HAProxy are installed
+  --jwt             every push also carries "authorization: bearer <JWT>" (a made-up ES256-shaped
+                    token, the same for every push), as token-auth APNs clients send
   --no-build        use the binaries already in target/release
   --pushrelay PATH  benchmark this pushrelay binary instead of target/release/pushrelay (to compare
                     builds; fake_apns still comes from target/release)
@@ -66,6 +68,7 @@ HALF_LOAD=1
 HALF_ROUNDS=""
 SYSCALLS=1
 PEERS=1
+JWT=0
 BUILD=1
 PUSHRELAY=""
 OUT=""
@@ -97,6 +100,7 @@ while [[ $# -gt 0 ]]; do
     --no-half-load) HALF_LOAD=0; shift ;;
     --no-syscalls) SYSCALLS=0; shift ;;
     --no-peers) PEERS=0; shift ;;
+    --jwt) JWT=1; shift ;;
     --no-build) BUILD=0; shift ;;
     --pushrelay) need_value "$@"; PUSHRELAY="$2"; shift 2 ;;
     --out) need_value "$@"; OUT="$2"; shift 2 ;;
@@ -370,6 +374,12 @@ pad=$((300 - ${#body} - 2))
 printf '%s%s"}' "$body" "$(head -c "$pad" /dev/zero | tr '\0' 'x')" >"$PAYLOAD"
 [[ $(wc -c <"$PAYLOAD") -eq 300 ]] || die "payload is not 300 bytes"
 PATH_Q="/3/device/$TOKEN"
+AUTH=()
+if [[ $JWT -eq 1 ]]; then
+  b64url() { base64 -w0 | tr '+/' '-_' | tr -d '='; }
+  jwt="$(printf '{"alg":"ES256","kid":"BENCHKEY01"}' | b64url).$(printf '{"iss":"BENCHTEAM1","iat":1764570000}' | b64url).$(head -c 64 /dev/zero | tr '\0' 's' | b64url)"
+  AUTH=(-H "authorization: bearer $jwt")
+fi
 
 CASES=(direct)
 for p in "${PROXIES[@]}"; do CASES+=("pre:$p"); done
@@ -420,7 +430,7 @@ run_case() {
   before="$(cpu_ticks "$pid")"
   # shellcheck disable=SC2046 # case_args is split on purpose
   if ! timeout "$RUN_TIMEOUT" h2load -t 1 -n "$REQUESTS" "${extra[@]}" -d "$PAYLOAD" \
-    -H 'apns-topic: com.example.bench' -H 'apns-push-type: alert' \
+    -H 'apns-topic: com.example.bench' -H 'apns-push-type: alert' ${AUTH[@]+"${AUTH[@]}"} \
     --log-file="$log" $(case_args "$c") >"$out" 2>&1; then
     echo "bench.sh: h2load failed or timed out for $c (round $round); see $out" >&2
   fi
@@ -562,7 +572,7 @@ report() {
   fi
   echo "- tools: $(version_of pushrelay) ($built)," \
     "$(version_of h2load)$([[ $HAVE_NGHTTPX -eq 1 ]] && echo ", $(version_of nghttpx)")$([[ $HAVE_HAPROXY -eq 1 ]] && echo ", $(version_of haproxy)")"
-  echo "- load: h2load -t 1, $REQUESTS POSTs of 300 bytes per run; HTTP/2 cases -c $CLIENTS -m $STREAMS," \
+  echo "- load: h2load -t 1, $REQUESTS POSTs of 300 bytes per run$([[ $JWT -eq 1 ]] && echo ", each with a bearer JWT"); HTTP/2 cases -c $CLIENTS -m $STREAMS," \
     "HTTP/1.1 cases --h1 -c $H1_CLIENTS (one request in flight per connection); $ROUNDS interleaved" \
     "rounds after a warm-up of 2000 requests per case"
   echo "- proxies: $THREADS worker threads each (pushrelay workers, nghttpx --workers," \
