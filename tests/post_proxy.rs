@@ -5,6 +5,8 @@ mod support;
 
 use std::time::Duration;
 
+use tokio::io::AsyncWriteExt;
+
 use support::http1::{RawConn, exchange};
 use support::origin::{FakeApns, OriginOptions};
 use support::pki::TestPki;
@@ -245,6 +247,71 @@ async fn expect_100_continue_is_honoured() {
     let got = s.origin.received();
     assert_eq!(got[0].body, PAYLOAD.as_bytes());
     assert!(got[0].headers.get("expect").is_none());
+}
+
+/// A `Content-Length` body that arrives in pieces is relayed whole, and the connection goes on
+/// with the next request.
+#[tokio::test]
+async fn body_in_pieces_is_relayed_whole_and_the_connection_kept() {
+    let s = setup().await;
+    let mut conn = RawConn::connect(s.relay.addr()).await;
+    let first = push(
+        &format!("/3/device/{}", token(40)),
+        "api.push.apple.com",
+        "",
+        PAYLOAD,
+    );
+    let (a, b) = first.split_at(first.len() - PAYLOAD.len() / 2);
+    conn.send(a).await;
+    conn.stream.flush().await.unwrap();
+    let mut rest = b.to_vec();
+    rest.extend_from_slice(&push(
+        &format!("/3/device/{}", token(41)),
+        "api.push.apple.com",
+        "",
+        PAYLOAD,
+    ));
+    conn.send(&rest).await;
+    for _ in 0..2 {
+        let answer = within(10, "answer", conn.read_answer()).await.unwrap();
+        assert_eq!(answer.status, 200);
+        assert!(answer.header("connection").is_none());
+    }
+    let got = s.origin.received();
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|r| r.body == PAYLOAD.as_bytes()));
+}
+
+/// A client that goes away inside its `Content-Length` body never gets a truncated push relayed
+/// as complete.
+#[tokio::test]
+async fn body_that_breaks_off_is_never_relayed_as_complete() {
+    let s = setup().await;
+    let mut conn = RawConn::connect(s.relay.addr()).await;
+    let broken = push(
+        &format!("/3/device/{}", token(42)),
+        "api.push.apple.com",
+        "",
+        PAYLOAD,
+    );
+    conn.send(&broken[..broken.len() - 5]).await;
+    conn.stream.shutdown().await.unwrap();
+    if let Some(answer) = within(10, "answer", conn.read_answer()).await {
+        assert!(answer.status >= 400, "{}", answer.status);
+    }
+    assert!(conn.closed().await);
+    // A whole push after it, on the same upstream connection, is the only one the origin sees.
+    let target = format!("/3/device/{}", token(43));
+    let answer = exchange(
+        s.relay.addr(),
+        &push(&target, "api.push.apple.com", "", PAYLOAD),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    s.origin.wait_received(1).await;
+    let got = s.origin.received();
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].path, target);
 }
 
 /// Pipelined requests are answered in the order they were sent.

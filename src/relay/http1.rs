@@ -5,7 +5,10 @@
 //! from the relay, so this door owns its parser: httparse for the head, a bounded chunked decoder
 //! for bodies, and a writer that frames answers with `Content-Length` when known, else chunked.
 
+use std::future::{Future, poll_fn};
 use std::io;
+use std::pin::pin;
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -214,11 +217,16 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         !self.buf.is_empty()
     }
 
-    async fn fill(&mut self) -> io::Result<usize> {
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(8 * 1024);
         }
-        self.io.read_buf(&mut self.buf).await
+        // `read_buf` keeps no state of its own, so a fresh one per poll loses nothing.
+        pin!(self.io.read_buf(&mut self.buf)).poll(cx)
+    }
+
+    async fn fill(&mut self) -> io::Result<usize> {
+        poll_fn(|cx| self.poll_fill(cx)).await
     }
 
     /// Waits for the first byte of the next request. `Ok(false)`: the client closed cleanly.
@@ -246,11 +254,20 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 
     /// Reads up to `max` body bytes of a `Content-Length` body.
     pub async fn read_some(&mut self, max: u64) -> Result<Bytes, ReadError> {
-        if self.buf.is_empty() && self.fill().await? == 0 {
-            return Err(ReadError::Closed);
+        poll_fn(|cx| self.poll_read_some(cx, max)).await
+    }
+
+    /// Polls for up to `max` body bytes of a `Content-Length` body.
+    pub fn poll_read_some(
+        &mut self,
+        cx: &mut Context<'_>,
+        max: u64,
+    ) -> Poll<Result<Bytes, ReadError>> {
+        if self.buf.is_empty() && ready!(self.poll_fill(cx))? == 0 {
+            return Poll::Ready(Err(ReadError::Closed));
         }
         let n = (self.buf.len() as u64).min(max) as usize;
-        Ok(self.buf.split_to(n).freeze())
+        Poll::Ready(Ok(self.buf.split_to(n).freeze()))
     }
 
     async fn read_line(&mut self, what: &str) -> Result<BytesMut, ReadError> {

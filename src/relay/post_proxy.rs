@@ -9,7 +9,7 @@ use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -254,35 +254,57 @@ impl PostProxy {
                 );
             }
         };
-        let (tx, wanted_rx, body) = ChannelBody::new(framing);
-        let mut request = Request::new(body);
+        let mut request = Request::new(());
         *request.method_mut() = head.method;
         *request.uri_mut() = uri;
         *request.version_mut() = head.version;
         *request.headers_mut() = head.headers;
 
-        let (response, fed) = {
-            let mut forward = pin!(self.relay.forward(ctx, dest, authority, request));
-            let mut feed = pin!(feed_body(
-                reader,
-                writer,
-                framing,
-                head.expect_continue,
-                tx,
-                wanted_rx
-            ));
-            let mut fed = framing == Framing::Empty;
-            let mut feeding = !fed;
-            let response = loop {
-                tokio::select! {
-                    response = forward.as_mut() => break response,
-                    ok = feed.as_mut(), if feeding => {
-                        feeding = false;
-                        fed = ok;
+        let direct_length = match framing {
+            Framing::Empty => Some(0),
+            Framing::Length(n) if !head.expect_continue => Some(n),
+            _ => None,
+        };
+        let (response, fed) = match direct_length {
+            // The common case: the pipeline reads the body straight from the connection as it
+            // sends it upstream, so a slow origin slows the client down; no channel, no select.
+            Some(mut left) => {
+                let body = RequestBody::Direct(DirectBody {
+                    reader: &mut *reader,
+                    left: &mut left,
+                    broken: false,
+                });
+                let request = request.map(|()| body);
+                let response = self.relay.forward(ctx, dest, authority, request).await;
+                (response, left == 0)
+            }
+            // Chunked, or `Expect: 100-continue` (`100 Continue` only once the relay wants the
+            // body): fed from the connection through a small channel.
+            None => {
+                let (tx, wanted_rx, body) = ChannelBody::new(framing);
+                let request = request.map(|()| RequestBody::<R>::Channel(body));
+                let mut forward = pin!(self.relay.forward(ctx, dest, authority, request));
+                let mut feed = pin!(feed_body(
+                    reader,
+                    writer,
+                    framing,
+                    head.expect_continue,
+                    tx,
+                    wanted_rx
+                ));
+                let mut fed = false;
+                let mut feeding = true;
+                let response = loop {
+                    tokio::select! {
+                        response = forward.as_mut() => break response,
+                        ok = feed.as_mut(), if feeding => {
+                            feeding = false;
+                            fed = ok;
+                        }
                     }
-                }
-            };
-            (response, fed)
+                };
+                (response, fed)
+            }
         };
         // A body not read to its end (early answer, or a broken body) leaves the connection's
         // framing unknown.
@@ -363,6 +385,61 @@ where
         Err(e) => {
             let _ = tx.send(Err(Box::new(e))).await;
             false
+        }
+    }
+}
+
+/// The client's body as the pipeline reads it.
+enum RequestBody<'a, IO> {
+    Direct(DirectBody<'a, IO>),
+    Channel(ChannelBody),
+}
+
+impl<IO: AsyncRead + Unpin> Body for RequestBody<'_, IO> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            RequestBody::Direct(b) => b.poll_frame(cx),
+            RequestBody::Channel(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Direct(b) => b.broken || *b.left == 0,
+            RequestBody::Channel(b) => b.is_end_stream(),
+        }
+    }
+}
+
+/// A `Content-Length` body (no `Expect`) read straight from the connection when the pipeline
+/// polls it. `left` stays above zero unless the body was read to its end; a body that breaks off
+/// yields an `Err` frame, so it is never sent upstream as complete.
+struct DirectBody<'a, IO> {
+    reader: &'a mut Reader<IO>,
+    left: &'a mut u64,
+    broken: bool,
+}
+
+impl<IO: AsyncRead + Unpin> DirectBody<'_, IO> {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if self.broken || *self.left == 0 {
+            return Poll::Ready(None);
+        }
+        match ready!(self.reader.poll_read_some(cx, *self.left)) {
+            Ok(data) => {
+                *self.left -= data.len() as u64;
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Err(e) => {
+                self.broken = true;
+                Poll::Ready(Some(Err(Box::new(e))))
+            }
         }
     }
 }
