@@ -470,6 +470,23 @@ async fn idle_keepalive_connection_is_closed() {
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
 
+/// Shutdown closes a keep-alive connection waiting for its next request, and the relay stops.
+#[tokio::test]
+async fn shutdown_closes_idle_keepalive_connection() {
+    let s = setup().await;
+    let mut conn = RawConn::connect(s.relay.addr()).await;
+    conn.send(&push(
+        &format!("/3/device/{}", token(44)),
+        "api.push.apple.com",
+        "",
+        PAYLOAD,
+    ))
+    .await;
+    assert_eq!(conn.read_answer().await.unwrap().status, 200);
+    within(10, "relay stop", s.relay.stop()).await;
+    assert!(within(10, "close", conn.closed()).await);
+}
+
 /// Malformed and hostile request shapes, each with the status the relay must answer.
 #[tokio::test]
 async fn hostile_request_shapes_are_refused() {

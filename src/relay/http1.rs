@@ -239,6 +239,14 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         Ok(true)
     }
 
+    /// The next request head, if it is already buffered whole.
+    pub fn buffered_head(&mut self, max_head: usize) -> Result<Option<RequestHead>, Http1Error> {
+        Ok(parse_head(&self.buf, max_head)?.map(|(head, len)| {
+            self.buf.advance(len);
+            head
+        }))
+    }
+
     /// Reads one request head.
     pub async fn read_head(&mut self, max_head: usize) -> Result<RequestHead, ReadError> {
         loop {

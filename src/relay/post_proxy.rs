@@ -18,7 +18,7 @@ use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::timeout;
+use tokio::time::{Instant, sleep, timeout};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
@@ -125,22 +125,42 @@ impl PostProxy {
         let (rd, wr) = tokio::io::split(io);
         let mut reader = Reader::new(rd);
         let mut writer = BufWriter::new(wr);
+        let mut cancelled = pin!(shutdown.cancelled());
+        // One idle timer per connection, moved on only when it fires: a fresh timer per request
+        // costs a timer-wheel insertion and removal every time.
+        let mut idle = pin!(sleep(self.idle_timeout));
         loop {
             if !reader.has_buffered() {
                 if writer.flush().await.is_err() {
                     return;
                 }
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    waited = timeout(self.idle_timeout, reader.wait_for_request()) => match waited {
-                        Ok(Ok(true)) => {}
-                        _ => break,
-                    },
+                let deadline = Instant::now() + self.idle_timeout;
+                let arrived = loop {
+                    tokio::select! {
+                        biased;
+                        _ = cancelled.as_mut() => break false,
+                        waited = reader.wait_for_request() => break matches!(waited, Ok(true)),
+                        _ = idle.as_mut() => {
+                            if idle.deadline() >= deadline {
+                                break false;
+                            }
+                            idle.as_mut().reset(deadline);
+                        }
+                    }
+                };
+                if !arrived {
+                    break;
                 }
             }
-            let head = match timeout(self.head_timeout, reader.read_head(self.max_header_bytes))
-                .await
-            {
+            // A head already buffered whole needs no timer.
+            let head = match reader.buffered_head(self.max_header_bytes) {
+                Ok(Some(head)) => Ok(Ok(head)),
+                Ok(None) => {
+                    timeout(self.head_timeout, reader.read_head(self.max_header_bytes)).await
+                }
+                Err(e) => Ok(Err(ReadError::Http(e))),
+            };
+            let head = match head {
                 Ok(Ok(head)) => head,
                 Ok(Err(ReadError::Http(e))) => {
                     self.relay.metrics().relay_error(e.reason());
