@@ -65,8 +65,6 @@ pub enum SetupError {
     Tls(#[from] TlsSetupError),
     #[error("{given} listening sockets given for {configured} configured listeners")]
     ListenerCount { given: usize, configured: usize },
-    #[error("cannot hand a listening socket to the worker threads: {0}")]
-    Socket(#[source] std::io::Error),
 }
 
 /// Everything built from a configuration, ready to serve: TLS material loaded, pool created.
@@ -179,8 +177,8 @@ impl App {
         self.run_on(&[], sockets, admin, shutdown).await
     }
 
-    /// As `run_with_admin`, with client connections served on `workers` (see `workers`): every
-    /// worker accepts on every listener. No workers: on the current runtime.
+    /// As `run_with_admin`, with client connections served on `workers` (see `workers`); the
+    /// accept loops stay on the current runtime. No workers: everything on the current runtime.
     pub async fn run_on(
         self,
         workers: &[tokio::runtime::Handle],
@@ -208,33 +206,19 @@ impl App {
                 admin_token.clone(),
             ));
         }
+        let placement = workers::Placement::new(workers);
         let mut loops = Vec::new();
         for (socket, listener) in sockets.into_iter().zip(self.listeners) {
             if let Ok(addr) = socket.local_addr() {
                 tracing::info!(listener = %listener.name, bind = %addr, "listening");
             }
-            if workers.is_empty() {
-                loops.push(tokio::spawn(listen::accept_loop(
-                    socket,
-                    listener,
-                    token.clone(),
-                    tracker.clone(),
-                )));
-                continue;
-            }
-            let shared = socket.into_std().map_err(SetupError::Socket)?;
-            for worker in workers {
-                let socket = shared.try_clone().map_err(SetupError::Socket)?;
-                let (listener, token, tracker) = (listener.clone(), token.clone(), tracker.clone());
-                loops.push(worker.spawn(async move {
-                    match TcpListener::from_std(socket) {
-                        Ok(socket) => listen::accept_loop(socket, listener, token, tracker).await,
-                        Err(e) => {
-                            tracing::error!(listener = %listener.name, error = %e, "worker cannot listen")
-                        }
-                    }
-                }));
-            }
+            loops.push(tokio::spawn(listen::accept_loop(
+                socket,
+                listener,
+                token.clone(),
+                tracker.clone(),
+                placement.clone(),
+            )));
         }
         self.ready.set(true);
         tracing::info!("ready");

@@ -11,6 +11,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::workers::Placement;
+
 use crate::config::ListenerConfig;
 use crate::policy::{DestinationPolicy, SourcePolicy};
 use crate::relay::Relay;
@@ -60,7 +62,6 @@ impl FrontDoor {
     }
 }
 
-#[derive(Clone)]
 pub struct Listener {
     pub name: Arc<str>,
     pub sources: Arc<Swap<SourcePolicy>>,
@@ -72,12 +73,14 @@ pub struct Listener {
 
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Accepts until `shutdown`; connection tasks go on `tracker` and see `shutdown` too.
+/// Accepts until `shutdown`; connection tasks go on `tracker`, run where `placement` puts them,
+/// and see `shutdown` too.
 pub async fn accept_loop(
     socket: TcpListener,
     listener: Listener,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    placement: Placement,
 ) {
     let limit = listener.connections.clone();
     let mut backoff = Duration::from_millis(5);
@@ -111,7 +114,7 @@ pub async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let door = listener.door.clone();
         let shutdown = shutdown.clone();
-        tracker.spawn(async move {
+        placement.spawn(&tracker, stream, move |stream| async move {
             door.serve(stream, peer, shutdown).await;
             drop(permit);
         });
