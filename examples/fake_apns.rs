@@ -1,6 +1,8 @@
 //! A fast APNs lookalike for benchmarks (scripts/bench.sh): TLS with a certificate for the APNs
 //! hosts signed by pushrelay's private CA, HTTP/2 through the `h2` server API, and for every
 //! `POST /3/device/<token>` a 200 with `apns-id` and an empty body, as Apple answers a good push.
+//! A client that asks for HTTP/1.1 by ALPN gets the same answers over HTTP/1.1 (hyper), which
+//! Apple does not offer: the benchmark's baseline for HTTP/1.1-shaped load.
 //! Anything else gets Apple's JSON error (404 BadPath, 405 MethodNotAllowed).
 //!
 //! It binds 127.0.0.1 only and prints `PORT=<n>` as its first line on stdout.
@@ -13,6 +15,7 @@
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -20,6 +23,8 @@ use bytes::Bytes;
 use clap::Parser;
 use h2::server::SendResponse;
 use http::{Method, Request, Response, StatusCode};
+use http_body::Body;
+use pushrelay::relay::body::RelayBody;
 use pushrelay::tls::pki::{CA_CERT_FILE, CA_KEY_FILE, Ca};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -84,7 +89,7 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(1);
         }
     };
-    tls.alpn_protocols = vec![b"h2".to_vec()];
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -132,6 +137,32 @@ async fn serve(tcp: TcpStream, acceptor: TlsAcceptor, ids: Arc<AtomicU64>) {
     let Ok(stream) = acceptor.accept(tcp).await else {
         return;
     };
+    if stream.get_ref().1.alpn_protocol() == Some(b"http/1.1") {
+        // Apple has no HTTP/1.1; this is the baseline for clients that speak only HTTP/1.1.
+        let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+            let id = ids.fetch_add(1, Ordering::Relaxed);
+            async move {
+                let (parts, mut body) = req.into_parts();
+                while let Some(frame) =
+                    std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
+                {
+                    if frame.is_err() {
+                        break;
+                    }
+                }
+                let (head, reason) = verdict(&parts, id);
+                let body = match reason {
+                    None => RelayBody::empty(),
+                    Some(reason) => RelayBody::full(format!("{{\"reason\":\"{reason}\"}}")),
+                };
+                Ok::<_, std::convert::Infallible>(Response::from_parts(head.into_parts().0, body))
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
+        return;
+    }
     let mut builder = h2::server::Builder::new();
     builder
         .max_concurrent_streams(MAX_STREAMS)
@@ -146,13 +177,9 @@ async fn serve(tcp: TcpStream, acceptor: TlsAcceptor, ids: Arc<AtomicU64>) {
     }
 }
 
-async fn answer(req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>, id: u64) {
-    let (parts, mut body) = req.into_parts();
-    // Apple answers once the whole payload is in.
-    while let Some(chunk) = body.data().await {
-        let Ok(chunk) = chunk else { return };
-        let _ = body.flow_control().release_capacity(chunk.len());
-    }
+/// Apple's answer to a request: the head (status, `apns-id`, and for errors the JSON type and
+/// length) and the error reason, if any.
+fn verdict(parts: &http::request::Parts, id: u64) -> (Response<()>, Option<&'static str>) {
     let (status, reason) = if parts.method != Method::POST {
         (StatusCode::METHOD_NOT_ALLOWED, Some("MethodNotAllowed"))
     } else if !parts.uri.path().starts_with("/3/device/") {
@@ -162,34 +189,46 @@ async fn answer(req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>, 
     };
     let apns_id = match parts.headers.get("apns-id") {
         Some(v) => v.clone(),
-        None => match http::HeaderValue::try_from(format!(
+        None => http::HeaderValue::try_from(format!(
             "00000000-0000-4000-8000-{:012x}",
             id & 0xffff_ffff_ffff
-        )) {
-            Ok(v) => v,
-            Err(_) => return,
-        },
+        ))
+        .unwrap_or(http::HeaderValue::from_static(
+            "00000000-0000-4000-8000-000000000000",
+        )),
     };
-    let head = Response::builder()
-        .status(status)
-        .header("apns-id", apns_id);
+    let mut head = Response::new(());
+    *head.status_mut() = status;
+    let headers = head.headers_mut();
+    headers.insert("apns-id", apns_id);
+    if let Some(reason) = reason {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        headers.insert(
+            http::header::CONTENT_LENGTH,
+            http::HeaderValue::from(reason.len() + 13),
+        );
+    }
+    (head, reason)
+}
+
+async fn answer(req: Request<h2::RecvStream>, mut respond: SendResponse<Bytes>, id: u64) {
+    let (parts, mut body) = req.into_parts();
+    // Apple answers once the whole payload is in.
+    while let Some(chunk) = body.data().await {
+        let Ok(chunk) = chunk else { return };
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let (head, reason) = verdict(&parts, id);
     match reason {
         None => {
-            if let Ok(response) = head.body(()) {
-                let _ = respond.send_response(response, true);
-            }
+            let _ = respond.send_response(head, true);
         }
         Some(reason) => {
-            let body = format!("{{\"reason\":\"{reason}\"}}");
-            let Ok(response) = head
-                .header("content-type", "application/json")
-                .header("content-length", body.len())
-                .body(())
-            else {
-                return;
-            };
-            if let Ok(mut stream) = respond.send_response(response, false) {
-                let _ = stream.send_data(Bytes::from(body), true);
+            if let Ok(mut stream) = respond.send_response(head, false) {
+                let _ = stream.send_data(Bytes::from(format!("{{\"reason\":\"{reason}\"}}")), true);
             }
         }
     }

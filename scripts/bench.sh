@@ -15,6 +15,8 @@ Builds pushrelay and the fake APNs origin (examples/fake_apns.rs) in release mod
 per round, the order rotated each round):
 
   direct            h2load -> fake APNs (HTTP/2 + TLS): the baseline
+  direct-h1         h2load --h1 -> fake APNs (HTTP/1.1 + TLS, which Apple does not offer): the
+                    half-load baseline for post-proxy, with the same client shape
   pre:  pushrelay   h2load (TLS + HTTP/2, SNI api.push.apple.com) -> pushrelay pre-proxy -> origin
   pre:  nghttpx     the same through nghttpx (TLS h2 frontend, h2 + TLS backend)      [if installed]
   pre:  haproxy     the same through HAProxy (bind ssl alpn h2, server ssl alpn h2)   [if installed]
@@ -391,6 +393,8 @@ case_args() {
   case "$role" in
     direct)
       echo "-c $CLIENTS -m $STREAMS --connect-to=127.0.0.1:$ORIGIN_PORT https://$AUTHORITY$PATH_Q" ;;
+    direct-h1)
+      echo "--h1 -c $H1_CLIENTS --connect-to=127.0.0.1:$ORIGIN_PORT https://$AUTHORITY$PATH_Q" ;;
     pre)
       echo "-c $CLIENTS -m $STREAMS --connect-to=127.0.0.1:${PRE_PORT[$proxy]} https://$AUTHORITY$PATH_Q" ;;
     post)
@@ -401,11 +405,16 @@ case_args() {
 }
 
 case_clients() {
-  [[ ${1%%:*} == post ]] && echo "$H1_CLIENTS" || echo "$CLIENTS"
+  [[ ${1%%:*} == post || $1 == direct-h1 ]] && echo "$H1_CLIENTS" || echo "$CLIENTS"
 }
 
 case_pid() {
-  [[ $1 == direct ]] && echo "$ORIGIN_PID" || echo "${PROXY_PID[${1#*:}]}"
+  [[ $1 == direct* ]] && echo "$ORIGIN_PID" || echo "${PROXY_PID[${1#*:}]}"
+}
+
+# The half-load baseline for a role: the origin with the same client shape.
+baseline_of() {
+  [[ $1 == post ]] && echo direct-h1 || echo direct
 }
 
 # Results, one line per run: case round reqps p50_us p99_us cpu_us_per_req ok failed
@@ -459,6 +468,7 @@ echo "bench.sh: warming up (connections, TLS sessions, pools)" >&2
 SAVED_REQUESTS=$REQUESTS
 REQUESTS=2000
 for c in "${CASES[@]}"; do run_case "$c" warmup; done
+[[ $HALF_LOAD -eq 1 ]] && run_case direct-h1 warmup
 REQUESTS=$SAVED_REQUESTS
 
 n=${#CASES[@]}
@@ -507,7 +517,7 @@ if [[ $HALF_LOAD -eq 1 ]]; then
     for role in pre post; do
       rate="${HALF_RATE[$role]:-}"
       [[ -n "$rate" ]] || continue
-      half_cases=(direct)
+      half_cases=("$(baseline_of "$role")")
       for p in "${PROXIES[@]}"; do half_cases+=("$role:$p"); done
       m=${#half_cases[@]}
       for ((k = 0; k < m; k++)); do
@@ -611,15 +621,18 @@ report() {
     echo
     echo "| case | offered req/s | achieved req/s | p50 ms | p99 ms [range] | p99 added over direct ms | CPU µs/req |"
     echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
-    local rate d99 rx label p99
+    local rate d99 rx label p99 base
     for role in pre post; do
       rate="${HALF_RATE[$role]:-}"
       [[ -n "$rate" ]] || continue
       rx="^h-$role-"
-      d99="$(median direct 5 "$rx")"
-      for c in direct "${PROXIES[@]/#/$role:}"; do
+      base="$(baseline_of "$role")"
+      d99="$(median "$base" 5 "$rx")"
+      for c in "$base" "${PROXIES[@]/#/$role:}"; do
         if [[ $c == direct ]]; then
           label="direct (baseline for $role)"
+        elif [[ $c == direct-h1 ]]; then
+          label="direct over HTTP/1.1 (baseline for $role)"
         else
           label="$(role_name "$role"): ${c#*:}"
         fi
@@ -627,12 +640,13 @@ report() {
         printf '| %s | %s | %.0f | %s | %s [%s] | %s | %s |\n' "$label" "$rate" \
           "$(median "$c" 3 "$rx" | sed 's/NA/0/')" "$(ms "$(median "$c" 4 "$rx")")" "$(ms "$p99")" \
           "$(spread "$c" 5 "$rx" | awk -F'–' '{ if ($1 == "NA") print "NA"; else printf "%.2f–%.2f", $1 / 1000, $2 / 1000 }')" \
-          "$(if [[ $c == direct ]]; then echo "–"; else awk -v a="$p99" -v b="$d99" 'BEGIN { if (a == "NA" || b == "NA") print "NA"; else printf "%+.2f", (a - b) / 1000 }'; fi)" \
+          "$(if [[ $c == direct* ]]; then echo "–"; else awk -v a="$p99" -v b="$d99" 'BEGIN { if (a == "NA" || b == "NA") print "NA"; else printf "%+.2f", (a - b) / 1000 }'; fi)" \
           "$(median "$c" 6 "$rx")"
       done
     done
     echo
     echo "h2load --rps is per connection: the offered rate is split evenly over the case's connections."
+    echo "The post-proxy rows compare with the origin answering the same h2load --h1 load over HTTP/1.1 + TLS."
   fi
   echo
   if [[ $SYSCALLS -eq 1 ]]; then
