@@ -5,6 +5,8 @@
 //! A connection counts as ready after its first PING answer, which also means the origin's SETTINGS
 //! have been applied. PINGs keep it alive; an unanswered one closes it. Failed connects back off
 //! exponentially with jitter, and while a destination is backing off requests fail fast.
+//! With worker threads (`crate::workers`) each worker has a shard of all this to itself, chosen
+//! by the thread a request runs on, so its requests never touch another worker's connections.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
