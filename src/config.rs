@@ -158,6 +158,10 @@ pub struct UpstreamConfig {
     pub max_connections_per_destination: usize,
     /// Requests that may wait for a free stream per destination before 503 RelayOverloaded.
     pub max_queued_requests: usize,
+    /// Token-auth identities (JWT issuer + key id) with connections of their own, per
+    /// destination; beyond, the least recently used idle one is dropped, or with none idle the
+    /// request gets 503 RelayTooManyIdentities.
+    pub max_token_identities: usize,
     /// Certificate-based APNs auth: requests whose `apns-topic` is `topic` (or it plus `.voip`,
     /// `.complication`, `.pushkit.fileprovider`) use connections that present this certificate.
     pub identities: Vec<IdentityConfig>,
@@ -262,6 +266,7 @@ impl Default for UpstreamConfig {
             keepalive_timeout: Duration::from_secs(10),
             max_connections_per_destination: 8,
             max_queued_requests: 1024,
+            max_token_identities: 64,
             identities: Vec::new(),
         }
     }
@@ -907,6 +912,12 @@ fn validate(config: &Config, figment: &Figment, problems: &mut Vec<Problem>) -> 
     if config.upstream.max_connections_per_destination == 0 {
         problem(
             &["upstream", "max_connections_per_destination"],
+            "must be at least 1".into(),
+        );
+    }
+    if config.upstream.max_token_identities == 0 {
+        problem(
+            &["upstream", "max_token_identities"],
             "must be at least 1".into(),
         );
     }

@@ -95,6 +95,11 @@ fn classify_upstream(e: &UpstreamError) -> (StatusCode, &'static str, Fault) {
         UpstreamError::Pool(PoolError::QueueFull { .. } | PoolError::WaitTimeout { .. }) => {
             (S::SERVICE_UNAVAILABLE, "RelayOverloaded", Fault::Relay)
         }
+        UpstreamError::Pool(PoolError::TooManyIdentities { .. }) => (
+            S::SERVICE_UNAVAILABLE,
+            "RelayTooManyIdentities",
+            Fault::Relay,
+        ),
         UpstreamError::Timeout { .. } => {
             (S::GATEWAY_TIMEOUT, "RelayUpstreamTimeout", Fault::Upstream)
         }

@@ -30,6 +30,17 @@ fn apns_id(i: usize) -> String {
     format!("00000000-0000-4000-8000-{i:012}")
 }
 
+/// An unsigned bearer JWT from issuer `iss` (pushrelay reads it, never verifies it).
+fn bearer(iss: &str) -> String {
+    use base64::Engine;
+    let e = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "bearer {}.{}.c2ln",
+        e(r#"{"alg":"ES256","kid":"K1"}"#),
+        e(&format!(r#"{{"iss":"{iss}"}}"#))
+    )
+}
+
 async fn push_with_id(client: &H2Client, i: usize) -> StatusCode {
     let mut req = push_request("api.push.apple.com", &token(i));
     req.headers_mut()
@@ -302,19 +313,10 @@ async fn identities_never_share_a_connection() {
     );
     let relay = relay::start(&yaml_with(&pki, &origin, Via::Direct, &identities)).await;
     let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
-    let jwt = |iss: &str| {
-        use base64::Engine;
-        let e = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-        format!(
-            "bearer {}.{}.c2ln",
-            e(r#"{"alg":"ES256","kid":"K1"}"#),
-            e(&format!(r#"{{"iss":"{iss}"}}"#))
-        )
-    };
     // (label, apns-topic, authorization)
     let kinds: [(&str, &str, Option<String>); 5] = [
-        ("team1", "com.example.token", Some(jwt("TEAM1"))),
-        ("team2", "com.example.token", Some(jwt("TEAM2"))),
+        ("team1", "com.example.token", Some(bearer("TEAM1"))),
+        ("team2", "com.example.token", Some(bearer("TEAM2"))),
         ("cert-one", "com.example.one", None),
         ("cert-one", "com.example.one.voip", None),
         ("cert-two", "com.example.two", None),
@@ -367,6 +369,60 @@ async fn identities_never_share_a_connection() {
         }
     }
     assert_eq!(conns_by_label.len(), 4);
+}
+
+/// Token identities are bounded (upstream.max_token_identities, 2 here): a new issuer takes the
+/// place of the least recently used idle one, whose connection goes; with every identity busy, a
+/// new one is refused with 503 RelayTooManyIdentities and nothing reaches the origin for it.
+#[tokio::test]
+async fn token_identities_are_bounded_and_the_idlest_makes_room() {
+    let pki = TestPki::new();
+    let (origin, hold) = FakeApns::start_holding(&pki, OriginOptions::default()).await;
+    let upstream = "  max_token_identities: 2\n";
+    let relay = relay::start(&yaml_with(&pki, &origin, Via::Direct, upstream)).await;
+    let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
+    let push_as = |iss: &'static str, i: usize| {
+        let c = client.clone();
+        tokio::spawn(async move {
+            let mut req = push_request("api.push.apple.com", &token(i));
+            req.headers_mut()
+                .insert("authorization", bearer(iss).parse().unwrap());
+            c.send(req, Bytes::from(PAYLOAD)).await.unwrap()
+        })
+    };
+    let identities = |relay: &relay::RunningRelay| {
+        let mut ids: Vec<String> = relay
+            .relay
+            .pool()
+            .stats()
+            .into_iter()
+            .filter(|(_, s)| s.open_connections > 0)
+            .filter_map(|(k, _)| k.identity.map(|i| i.to_string()))
+            .collect();
+        ids.sort();
+        ids
+    };
+    hold.add_permits(3);
+    for (i, iss) in ["TEAM1", "TEAM2", "TEAM3"].into_iter().enumerate() {
+        let answer = within(10, iss, push_as(iss, i)).await.unwrap();
+        assert_eq!(answer.status, StatusCode::OK, "{iss}");
+    }
+    // TEAM1 was the least recently used when TEAM3 came: it went, with its connection.
+    assert_eq!(identities(&relay), ["jwt:TEAM2/K1", "jwt:TEAM3/K1"]);
+    assert_eq!(origin.connection_count(), 3);
+
+    // Both identities busy: a fourth issuer is refused, and never reaches the origin.
+    let busy = [push_as("TEAM2", 10), push_as("TEAM3", 11)];
+    within(10, "both held", origin.wait_received(5)).await;
+    let refused = within(10, "TEAM4", push_as("TEAM4", 12)).await.unwrap();
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.reason().as_deref(), Some("RelayTooManyIdentities"));
+    hold.add_permits(2);
+    for b in busy {
+        assert_eq!(within(10, "held", b).await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(origin.received().len(), 5);
+    assert_eq!(origin.connection_count(), 3);
 }
 
 /// Reconnects back off exponentially with jitter, and requests fail fast in between (paused time).

@@ -56,6 +56,11 @@ pub enum PoolError {
     },
     #[error("all connections to {dest} are full and {queued} requests already wait")]
     QueueFull { dest: String, queued: usize },
+    #[error(
+        "{dest} already has connections for {max} token identities, none of them idle \
+         (upstream.max_token_identities)"
+    )]
+    TooManyIdentities { dest: String, max: usize },
     #[error("no stream to {dest} became free in time")]
     WaitTimeout { dest: String },
 }
@@ -64,6 +69,10 @@ pub enum PoolError {
 pub struct PoolSettings {
     pub max_connections: usize,
     pub max_queued: usize,
+    /// JWT issuer/key identities with connections of their own, per destination. Identities come
+    /// from unverified claims, so without a bound any client could make the relay open
+    /// connections to Apple for as many made-up issuers as it likes.
+    pub max_identities: usize,
     pub connect_timeout: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
@@ -80,6 +89,7 @@ impl PoolSettings {
         PoolSettings {
             max_connections: upstream.max_connections_per_destination,
             max_queued: upstream.max_queued_requests,
+            max_identities: upstream.max_token_identities,
             connect_timeout: upstream.connect_timeout,
             keepalive_interval: upstream.keepalive_interval,
             keepalive_timeout: upstream.keepalive_timeout,
@@ -126,6 +136,8 @@ pub struct Conn {
     in_flight: AtomicUsize,
     open: AtomicBool,
     route: Route,
+    /// Ends the connection (its identity evicted; a child of the pool's shutdown token).
+    close: CancellationToken,
 }
 
 impl Conn {
@@ -151,6 +163,20 @@ struct DestState {
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<Arc<ConnectError>>,
+    /// When a request last took a stream here: the least recently used idle identity goes first.
+    last_used: Option<Instant>,
+}
+
+impl DestState {
+    /// Nothing in flight, waiting or connecting: the entry can go without anyone noticing.
+    fn idle(&self) -> bool {
+        !self.connecting
+            && self.queued == 0
+            && self
+                .conns
+                .iter()
+                .all(|c| c.in_flight.load(Ordering::SeqCst) == 0)
+    }
 }
 
 struct Dest {
@@ -288,6 +314,7 @@ impl Pool {
         let shards = settings.shards.max(1);
         settings.max_connections = settings.max_connections.div_ceil(shards).max(1);
         settings.max_queued = settings.max_queued.div_ceil(shards).max(1);
+        settings.max_identities = settings.max_identities.div_ceil(shards).max(1);
         Pool {
             inner: Arc::new(Inner {
                 connector,
@@ -302,22 +329,70 @@ impl Pool {
         }
     }
 
-    fn dest(&self, key: &PoolKey) -> Arc<Dest> {
+    fn dest(&self, key: &PoolKey) -> Result<Arc<Dest>, PoolError> {
         let shard = WORKER.with(|w| w.get()) % self.inner.dests.len();
         let mut dests = self.inner.dests[shard]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        dests
-            .entry(key.clone())
-            .or_insert_with(|| {
-                Arc::new(Dest {
-                    key: key.clone(),
-                    state: Mutex::new(DestState::default()),
-                    changed: Notify::new(),
-                    waiting: AtomicUsize::new(0),
-                })
-            })
-            .clone()
+        if let Some(d) = dests.get(key) {
+            return Ok(d.clone());
+        }
+        if key.identity.is_some() {
+            self.make_room_for_identity(&mut dests, key)?;
+        }
+        let dest = Arc::new(Dest {
+            key: key.clone(),
+            state: Mutex::new(DestState::default()),
+            changed: Notify::new(),
+            waiting: AtomicUsize::new(0),
+        });
+        dests.insert(key.clone(), dest.clone());
+        Ok(dest)
+    }
+
+    /// Keeps the identities towards `key.dest` under `max_identities` before `key` joins them:
+    /// the least recently used idle one is dropped and its connections closed; with none idle,
+    /// the new identity is refused.
+    fn make_room_for_identity(
+        &self,
+        dests: &mut HashMap<PoolKey, Arc<Dest>>,
+        key: &PoolKey,
+    ) -> Result<(), PoolError> {
+        let max = self.inner.settings.max_identities;
+        let mut count = 0;
+        let mut victim: Option<(Option<Instant>, PoolKey)> = None;
+        for (k, d) in dests.iter() {
+            if k.dest != key.dest || k.identity.is_none() {
+                continue;
+            }
+            count += 1;
+            let st = d.lock();
+            if st.idle() && victim.as_ref().is_none_or(|(used, _)| st.last_used < *used) {
+                victim = Some((st.last_used, k.clone()));
+            }
+        }
+        if count < max {
+            return Ok(());
+        }
+        let Some((_, victim)) = victim else {
+            return Err(PoolError::TooManyIdentities {
+                dest: key.dest.to_string(),
+                max,
+            });
+        };
+        if let Some(d) = dests.remove(&victim) {
+            for c in &d.lock().conns {
+                c.open.store(false, Ordering::Release);
+                c.close.cancel();
+            }
+            tracing::info!(
+                upstream.authority = %victim.dest,
+                upstream.identity = victim.identity.as_deref().unwrap_or(""),
+                max,
+                "idle token identity dropped to make room (upstream.max_token_identities)"
+            );
+        }
+        Ok(())
     }
 
     /// Closes every upstream connection (at shutdown, once clients are drained).
@@ -359,7 +434,7 @@ impl Pool {
     /// A stream slot towards `key`, opening a connection when every open one is full. Waits (bounded
     /// by the queue size and `deadline`) when the destination has all the connections it may have.
     pub async fn checkout(&self, key: &PoolKey, deadline: Instant) -> Result<Lease, PoolError> {
-        let dest = self.dest(key);
+        let dest = self.dest(key)?;
         let settings = &self.inner.settings;
         let mut slot: Option<QueueSlot<'_>> = None;
         loop {
@@ -370,10 +445,11 @@ impl Pool {
                 st.conns.retain(|c| {
                     c.open.load(Ordering::Acquire) || c.in_flight.load(Ordering::Acquire) > 0
                 });
-                if let Some(conn) = st.conns.iter().find(|c| c.has_room()) {
+                if let Some(conn) = st.conns.iter().find(|c| c.has_room()).cloned() {
                     conn.in_flight.fetch_add(1, Ordering::AcqRel);
+                    st.last_used = Some(Instant::now());
                     return Ok(Lease {
-                        conn: conn.clone(),
+                        conn,
                         dest: dest.clone(),
                     });
                 }
@@ -455,6 +531,7 @@ impl Pool {
                 st.last_error = None;
                 conn.in_flight.fetch_add(1, Ordering::AcqRel);
                 st.conns.push(conn.clone());
+                st.last_used = Some(Instant::now());
                 Ok(Lease {
                     conn,
                     dest: dest.clone(),
@@ -512,6 +589,7 @@ impl Pool {
             in_flight: AtomicUsize::new(0),
             open: AtomicBool::new(false),
             route: connected.route,
+            close: self.inner.closing.child_token(),
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         tokio::spawn(drive(
@@ -623,7 +701,11 @@ async fn drive(
             Err(e) => format!("error: {e}"),
         },
         why = keepalive => why,
-        _ = pool.closing.cancelled() => "relay shutting down".to_owned(),
+        _ = conn.close.cancelled() => if pool.closing.is_cancelled() {
+            "relay shutting down".to_owned()
+        } else {
+            "its identity was dropped (idle, over upstream.max_token_identities)".to_owned()
+        },
     };
     conn.open.store(false, Ordering::Release);
     dest.changed.notify_waiters();
@@ -639,6 +721,7 @@ mod tests {
         PoolSettings {
             max_connections: 4,
             max_queued: 10,
+            max_identities: 8,
             connect_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
