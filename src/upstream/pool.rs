@@ -165,12 +165,15 @@ struct DestState {
     last_error: Option<Arc<ConnectError>>,
     /// When a request last took a stream here: the least recently used idle identity goes first.
     last_used: Option<Instant>,
+    /// Requests between finding this entry and leaving `checkout`: it is not idle meanwhile.
+    checkouts: usize,
 }
 
 impl DestState {
     /// Nothing in flight, waiting or connecting: the entry can go without anyone noticing.
     fn idle(&self) -> bool {
-        !self.connecting
+        self.checkouts == 0
+            && !self.connecting
             && self.queued == 0
             && self
                 .conns
@@ -244,6 +247,16 @@ impl Drop for Lease {
         if self.dest.waiting.load(Ordering::SeqCst) > 0 {
             self.dest.changed.notify_waiters();
         }
+    }
+}
+
+/// A checkout in progress on a destination entry (counted while the shard's map was locked, so
+/// the entry cannot be evicted between being found and being used).
+struct Checkout<'a>(&'a Dest);
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        self.0.lock().checkouts -= 1;
     }
 }
 
@@ -329,12 +342,14 @@ impl Pool {
         }
     }
 
+    /// The entry for `key` in this worker's shard, counted as in a checkout (see `Checkout`).
     fn dest(&self, key: &PoolKey) -> Result<Arc<Dest>, PoolError> {
         let shard = WORKER.with(|w| w.get()) % self.inner.dests.len();
         let mut dests = self.inner.dests[shard]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(d) = dests.get(key) {
+            d.lock().checkouts += 1;
             return Ok(d.clone());
         }
         if key.identity.is_some() {
@@ -342,7 +357,10 @@ impl Pool {
         }
         let dest = Arc::new(Dest {
             key: key.clone(),
-            state: Mutex::new(DestState::default()),
+            state: Mutex::new(DestState {
+                checkouts: 1,
+                ..DestState::default()
+            }),
             changed: Notify::new(),
             waiting: AtomicUsize::new(0),
         });
@@ -435,6 +453,7 @@ impl Pool {
     /// by the queue size and `deadline`) when the destination has all the connections it may have.
     pub async fn checkout(&self, key: &PoolKey, deadline: Instant) -> Result<Lease, PoolError> {
         let dest = self.dest(key)?;
+        let _checkout = Checkout(&dest);
         let settings = &self.inner.settings;
         let mut slot: Option<QueueSlot<'_>> = None;
         loop {
