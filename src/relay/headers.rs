@@ -12,7 +12,8 @@ use crate::policy::Authority;
 
 /// Headers that describe one hop and never cross the relay. `expect` is answered by the relay
 /// itself (100 Continue on HTTP/1.1; HTTP/2 needs none).
-const HOP_BY_HOP: [HeaderName; 8] = [
+const HOP_BY_HOP_LEN: usize = 8;
+const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::EXPECT,
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -22,6 +23,25 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
     HeaderName::from_static("http2-settings"),
 ];
+
+/// Headers whose value is new in every message: an HPACK encoder that indexes them fills its
+/// dynamic table with values never seen again, evicting the ones that repeat (`:authority`,
+/// `apns-topic`) and walking every stale entry of that name on each lookup. They go as
+/// never-indexed literals instead (RFC 7541 §6.2.3), which costs the peer nothing either.
+const PER_MESSAGE: [HeaderName; 2] = [
+    HeaderName::from_static("apns-id"),
+    HeaderName::from_static("apns-unique-id"),
+];
+
+/// Marks the per-message headers (`apns-id`, `apns-unique-id`) so HTTP/2 never indexes them.
+fn never_index_per_message(headers: &mut HeaderMap) {
+    for name in &PER_MESSAGE {
+        // One value each in any sane message; a second one is merely indexed.
+        if let Some(value) = headers.get_mut(name) {
+            value.set_sensitive(true);
+        }
+    }
+}
 
 /// Why a request cannot be relayed as it is.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -92,27 +112,46 @@ pub fn named_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Result<NamedHost<
 
 /// Removes hop-by-hop headers, those `Connection` names, `Host`, and `TE` other than `trailers`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // A push carries none of them: one look at each name settles that without any removal.
-    let any = headers.keys().any(|name| {
-        name == header::HOST || name == header::TE || HOP_BY_HOP.iter().any(|h| h == name)
-    });
-    if !any {
+    // One look at each name says which of them are there, so only those are removed: an HTTP/2
+    // push carries none, an HTTP/1.1 one usually just `Host`.
+    const HOST: u16 = 1 << HOP_BY_HOP_LEN;
+    const TE: u16 = HOST << 1;
+    let mut found = 0u16;
+    for name in headers.keys() {
+        if name == header::HOST {
+            found |= HOST;
+        } else if name == header::TE {
+            found |= TE;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            found |= 1 << i;
+        }
+    }
+    if found == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if found & HOST != 0 {
+        headers.remove(header::HOST);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
     }
-    headers.remove(header::HOST);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if found & (1 << i) != 0 {
+            headers.remove(name);
+        }
+    }
+    if found & TE == 0 {
+        return;
+    }
     let keeps_trailers = headers
         .get_all(header::TE)
         .iter()
@@ -133,6 +172,7 @@ pub fn upstream_head(
     authority: http::uri::Authority,
 ) -> Result<Request<()>, http::Error> {
     strip_hop_by_hop(&mut headers);
+    never_index_per_message(&mut headers);
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(http::uri::Scheme::HTTPS);
     parts.authority = Some(authority);
@@ -154,6 +194,7 @@ pub fn upstream_head(
 /// headers, but a lenient origin may still send some.
 pub fn downstream_headers(headers: &mut HeaderMap) {
     strip_hop_by_hop(headers);
+    never_index_per_message(headers);
 }
 
 #[cfg(test)]
@@ -305,6 +346,47 @@ mod tests {
         let mut no_trailers = headers(&[("te", "gzip")]);
         strip_hop_by_hop(&mut no_trailers);
         assert!(no_trailers.is_empty());
+    }
+
+    #[test]
+    fn connection_may_name_te_and_host_too() {
+        let mut h = headers(&[
+            ("host", "api.push.apple.com"),
+            ("connection", "te, x-hop"),
+            ("te", "trailers"),
+            ("x-hop", "1"),
+            ("apns-topic", "t"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["apns-topic"]);
+    }
+
+    #[test]
+    fn per_message_headers_are_never_indexed_either_way() {
+        let uri: Uri = "/3/device/abc".parse().unwrap();
+        let h = headers(&[
+            ("apns-id", "123e4567-e89b-12d3-a456-426614174000"),
+            ("apns-topic", "t"),
+        ]);
+        let req = upstream_head(
+            Method::POST,
+            &uri,
+            h.clone(),
+            "api.push.apple.com".parse().unwrap(),
+        )
+        .unwrap();
+        assert!(req.headers()["apns-id"].is_sensitive());
+        assert!(!req.headers()["apns-topic"].is_sensitive());
+        let mut answer = headers(&[
+            ("apns-unique-id", "u"),
+            ("apns-id", "i"),
+            ("content-type", "x"),
+        ]);
+        downstream_headers(&mut answer);
+        assert!(answer["apns-unique-id"].is_sensitive());
+        assert!(answer["apns-id"].is_sensitive());
+        assert!(!answer["content-type"].is_sensitive());
     }
 
     #[test]
