@@ -14,7 +14,7 @@ use ipnet::IpNet;
 /// A destination `host:port`, normalised: lower-case host, no trailing dot, IPv6 without brackets.
 /// Written out once (`host:port`, IPv6 in brackets) and shared, so cloning one per request, using
 /// it as a pool key or a metrics label, costs no allocation.
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Authority {
     /// `host:port` as `Display` writes it.
     text: Arc<str>,
@@ -29,6 +29,13 @@ impl fmt::Debug for Authority {
             .field("host", &self.host())
             .field("port", &self.port)
             .finish()
+    }
+}
+
+/// The text alone says everything (host and port are parts of it), so only it is hashed.
+impl std::hash::Hash for Authority {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
     }
 }
 
@@ -148,22 +155,39 @@ pub fn normalized_host(host: &str) -> Option<Cow<'_, str>> {
         .strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .unwrap_or(host);
-    if let Ok(ip) = host.parse::<IpAddr>() {
+    // An IPv4 address starts with a digit and an IPv6 one holds a colon; a name is not parsed.
+    let bytes = host.as_bytes();
+    if (bytes.first().is_some_and(u8::is_ascii_digit) || bytes.contains(&b':'))
+        && let Ok(ip) = host.parse::<IpAddr>()
+    {
         return Some(Cow::Owned(ip.to_string()));
     }
     let host = host.strip_suffix('.').unwrap_or(host);
-    let valid = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if !valid {
+    if host.is_empty() || host.len() > 253 {
+        return None;
+    }
+    // Labels of 1 to 63 letters, digits, '-' or '_', in one pass.
+    let (mut label, mut upper) = (0usize, false);
+    for &b in host.as_bytes() {
+        if b == b'.' {
+            if label == 0 {
+                return None;
+            }
+            label = 0;
+            continue;
+        }
+        if !(b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+            return None;
+        }
+        upper |= b.is_ascii_uppercase();
+        label += 1;
+        if label > 63 {
+            return None;
+        }
+    }
+    if label == 0 {
         None
-    } else if host.bytes().any(|b| b.is_ascii_uppercase()) {
+    } else if upper {
         Some(Cow::Owned(host.to_ascii_lowercase()))
     } else {
         Some(Cow::Borrowed(host))
@@ -273,6 +297,47 @@ mod tests {
         ];
         for (input, err) in bad {
             assert_eq!(input.parse::<Authority>(), Err(err), "{input}");
+        }
+    }
+
+    #[test]
+    fn host_name_table() {
+        let long_label = "a".repeat(63);
+        let too_long_label = "a".repeat(64);
+        let long_name = format!("{long_label}.{long_label}.{long_label}.{}", "a".repeat(61));
+        let ok: [(&str, &str, bool); 10] = [
+            ("api.push.apple.com", "api.push.apple.com", true),
+            ("API.push.Apple.com", "api.push.apple.com", false),
+            ("api.push.apple.com.", "api.push.apple.com", true),
+            ("1password.com", "1password.com", true),
+            ("a-b_c.example", "a-b_c.example", true),
+            ("127.0.0.1", "127.0.0.1", false),
+            ("::1", "::1", false),
+            ("0:0::1", "::1", false),
+            (&long_label, &long_label, true),
+            (&long_name, &long_name, true),
+        ];
+        for (input, want, borrowed) in ok {
+            let got = normalized_host(input).unwrap_or_else(|| panic!("{input:?} refused"));
+            assert_eq!(got, want, "{input:?}");
+            assert_eq!(matches!(got, Cow::Borrowed(_)), borrowed, "{input:?}");
+        }
+        let too_long_name = format!("{long_name}a");
+        let bad = [
+            "",
+            ".",
+            "a..b",
+            ".a",
+            "a b",
+            "a/b",
+            "ex\u{e4}mple.com",
+            "a:b",
+            "1.2.3.4.5:",
+            &too_long_label,
+            &too_long_name,
+        ];
+        for input in bad {
+            assert_eq!(normalized_host(input), None, "{input:?}");
         }
     }
 
