@@ -78,7 +78,7 @@ where
     loop {
         tokio::select! {
             next = conn.accept() => match next {
-                Some(Ok((request, respond))) => streams.push(answer(handle(request), respond)),
+                Some(Ok((request, respond))) => streams.push(Box::pin(answer(handle(request), respond))),
                 Some(Err(e)) => return Err(e.into()),
                 None => return Ok(()),
             },
