@@ -340,6 +340,57 @@ async fn pipelined_requests_answer_in_order() {
     assert_eq!(s.origin.received().len(), 5);
 }
 
+/// Each request on a kept-alive connection is routed by its own Host: the previous request's
+/// route is reused only for the same host as written, and a refused host between allowed ones
+/// changes nothing for them.
+#[tokio::test]
+async fn each_request_on_a_connection_is_routed_by_its_own_host() {
+    let s = setup().await;
+    let port = s.origin.port();
+    let with_port = format!("api.push.apple.com:{port}");
+    let hosts = [
+        "api.push.apple.com",
+        "fcm.googleapis.com",
+        "api.push.apple.com",
+        with_port.as_str(),
+        "api.sandbox.push.apple.com",
+        "api.push.apple.com:2197",
+        "api.push.apple.com",
+    ];
+    let mut conn = RawConn::connect(s.relay.addr()).await;
+    for (i, host) in hosts.iter().enumerate() {
+        let refused = host.starts_with("fcm.") || host.ends_with(":2197");
+        // Refused pushes go without a body: one left unread would close the connection.
+        let body = if refused { "" } else { PAYLOAD };
+        conn.send(&push(
+            &format!("/3/device/{}", token(20 + i)),
+            host,
+            "",
+            body,
+        ))
+        .await;
+        let answer = conn.read_answer().await.expect("an answer per request");
+        let want = if refused { 403 } else { 200 };
+        assert_eq!(answer.status, want, "request {i} to {host}");
+    }
+    let authorities: Vec<_> = s
+        .origin
+        .received()
+        .into_iter()
+        .map(|r| r.authority.unwrap_or_default())
+        .collect();
+    assert_eq!(
+        authorities,
+        [
+            "api.push.apple.com",
+            "api.push.apple.com",
+            with_port.as_str(),
+            "api.sandbox.push.apple.com",
+            "api.push.apple.com",
+        ]
+    );
+}
+
 /// CONNECT is refused: this door never tunnels.
 #[tokio::test]
 async fn connect_is_refused() {

@@ -33,6 +33,13 @@ use crate::reload::Swap;
 use crate::tls::{self, TlsSetupError};
 use crate::upstream::BoxError;
 
+/// Where a request naming `named` (its host as written, port included) goes.
+struct Route {
+    named: Box<str>,
+    dest: Authority,
+    authority: http::uri::Authority,
+}
+
 pub struct PostProxy {
     name: Arc<str>,
     acceptor: Swap<Option<TlsAcceptor>>,
@@ -129,6 +136,7 @@ impl PostProxy {
         // One idle timer per connection, moved on only when it fires: a fresh timer per request
         // costs a timer-wheel insertion and removal every time.
         let mut idle = pin!(sleep(self.idle_timeout));
+        let mut last_route = None;
         loop {
             if !reader.has_buffered() {
                 if writer.flush().await.is_err() {
@@ -197,7 +205,14 @@ impl PostProxy {
                 }
             };
             if self
-                .exchange(&mut reader, &mut writer, head, ctx, shutdown)
+                .exchange(
+                    &mut reader,
+                    &mut writer,
+                    head,
+                    &mut last_route,
+                    ctx,
+                    shutdown,
+                )
                 .await
                 == Next::Close
             {
@@ -208,10 +223,13 @@ impl PostProxy {
         let _ = writer.shutdown().await;
     }
 
-    /// The destination, the `:authority` to send, and the target as a URI.
+    /// The destination, the `:authority` to send, and the target as a URI. `last` is this
+    /// connection's previous route: its requests usually name the same host, which then needs
+    /// no new `Authority`.
     fn route(
         &self,
         head: &RequestHead,
+        last: &mut Option<Route>,
     ) -> Result<(Authority, http::uri::Authority, Uri), RelayError> {
         if head.method == Method::CONNECT {
             return Err(RelayError::MethodNotAllowed("CONNECT".into()));
@@ -235,6 +253,9 @@ impl PostProxy {
             ));
         }
         let named = named_host(&uri, &head.headers)?;
+        if let Some(route) = last.as_ref().filter(|r| *r.named == *named.raw) {
+            return Ok((route.dest.clone(), route.authority.clone(), uri));
+        }
         let port = named.port.unwrap_or(self.upstream_port);
         let dest =
             Authority::new(&named.host, port).map_err(|e| RelayError::BadRequest(e.to_string()))?;
@@ -243,6 +264,11 @@ impl PostProxy {
             None => http::uri::Authority::try_from(named.host.as_ref()),
         }
         .map_err(|e| RelayError::BadRequest(format!("invalid host: {e}")))?;
+        *last = Some(Route {
+            named: named.raw.into(),
+            dest: dest.clone(),
+            authority: authority.clone(),
+        });
         Ok((dest, authority, uri))
     }
 
@@ -251,6 +277,7 @@ impl PostProxy {
         reader: &mut Reader<R>,
         writer: &mut W,
         head: RequestHead,
+        last_route: &mut Option<Route>,
         ctx: &Ctx,
         shutdown: &CancellationToken,
     ) -> Next
@@ -260,7 +287,7 @@ impl PostProxy {
     {
         let mut keep_alive = head.keep_alive && !shutdown.is_cancelled();
         let (method, version, framing) = (head.method.clone(), head.version, head.framing);
-        let (dest, authority, uri) = match self.route(&head) {
+        let (dest, authority, uri) = match self.route(&head, last_route) {
             Ok(r) => r,
             Err(e) => {
                 let path = super::loggable_path(head.target.as_str()).into_owned();
