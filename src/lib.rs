@@ -28,6 +28,7 @@ pub mod cli;
 pub mod coalesce;
 pub mod config;
 pub mod error;
+pub mod fasthash;
 pub mod listen;
 pub mod log;
 pub mod metrics;

@@ -3,13 +3,14 @@
 //! are held without brackets, and IPv4-mapped IPv6 clients are judged as the IPv4 address they are.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use ipnet::IpNet;
+
+use crate::fasthash::FastSet;
 
 /// A destination `host:port`, normalised: lower-case host, no trailing dot, IPv6 without brackets.
 /// Written out once (`host:port`, IPv6 in brackets) and shared, so cloning one per request, using
@@ -221,7 +222,7 @@ impl SourcePolicy {
 /// The only `host:port` pairs pushrelay connects to. Empty means none.
 #[derive(Clone, Debug, Default)]
 pub struct DestinationPolicy {
-    allowed: HashSet<Authority>,
+    allowed: FastSet<Authority>,
 }
 
 impl DestinationPolicy {

@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::connect::{ConnectError, Connector, H2Connection, H2Send, Route};
 use crate::config::UpstreamConfig;
+use crate::fasthash::FastMap;
 use crate::metrics::Metrics;
 use crate::policy::Authority;
 use crate::upstream::tunnel::TunnelError;
@@ -300,7 +301,7 @@ struct Inner {
     /// Limits per shard.
     settings: PoolSettings,
     /// One map per shard (worker thread).
-    dests: Vec<Mutex<HashMap<PoolKey, Arc<Dest>>>>,
+    dests: Vec<Mutex<FastMap<PoolKey, Arc<Dest>>>>,
     next_id: AtomicU64,
     /// Bumped whenever a connection opens or ends: for metrics and tests that wait on it.
     events: watch::Sender<u64>,
@@ -333,7 +334,9 @@ impl Pool {
                 connector,
                 tls,
                 settings,
-                dests: (0..shards).map(|_| Mutex::new(HashMap::new())).collect(),
+                dests: (0..shards)
+                    .map(|_| Mutex::new(FastMap::default()))
+                    .collect(),
                 next_id: AtomicU64::new(1),
                 events: watch::Sender::new(0),
                 closing: CancellationToken::new(),
@@ -373,7 +376,7 @@ impl Pool {
     /// the new identity is refused.
     fn make_room_for_identity(
         &self,
-        dests: &mut HashMap<PoolKey, Arc<Dest>>,
+        dests: &mut FastMap<PoolKey, Arc<Dest>>,
         key: &PoolKey,
     ) -> Result<(), PoolError> {
         let max = self.inner.settings.max_identities;
