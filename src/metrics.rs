@@ -2,9 +2,10 @@
 //! explicit registry, so tests render it. Gauges about the pool are refreshed when scraped, from
 //! the pool's own accounting, so they can never drift from it.
 
+use std::cell::RefCell;
 use std::fmt::Write;
 use std::sync::Arc;
-use std::sync::atomic::AtomicI64;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -58,7 +59,33 @@ struct CertLabels {
 
 type HistogramFamily = Family<ListenerLabels, Histogram, fn() -> Histogram>;
 
+/// A request's counter and histogram, as looked up for its labels. A family lookup hashes every
+/// label and takes a lock; a worker thread sees the same few label sets push after push, so it
+/// keeps the last few handles (the families' own, shared) and finds them by their labels.
+struct RequestHandles {
+    metrics: u64,
+    listener: Arc<str>,
+    destination: Arc<str>,
+    status_class: &'static str,
+    count: Counter,
+    duration: Histogram,
+}
+
+const RECENT_HANDLES: usize = 8;
+
+/// Equal labels: usually the very same text, else compared (each post-proxy connection has its
+/// own copy of the destination's).
+fn same(a: &Arc<str>, b: &Arc<str>) -> bool {
+    Arc::ptr_eq(a, b) || **a == **b
+}
+
+thread_local! {
+    static RECENT: RefCell<Vec<RequestHandles>> = const { RefCell::new(Vec::new()) };
+}
+
 pub struct Metrics {
+    /// Tells this registry's handles apart from another's in `RECENT` (tests run several).
+    id: u64,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     relay_errors: Family<ReasonLabels, Counter>,
@@ -85,7 +112,9 @@ impl Default for Metrics {
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("pushrelay");
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let m = Metrics {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             requests: Family::default(),
             relay_errors: Family::default(),
             duration: HistogramFamily::new_with_constructor(duration_histogram),
@@ -161,18 +190,46 @@ impl Metrics {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        self.requests
-            .get_or_create(&RequestLabels {
-                listener: listener.clone(),
-                destination: destination.clone(),
-                status_class,
-            })
-            .inc();
-        self.duration
-            .get_or_create(&ListenerLabels {
-                listener: listener.clone(),
-            })
-            .observe(elapsed.as_secs_f64());
+        RECENT.with_borrow_mut(|recent| {
+            let found = recent.iter().position(|r| {
+                r.metrics == self.id
+                    && r.status_class == status_class
+                    && same(&r.listener, listener)
+                    && same(&r.destination, destination)
+            });
+            let i = match found {
+                Some(i) => i,
+                None => {
+                    let handles = RequestHandles {
+                        metrics: self.id,
+                        listener: listener.clone(),
+                        destination: destination.clone(),
+                        status_class,
+                        count: self
+                            .requests
+                            .get_or_create(&RequestLabels {
+                                listener: listener.clone(),
+                                destination: destination.clone(),
+                                status_class,
+                            })
+                            .clone(),
+                        duration: self
+                            .duration
+                            .get_or_create(&ListenerLabels {
+                                listener: listener.clone(),
+                            })
+                            .clone(),
+                    };
+                    if recent.len() == RECENT_HANDLES {
+                        recent.pop();
+                    }
+                    recent.insert(0, handles);
+                    0
+                }
+            };
+            recent[i].count.inc();
+            recent[i].duration.observe(elapsed.as_secs_f64());
+        });
     }
 
     pub fn relay_error(&self, reason: &str) {
@@ -231,10 +288,69 @@ impl Metrics {
             self.upstream_connections.get_or_create(&labels).set(conns);
             self.streams_in_flight.get_or_create(&labels).set(streams);
         }
+        self.encode()
+    }
+
+    fn encode(&self) -> String {
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             let _ = writeln!(out, "# metrics encoding failed");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn count(m: &Metrics, listener: &str, destination: &str, class: &str) -> u64 {
+        let line = format!(
+            "pushrelay_requests_total{{listener=\"{listener}\",destination=\"{destination}\",status_class=\"{class}\"}} "
+        );
+        let text = m.encode();
+        text.lines()
+            .find_map(|l| l.strip_prefix(line.as_str()))
+            .map_or(0, |n| n.parse().unwrap())
+    }
+
+    /// The handles kept per thread never mix registries or labels up, and every request counts.
+    #[test]
+    fn every_request_counts_in_its_own_registry_and_series() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        let pre: Arc<str> = Arc::from("pre");
+        let dests: Vec<Arc<str>> = (0..12).map(|i| Arc::from(format!("h{i}:443"))).collect();
+        let ms = Duration::from_millis(1);
+        for round in 0..3 {
+            for (i, d) in dests.iter().enumerate() {
+                // Equal text in a new Arc is the same series.
+                let d = if round == 1 {
+                    Arc::from(&**d)
+                } else {
+                    d.clone()
+                };
+                a.request(&pre, &d, 200, ms);
+                if i % 2 == 0 {
+                    b.request(&pre, &d, 503, ms);
+                }
+            }
+        }
+        a.request(&pre, &dests[0], 404, ms);
+        for (i, d) in dests.iter().enumerate() {
+            assert_eq!(count(&a, "pre", d, "2xx"), 3, "{d}");
+            assert_eq!(count(&a, "pre", d, "5xx"), 0, "{d}");
+            assert_eq!(
+                count(&b, "pre", d, "5xx"),
+                if i % 2 == 0 { 3 } else { 0 },
+                "{d}"
+            );
+            assert_eq!(count(&b, "pre", d, "2xx"), 0, "{d}");
+        }
+        assert_eq!(count(&a, "pre", "h0:443", "4xx"), 1);
+        let text = a.encode();
+        assert!(
+            text.contains("pushrelay_request_duration_seconds_count{listener=\"pre\"} 37"),
+            "{text}"
+        );
     }
 }
