@@ -190,7 +190,8 @@ pub struct Limits {
     pub max_request_body: usize,
     /// Largest HTTP/1.1 request head or HTTP/2 header list in bytes (431 above).
     pub max_header_bytes: usize,
-    /// Idle client connections are closed after this long.
+    /// Idle client connections are closed after this long: HTTP/1.1 between requests, HTTP/2
+    /// with no stream open (GOAWAY first).
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
 }

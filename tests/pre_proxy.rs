@@ -9,7 +9,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use http::StatusCode;
 use support::client::{Connect, H2Client, push_request};
-use support::origin::FakeApns;
+use support::origin::{FakeApns, OriginOptions};
 use support::pki::TestPki;
 use support::proxy::{Behaviour, TestProxy};
 use support::relay::{self, Via};
@@ -129,6 +129,43 @@ async fn client_without_alpn_is_served_http2() {
     let answer = client.push(&token(3), PAYLOAD).await;
     assert_eq!(answer.status, StatusCode::OK);
     assert_eq!(origin.received().len(), 1);
+    relay.stop().await;
+}
+
+/// An HTTP/2 client connection with no stream open for `limits.idle_timeout` is sent GOAWAY and
+/// closed; one whose stream stays open longer than that is not cut, and takes new pushes after.
+#[tokio::test]
+async fn idle_http2_client_is_closed_but_an_open_stream_keeps_its_connection() {
+    let pki = TestPki::new();
+    let (origin, hold) = FakeApns::start_holding(&pki, OriginOptions::default()).await;
+    let yaml = format!(
+        "{}limits:\n  idle_timeout: 1s\n",
+        relay::pre_proxy_yaml(&pki, &origin, Via::Direct)
+    );
+    let relay = relay::start(&yaml).await;
+    let busy = Arc::new(H2Client::connect(&pki, relay.addr()).await);
+    let held = tokio::spawn({
+        let busy = busy.clone();
+        async move { busy.push(&token(70), PAYLOAD).await }
+    });
+    origin.wait_received(1).await;
+    // This one connects after the push above started and stays idle; when the relay has closed
+    // it, the busy connection has had its stream open for longer than the idle timeout.
+    let mut idle = H2Client::connect(&pki, relay.addr()).await;
+    let started = std::time::Instant::now();
+    within(10, "the idle connection closed", idle.closed()).await;
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+    assert!(!busy.is_closed(), "a connection with a stream open is kept");
+    hold.add_permits(2);
+    let answer = within(10, "the held push answered", held).await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    let next = within(10, "a push after", busy.push(&token(71), PAYLOAD)).await;
+    assert_eq!(
+        next.status,
+        StatusCode::OK,
+        "no GOAWAY for the busy connection"
+    );
+    assert_eq!(origin.received().len(), 2);
     relay.stop().await;
 }
 

@@ -19,7 +19,7 @@ use h2::server::SendResponse;
 use http::{Request, Response};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
-use tokio::time::timeout;
+use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::body::RelayBody;
@@ -40,6 +40,8 @@ pub struct Settings {
     pub max_header_list_size: u32,
     /// Bound on the client's preface and SETTINGS.
     pub handshake_timeout: Duration,
+    /// A connection with no stream open for this long is closed with GOAWAY.
+    pub idle_timeout: Duration,
 }
 
 /// Why a connection ended early.
@@ -51,8 +53,9 @@ pub enum ServeError {
     H2(#[from] h2::Error),
 }
 
-/// Serves one HTTP/2 connection until the client closes it, or until `shutdown` (then GOAWAY, and
-/// the streams in flight finish). `handle` answers each request.
+/// Serves one HTTP/2 connection until the client closes it, or until `shutdown` or
+/// `idle_timeout` without an open stream (then GOAWAY, and the streams in flight finish).
+/// `handle` answers each request.
 pub async fn serve<IO, H, F>(
     io: IO,
     settings: &Settings,
@@ -75,6 +78,10 @@ where
         .map_err(|_| ServeError::HandshakeTimeout(settings.handshake_timeout))??;
     let mut streams = FuturesUnordered::new();
     let mut draining = false;
+    // One timer, moved on only when it fires: resetting it whenever the last stream ends would
+    // cost a timer-wheel update per burst of pushes. `idle_until` is the real deadline.
+    let mut idle_until = Instant::now() + settings.idle_timeout;
+    let mut idle = pin!(sleep(settings.idle_timeout));
     loop {
         tokio::select! {
             next = conn.accept() => match next {
@@ -82,7 +89,20 @@ where
                 Some(Err(e)) => return Err(e.into()),
                 None => return Ok(()),
             },
-            Some(()) = streams.next(), if !streams.is_empty() => {}
+            Some(()) = streams.next(), if !streams.is_empty() => {
+                if streams.is_empty() {
+                    idle_until = Instant::now() + settings.idle_timeout;
+                }
+            }
+            _ = idle.as_mut(), if streams.is_empty() && !draining => {
+                if idle.deadline() >= idle_until {
+                    tracing::debug!(idle_timeout = ?settings.idle_timeout, "HTTP/2 client connection idle; sending GOAWAY");
+                    draining = true;
+                    conn.graceful_shutdown();
+                } else {
+                    idle.as_mut().reset(idle_until);
+                }
+            }
             _ = shutdown.cancelled(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();

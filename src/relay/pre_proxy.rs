@@ -103,6 +103,7 @@ impl PreProxy {
             h2: h2_server::Settings {
                 max_header_list_size: config.limits.max_header_bytes as u32,
                 handshake_timeout: config.limits.handshake_timeout,
+                idle_timeout: config.limits.idle_timeout,
             },
             handshake_timeout: config.limits.handshake_timeout,
         })

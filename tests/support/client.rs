@@ -119,6 +119,16 @@ impl H2Client {
         })
     }
 
+    /// Waits until the relay has closed this connection (after a GOAWAY, once no stream is open).
+    pub async fn closed(&mut self) {
+        let _ = (&mut self.task).await;
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// A standard push with the usual APNs headers.
     pub async fn push(&self, token: &str, payload: &str) -> Answer {
         self.send(
