@@ -85,8 +85,34 @@ impl Http1Error {
     }
 }
 
-/// Parses one request head from the front of `buf`. `Ok(None)`: more bytes are needed.
-pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<(RequestHead, usize)>, Http1Error> {
+/// APNs request header names, matched before the general parser: the same few names arrive in
+/// every push, and as static names they cost no allocation.
+const APNS_NAMES: [HeaderName; 6] = [
+    HeaderName::from_static("apns-topic"),
+    HeaderName::from_static("apns-push-type"),
+    HeaderName::from_static("apns-id"),
+    HeaderName::from_static("apns-expiration"),
+    HeaderName::from_static("apns-priority"),
+    HeaderName::from_static("apns-collapse-id"),
+];
+
+fn header_name(raw: &str) -> Result<HeaderName, Http1Error> {
+    let b = raw.as_bytes();
+    if b.len() > 5
+        && b[..5].eq_ignore_ascii_case(b"apns-")
+        && let Some(known) = APNS_NAMES
+            .iter()
+            .find(|n| n.as_str().eq_ignore_ascii_case(raw))
+    {
+        return Ok(known.clone());
+    }
+    HeaderName::from_bytes(b)
+        .map_err(|_| Http1Error::Malformed(format!("invalid header name {raw:?}")))
+}
+
+/// Parses one request head from the front of `buf` and takes it off. `Ok(None)`: more bytes are
+/// needed. Header values are slices of the head as read, not copies.
+pub fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<RequestHead>, Http1Error> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     let len = match req.parse(buf) {
@@ -109,12 +135,19 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<(RequestHead, us
         Some(0) => Version::HTTP_10,
         _ => return Err(Http1Error::Malformed("unsupported HTTP version".into())),
     };
-    let mut map = HeaderMap::with_capacity(req.headers.len());
+    // Where each value sits in the head, so that the head can be split off and shared.
+    let base = buf.as_ptr() as usize;
+    let mut fields = Vec::with_capacity(req.headers.len());
     for h in req.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| Http1Error::Malformed(format!("invalid header name {:?}", h.name)))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| Http1Error::Malformed(format!("invalid value for header {:?}", h.name)))?;
+        let start = h.value.as_ptr() as usize - base;
+        fields.push((header_name(h.name)?, start..start + h.value.len()));
+    }
+    let head = buf.split_to(len).freeze();
+    let mut map = HeaderMap::with_capacity(fields.len());
+    for (name, value) in fields {
+        let value = HeaderValue::from_maybe_shared(head.slice(value)).map_err(|_| {
+            Http1Error::Malformed(format!("invalid value for header {:?}", name.as_str()))
+        })?;
         map.append(name, value);
     }
     let framing = framing(&map, version)?;
@@ -138,18 +171,15 @@ pub fn parse_head(buf: &[u8], max_head: usize) -> Result<Option<(RequestHead, us
             ));
         }
     };
-    Ok(Some((
-        RequestHead {
-            method,
-            target,
-            version,
-            headers: map,
-            framing,
-            keep_alive,
-            expect_continue,
-        },
-        len,
-    )))
+    Ok(Some(RequestHead {
+        method,
+        target,
+        version,
+        headers: map,
+        framing,
+        keep_alive,
+        expect_continue,
+    }))
 }
 
 /// Decides how the body is delimited, refusing every ambiguous shape (RFC 9112 §6.1–6.3).
@@ -241,17 +271,13 @@ impl<R: AsyncRead + Unpin> Reader<R> {
 
     /// The next request head, if it is already buffered whole.
     pub fn buffered_head(&mut self, max_head: usize) -> Result<Option<RequestHead>, Http1Error> {
-        Ok(parse_head(&self.buf, max_head)?.map(|(head, len)| {
-            self.buf.advance(len);
-            head
-        }))
+        parse_head(&mut self.buf, max_head)
     }
 
     /// Reads one request head.
     pub async fn read_head(&mut self, max_head: usize) -> Result<RequestHead, ReadError> {
         loop {
-            if let Some((head, len)) = parse_head(&self.buf, max_head)? {
-                self.buf.advance(len);
+            if let Some(head) = parse_head(&mut self.buf, max_head)? {
                 return Ok(head);
             }
             if self.fill().await? == 0 {
@@ -423,7 +449,12 @@ mod tests {
     use super::*;
 
     fn parse(raw: &str) -> Result<RequestHead, Http1Error> {
-        parse_head(raw.as_bytes(), 16 * 1024).map(|r| r.expect("complete head").0)
+        let mut buf = BytesMut::from(raw);
+        let head = parse_head(&mut buf, 16 * 1024).map(|r| r.expect("complete head"));
+        if head.is_ok() {
+            assert!(buf.is_empty(), "the head is taken off the buffer");
+        }
+        head
     }
 
     #[test]
@@ -543,22 +574,50 @@ mod tests {
     }
 
     #[test]
+    fn heads_come_off_the_buffer_one_by_one_with_their_headers() {
+        let mut buf = BytesMut::from(
+            "POST /3/device/a HTTP/1.1\r\nHost: h\r\nAPNS-Topic: com.example\r\napns-id: 1\r\n\
+             X-Other: v\r\nContent-Length: 2\r\n\r\nok\
+             GET /b HTTP/1.1\r\nHost: h\r\nApns-Push-Type: alert\r\n\r\n",
+        );
+        let first = parse_head(&mut buf, 16 * 1024).unwrap().unwrap();
+        assert_eq!(first.target, "/3/device/a");
+        assert_eq!(first.headers["apns-topic"], "com.example");
+        assert_eq!(first.headers["apns-id"], "1");
+        assert_eq!(first.headers["x-other"], "v");
+        assert_eq!(first.framing, Framing::Length(2));
+        assert!(
+            buf.starts_with(b"okGET /b"),
+            "the body and the next request stay"
+        );
+        buf.advance(2);
+        let second = parse_head(&mut buf, 16 * 1024).unwrap().unwrap();
+        assert_eq!(second.target, "/b");
+        let names: Vec<_> = second.headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["host", "apns-push-type"]);
+        assert!(buf.is_empty());
+    }
+
+    #[test]
     fn oversized_head_is_431() {
         let raw = format!(
             "GET / HTTP/1.1\r\nHost: a\r\nX-Big: {}\r\n\r\n",
             "a".repeat(20_000)
         );
-        let err = parse_head(raw.as_bytes(), 16 * 1024).unwrap_err();
+        let err = parse_head(&mut BytesMut::from(raw.as_str()), 16 * 1024).unwrap_err();
         assert_eq!(err.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
         let partial = format!("GET / HTTP/1.1\r\nX-Big: {}", "a".repeat(20_000));
         assert_eq!(
-            parse_head(partial.as_bytes(), 16 * 1024).unwrap_err(),
+            parse_head(&mut BytesMut::from(partial.as_str()), 16 * 1024).unwrap_err(),
             Http1Error::HeadTooLarge(16 * 1024)
         );
         assert!(
-            parse_head(b"GET / HTTP/1.1\r\nHost: a\r\n", 16 * 1024)
-                .unwrap()
-                .is_none()
+            parse_head(
+                &mut BytesMut::from("GET / HTTP/1.1\r\nHost: a\r\n"),
+                16 * 1024
+            )
+            .unwrap()
+            .is_none()
         );
     }
 
