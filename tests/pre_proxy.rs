@@ -280,6 +280,80 @@ async fn authority_with_port_and_sandbox_host_work() {
     relay.stop().await;
 }
 
+/// Every way of writing `:authority` (and `Host`) is judged against the SNI host, the quick exact
+/// match included: what goes upstream, and what is refused.
+#[tokio::test]
+async fn authority_forms_are_judged_against_the_sni_host() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let with_port = format!("api.push.apple.com:{}", origin.port());
+    // (authority, Host header, status, :authority at the origin)
+    let cases: [(&str, Option<&str>, StatusCode, Option<&str>); 8] = [
+        (
+            "api.push.apple.com",
+            None,
+            StatusCode::OK,
+            Some("api.push.apple.com"),
+        ),
+        (
+            "api.push.apple.com:443",
+            None,
+            StatusCode::OK,
+            Some(&with_port),
+        ),
+        (
+            "API.Push.Apple.com",
+            None,
+            StatusCode::OK,
+            Some("api.push.apple.com"),
+        ),
+        (
+            "api.push.apple.com.",
+            None,
+            StatusCode::OK,
+            Some("api.push.apple.com"),
+        ),
+        (
+            "api.push.apple.com.evil.example",
+            None,
+            StatusCode::MISDIRECTED_REQUEST,
+            None,
+        ),
+        ("api.push.apple.com:0", None, StatusCode::BAD_REQUEST, None),
+        (
+            "api.push.apple.com",
+            Some("evil.example"),
+            StatusCode::BAD_REQUEST,
+            None,
+        ),
+        (
+            "api.push.apple.com",
+            Some("api.push.apple.com"),
+            StatusCode::OK,
+            Some("api.push.apple.com"),
+        ),
+    ];
+    let mut expected = Vec::new();
+    for (i, (authority, host, status, upstream)) in cases.into_iter().enumerate() {
+        let mut req = push_request(authority, &token(60 + i));
+        if let Some(host) = host {
+            req.headers_mut().insert("host", host.parse().unwrap());
+        }
+        let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+        assert_eq!(answer.status, status, "{authority} with Host {host:?}");
+        expected.extend(upstream.map(str::to_owned));
+    }
+    let got: Vec<_> = origin
+        .received()
+        .into_iter()
+        .map(|r| r.authority.unwrap_or_default())
+        .collect();
+    assert_eq!(got, expected);
+    relay.stop().await;
+}
+
 /// The proxy answers 407 to wrong credentials: the relay answers 502 with a relay reason.
 #[tokio::test]
 async fn proxy_407_becomes_502_with_relay_reason() {
