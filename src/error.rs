@@ -87,7 +87,9 @@ fn classify_upstream(e: &UpstreamError) -> (StatusCode, &'static str, Fault) {
     use StatusCode as S;
     match e {
         UpstreamError::Pool(PoolError::Connect { source, .. }) => classify_connect(source),
-        UpstreamError::Pool(PoolError::BackingOff { source, .. }) => {
+        UpstreamError::Pool(
+            PoolError::BackingOff { source, .. } | PoolError::Reconnecting { source, .. },
+        ) => {
             // Failing fast while the destination is down: always 502, the reason of the last failure.
             let (_, reason, fault) = classify_connect(source);
             (S::BAD_GATEWAY, reason, fault)
@@ -143,7 +145,9 @@ fn classify_connect(e: &ConnectError) -> (StatusCode, &'static str, Fault) {
 pub fn hop_of(e: &RelayError) -> (&'static str, Option<u16>) {
     match e {
         RelayError::Upstream(UpstreamError::Pool(
-            PoolError::Connect { source, .. } | PoolError::BackingOff { source, .. },
+            PoolError::Connect { source, .. }
+            | PoolError::BackingOff { source, .. }
+            | PoolError::Reconnecting { source, .. },
         )) => {
             let status = match source.as_ref() {
                 ConnectError::Tunnel(t) => t.proxy_status(),

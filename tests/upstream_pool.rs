@@ -483,6 +483,85 @@ async fn reconnect_backoff_is_spaced_exponentially() {
     assert!(waits[3] > waits[0], "waits grow: {waits:?}");
 }
 
+/// Worker threads share a destination's back-off: a failure seen by one makes the others fail
+/// fast, and while it is down only one connect attempt runs at a time (paused time).
+#[tokio::test(start_paused = true)]
+async fn workers_share_backoff_and_reconnect_one_at_a_time() {
+    use pushrelay::upstream::connect::Connector;
+    use pushrelay::upstream::pool::{Pool, PoolError, PoolKey, PoolSettings, set_worker};
+    // Accepts TCP (in the kernel's backlog) and never answers TLS: each attempt hangs until the
+    // connect timeout.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = hole.local_addr().unwrap().port();
+    let dest: pushrelay::policy::Authority = format!("api.push.apple.com:{port}").parse().unwrap();
+    let mut upstream = pushrelay::config::UpstreamConfig::default();
+    upstream
+        .connect_to
+        .insert(dest.clone(), format!("127.0.0.1:{port}"));
+    let tls = pushrelay::tls::client::build(&[], None).unwrap();
+    let mut settings = PoolSettings::from_config(&upstream);
+    settings.backoff_base = Duration::from_secs(1);
+    settings.backoff_max = Duration::from_secs(8);
+    settings.shards = 2;
+    let pool = Pool::new(
+        Connector::new(&upstream),
+        HashMap::from([(None, tls)]),
+        settings,
+        Arc::new(pushrelay::metrics::Metrics::new()),
+    );
+    let key = PoolKey {
+        dest,
+        identity: None,
+    };
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+    let backing_off = |e: Option<PoolError>| match e {
+        Some(PoolError::BackingOff { remaining, .. }) => remaining,
+        other => panic!("expected fail-fast back-off, got {other:?}"),
+    };
+
+    set_worker(0);
+    let first = pool.checkout(&key, far()).await.err();
+    assert!(
+        matches!(first, Some(PoolError::Connect { .. })),
+        "{first:?}"
+    );
+    // Worker 1 has never tried, yet it backs off too.
+    set_worker(1);
+    let wait = backing_off(pool.checkout(&key, far()).await.err());
+    assert!(wait <= Duration::from_secs(1) && wait >= Duration::from_millis(500));
+    tokio::time::advance(wait).await;
+
+    // Worker 0 makes the next attempt; while it runs, worker 1 does not make its own.
+    set_worker(0);
+    let mut probe = std::pin::pin!(pool.checkout(&key, far()));
+    tokio::select! {
+        biased;
+        r = &mut probe => panic!("the attempt cannot end before its timeout: {:?}", r.err()),
+        _ = std::future::ready(()) => {}
+    }
+    set_worker(1);
+    let during = pool.checkout(&key, far()).await.err();
+    assert!(
+        matches!(during, Some(PoolError::Reconnecting { .. })),
+        "{during:?}"
+    );
+    set_worker(0);
+    let second = probe.await.err();
+    assert!(
+        matches!(second, Some(PoolError::Connect { .. })),
+        "{second:?}"
+    );
+    // Two failures in all: the wait doubled for worker 1 as well.
+    set_worker(1);
+    let wait = backing_off(pool.checkout(&key, far()).await.err());
+    assert!(
+        wait <= Duration::from_secs(2) && wait >= Duration::from_secs(1),
+        "{wait:?}"
+    );
+    set_worker(0);
+    drop(hole);
+}
+
 /// With every connection full and the queue full, a push is answered 503 RelayOverloaded at once;
 /// the queued one still succeeds when a stream frees.
 #[tokio::test]

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -55,6 +55,12 @@ pub enum PoolError {
         #[source]
         source: Arc<ConnectError>,
     },
+    #[error("{dest} is down and another worker is trying to reconnect now; last error: {source}")]
+    Reconnecting {
+        dest: String,
+        #[source]
+        source: Arc<ConnectError>,
+    },
     #[error("all connections to {dest} are full and {queued} requests already wait")]
     QueueFull { dest: String, queued: usize },
     #[error(
@@ -79,9 +85,9 @@ pub struct PoolSettings {
     pub keepalive_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// Worker threads: each has a shard of the pool (connections, limits, back-off) of its own,
-    /// so a request and the connection it uses stay on one thread. `max_connections` and
-    /// `max_queued` are shared out among the shards, at least one each.
+    /// Worker threads: each has a shard of the pool (connections, limits) of its own, so a
+    /// request and the connection it uses stay on one thread. `max_connections` and `max_queued`
+    /// are shared out among the shards, at least one each. Back-off is shared (`Health`).
     pub shards: usize,
 }
 
@@ -156,14 +162,23 @@ impl Conn {
     }
 }
 
+/// Whether a destination (for one identity) is reachable, shared by every worker's shard: a
+/// failure seen by one worker makes them all back off, and while it is down only one connect
+/// attempt is made at a time, so N workers do not try N times as often as Apple allows.
+#[derive(Default)]
+struct Health {
+    failures: u32,
+    retry_at: Option<Instant>,
+    last_error: Option<Arc<ConnectError>>,
+    /// A worker is making the attempt that tells whether the destination is back.
+    probing: bool,
+}
+
 #[derive(Default)]
 struct DestState {
     conns: Vec<Arc<Conn>>,
     connecting: bool,
     queued: usize,
-    failures: u32,
-    retry_at: Option<Instant>,
-    last_error: Option<Arc<ConnectError>>,
     /// When a request last took a stream here: the least recently used idle identity goes first.
     last_used: Option<Instant>,
     /// Requests between finding this entry and leaving `checkout`: it is not idle meanwhile.
@@ -185,6 +200,8 @@ impl DestState {
 
 struct Dest {
     key: PoolKey,
+    /// Locked after `state` when both are held, never before.
+    health: Arc<Mutex<Health>>,
     state: Mutex<DestState>,
     changed: Notify,
     /// Requests waiting on `changed`; a freed stream slot wakes nobody when there are none.
@@ -195,6 +212,12 @@ impl Dest {
     fn lock(&self) -> MutexGuard<'_, DestState> {
         // A panic while holding this lock cannot leave the state half-written in a harmful way.
         self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn health(&self) -> MutexGuard<'_, Health> {
+        self.health
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -280,12 +303,22 @@ impl Drop for QueueSlot<'_> {
 }
 
 /// Clears the connecting flag however the connect ends (including cancellation).
-struct ConnectingGuard<'a>(&'a Dest);
+/// A connect attempt in progress; `probe` when it is the one attempt made while the destination
+/// is down. Dropped (done, or the request gave up), it lets the next attempt start.
+struct ConnectingGuard<'a> {
+    dest: &'a Dest,
+    probe: bool,
+}
 
 impl Drop for ConnectingGuard<'_> {
     fn drop(&mut self) {
-        self.0.lock().connecting = false;
-        self.0.changed.notify_waiters();
+        let mut st = self.dest.lock();
+        st.connecting = false;
+        if self.probe {
+            self.dest.health().probing = false;
+        }
+        drop(st);
+        self.dest.changed.notify_waiters();
     }
 }
 
@@ -302,6 +335,8 @@ struct Inner {
     settings: PoolSettings,
     /// One map per shard (worker thread).
     dests: Vec<Mutex<FastMap<PoolKey, Arc<Dest>>>>,
+    /// Each key's `Health`, held by the shards' entries for it; gone when they all are.
+    health: Mutex<FastMap<PoolKey, Weak<Mutex<Health>>>>,
     next_id: AtomicU64,
     /// Bumped whenever a connection opens or ends: for metrics and tests that wait on it.
     events: watch::Sender<u64>,
@@ -337,6 +372,7 @@ impl Pool {
                 dests: (0..shards)
                     .map(|_| Mutex::new(FastMap::default()))
                     .collect(),
+                health: Mutex::new(FastMap::default()),
                 next_id: AtomicU64::new(1),
                 events: watch::Sender::new(0),
                 closing: CancellationToken::new(),
@@ -360,6 +396,7 @@ impl Pool {
         }
         let dest = Arc::new(Dest {
             key: key.clone(),
+            health: self.shared_health(key),
             state: Mutex::new(DestState {
                 checkouts: 1,
                 ..DestState::default()
@@ -369,6 +406,19 @@ impl Pool {
         });
         dests.insert(key.clone(), dest.clone());
         Ok(dest)
+    }
+
+    /// The `Health` the shards share for `key`, made when no shard holds one.
+    fn shared_health(&self, key: &PoolKey) -> Arc<Mutex<Health>> {
+        let mut all = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = all.get(key).and_then(Weak::upgrade) {
+            return h;
+        }
+        // Entries are made rarely (a new destination or identity): drop the dead ones then.
+        all.retain(|_, h| h.strong_count() > 0);
+        let h = Arc::new(Mutex::new(Health::default()));
+        all.insert(key.clone(), Arc::downgrade(&h));
+        h
     }
 
     /// Keeps the identities towards `key.dest` under `max_identities` before `key` joins them:
@@ -481,20 +531,36 @@ impl Pool {
                     .filter(|c| c.open.load(Ordering::Acquire))
                     .count();
                 let now = Instant::now();
-                let backing_off = st.retry_at.is_some_and(|at| at > now);
-                if backing_off
-                    && open == 0
-                    && let (Some(at), Some(err)) = (st.retry_at, &st.last_error)
+                let mut health = dest.health();
+                let backing_off = health.retry_at.is_some_and(|at| at > now);
+                if open == 0
+                    && let Some(err) = &health.last_error
                 {
-                    return Err(PoolError::BackingOff {
-                        dest: key.dest.to_string(),
-                        remaining: at - now,
-                        source: err.clone(),
-                    });
+                    if let Some(at) = health.retry_at.filter(|_| backing_off) {
+                        return Err(PoolError::BackingOff {
+                            dest: key.dest.to_string(),
+                            remaining: at - now,
+                            source: err.clone(),
+                        });
+                    }
+                    if health.probing && !st.connecting {
+                        return Err(PoolError::Reconnecting {
+                            dest: key.dest.to_string(),
+                            source: err.clone(),
+                        });
+                    }
                 }
-                if !st.connecting && !backing_off && open < settings.max_connections {
+                // While the destination is down, one attempt at a time among all workers.
+                let down = health.failures > 0;
+                let another_attempt_runs = down && health.probing;
+                if !st.connecting
+                    && !backing_off
+                    && !another_attempt_runs
+                    && open < settings.max_connections
+                {
                     st.connecting = true;
-                    true
+                    health.probing = down;
+                    Some(down)
                 } else {
                     if slot.is_none() {
                         if st.queued >= settings.max_queued {
@@ -509,15 +575,15 @@ impl Pool {
                         // (whose Lease saw no waiter) is not missed.
                         continue;
                     }
-                    false
+                    None
                 }
             };
-            if connect_now {
+            if let Some(probe) = connect_now {
                 // Boxed: connecting is rare, and inline it would triple every request's future.
-                return Box::pin(self.connect(&dest)).await;
+                return Box::pin(self.connect(&dest, probe)).await;
             }
             // Wake at the back-off's end too, so a queued request can start the reconnect.
-            let retry_at = dest.lock().retry_at;
+            let retry_at = dest.health().retry_at;
             let wake_at = retry_at.filter(|at| *at < deadline).unwrap_or(deadline);
             if timeout_at(wake_at, notified).await.is_err() && Instant::now() >= deadline {
                 return Err(PoolError::WaitTimeout {
@@ -527,10 +593,10 @@ impl Pool {
         }
     }
 
-    /// Opens a connection for `dest` (whose `connecting` flag the caller set) and takes its first
-    /// stream slot.
-    async fn connect(&self, dest: &Arc<Dest>) -> Result<Lease, PoolError> {
-        let _guard = ConnectingGuard(dest);
+    /// Opens a connection for `dest` (whose `connecting` flag, and `probing` when `probe`, the
+    /// caller set) and takes its first stream slot.
+    async fn connect(&self, dest: &Arc<Dest>, probe: bool) -> Result<Lease, PoolError> {
+        let _guard = ConnectingGuard { dest, probe };
         let key = &dest.key;
         let tls = self
             .inner
@@ -546,11 +612,10 @@ impl Pool {
             }),
         };
         let mut st = dest.lock();
+        let mut health = dest.health();
         match result {
             Ok(conn) => {
-                st.failures = 0;
-                st.retry_at = None;
-                st.last_error = None;
+                *health = Health::default();
                 conn.in_flight.fetch_add(1, Ordering::AcqRel);
                 st.conns.push(conn.clone());
                 st.last_used = Some(Instant::now());
@@ -560,9 +625,9 @@ impl Pool {
                 })
             }
             Err(e) => {
-                st.failures = st.failures.saturating_add(1);
-                let delay = backoff_delay(&self.inner.settings, st.failures, random_jitter());
-                st.retry_at = Some(Instant::now() + delay);
+                health.failures = health.failures.saturating_add(1);
+                let delay = backoff_delay(&self.inner.settings, health.failures, random_jitter());
+                health.retry_at = Some(Instant::now() + delay);
                 match &e {
                     ConnectError::Tunnel(t) => self.inner.metrics.proxy_failure(&match t {
                         TunnelError::Refused { status, .. } => status.to_string(),
@@ -578,7 +643,7 @@ impl Pool {
                     _ => {}
                 }
                 let e = Arc::new(e);
-                st.last_error = Some(e.clone());
+                health.last_error = Some(e.clone());
                 tracing::warn!(
                     upstream.authority = %key.dest,
                     upstream.hop = e.hop(),
