@@ -425,25 +425,27 @@ async fn token_identities_are_bounded_and_the_idlest_makes_room() {
     assert_eq!(origin.connection_count(), 3);
 }
 
-/// Reconnects back off exponentially with jitter, and requests fail fast in between (paused time).
-#[tokio::test(start_paused = true)]
-async fn reconnect_backoff_is_spaced_exponentially() {
+/// A pool with `shards` worker shards towards api.push.apple.com pinned to 127.0.0.1:`port`,
+/// backing off from 1 s up to 8 s.
+fn backoff_pool(
+    port: u16,
+    shards: usize,
+) -> (
+    pushrelay::upstream::pool::Pool,
+    pushrelay::upstream::pool::PoolKey,
+) {
     use pushrelay::upstream::connect::Connector;
-    use pushrelay::upstream::pool::{Pool, PoolError, PoolKey, PoolSettings};
-    let closed_port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let dest: pushrelay::policy::Authority =
-        format!("api.push.apple.com:{closed_port}").parse().unwrap();
+    use pushrelay::upstream::pool::{Pool, PoolKey, PoolSettings};
+    let dest: pushrelay::policy::Authority = format!("api.push.apple.com:{port}").parse().unwrap();
     let mut upstream = pushrelay::config::UpstreamConfig::default();
     upstream
         .connect_to
-        .insert(dest.clone(), format!("127.0.0.1:{closed_port}"));
+        .insert(dest.clone(), format!("127.0.0.1:{port}"));
     let tls = pushrelay::tls::client::build(&[], None).unwrap();
     let mut settings = PoolSettings::from_config(&upstream);
     settings.backoff_base = Duration::from_secs(1);
     settings.backoff_max = Duration::from_secs(8);
+    settings.shards = shards;
     let pool = Pool::new(
         Connector::new(&upstream),
         HashMap::from([(None, tls)]),
@@ -454,6 +456,18 @@ async fn reconnect_backoff_is_spaced_exponentially() {
         dest,
         identity: None,
     };
+    (pool, key)
+}
+
+/// Reconnects back off exponentially with jitter, and requests fail fast in between (paused time).
+#[tokio::test(start_paused = true)]
+async fn reconnect_backoff_is_spaced_exponentially() {
+    use pushrelay::upstream::pool::PoolError;
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (pool, key) = backoff_pool(closed_port, 1);
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
 
     let mut waits = Vec::new();
@@ -487,32 +501,11 @@ async fn reconnect_backoff_is_spaced_exponentially() {
 /// fast, and while it is down only one connect attempt runs at a time (paused time).
 #[tokio::test(start_paused = true)]
 async fn workers_share_backoff_and_reconnect_one_at_a_time() {
-    use pushrelay::upstream::connect::Connector;
-    use pushrelay::upstream::pool::{Pool, PoolError, PoolKey, PoolSettings, set_worker};
+    use pushrelay::upstream::pool::{PoolError, set_worker};
     // Accepts TCP (in the kernel's backlog) and never answers TLS: each attempt hangs until the
     // connect timeout.
     let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = hole.local_addr().unwrap().port();
-    let dest: pushrelay::policy::Authority = format!("api.push.apple.com:{port}").parse().unwrap();
-    let mut upstream = pushrelay::config::UpstreamConfig::default();
-    upstream
-        .connect_to
-        .insert(dest.clone(), format!("127.0.0.1:{port}"));
-    let tls = pushrelay::tls::client::build(&[], None).unwrap();
-    let mut settings = PoolSettings::from_config(&upstream);
-    settings.backoff_base = Duration::from_secs(1);
-    settings.backoff_max = Duration::from_secs(8);
-    settings.shards = 2;
-    let pool = Pool::new(
-        Connector::new(&upstream),
-        HashMap::from([(None, tls)]),
-        settings,
-        Arc::new(pushrelay::metrics::Metrics::new()),
-    );
-    let key = PoolKey {
-        dest,
-        identity: None,
-    };
+    let (pool, key) = backoff_pool(hole.local_addr().unwrap().port(), 2);
     let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
     let backing_off = |e: Option<PoolError>| match e {
         Some(PoolError::BackingOff { remaining, .. }) => remaining,
