@@ -213,12 +213,6 @@ impl PreProxy {
         B: Body<Data = bytes::Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        if let Some(authority) = target.exact(&req) {
-            return self
-                .relay
-                .forward(ctx, target.dest.clone(), authority, req)
-                .await;
-        }
         let named = match named_host(req.uri(), req.headers()) {
             Ok(n) => Some(n),
             // SNI already names the host; a request without one is for it.
@@ -262,27 +256,6 @@ struct Target {
 }
 
 impl Target {
-    /// The `:authority` to send when the request names the SNI host exactly as it is held
-    /// (lower case, no trailing dot), with or without a valid port, and has no `Host` header:
-    /// what every APNs client sends. Anything else takes the full check in `handle`.
-    fn exact<B>(&self, req: &Request<B>) -> Option<http::uri::Authority> {
-        let written = req.uri().authority()?.as_str();
-        let rest = written.strip_prefix(self.sni.as_str())?;
-        let with_port = match rest.strip_prefix(':') {
-            None if rest.is_empty() => false,
-            Some(port) if port.parse::<u16>().is_ok_and(|p| p > 0) => true,
-            _ => return None,
-        };
-        if req.headers().contains_key(http::header::HOST) {
-            return None;
-        }
-        Some(if with_port {
-            self.with_port.clone()
-        } else {
-            self.bare.clone()
-        })
-    }
-
     fn new(sni: String, upstream_port: u16) -> Result<Self, BoxError> {
         let dest = Authority::new(&sni, upstream_port)?;
         Ok(Target {
