@@ -550,12 +550,12 @@ impl Pool {
                         });
                     }
                 }
-                // While the destination is down, one attempt at a time among all workers.
+                // While the destination is down, one attempt at a time among all workers
+                // (`probing` is only ever set while it is down).
                 let down = health.failures > 0;
-                let another_attempt_runs = down && health.probing;
                 if !st.connecting
                     && !backing_off
-                    && !another_attempt_runs
+                    && !health.probing
                     && open < settings.max_connections
                 {
                     st.connecting = true;
