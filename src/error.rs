@@ -5,11 +5,22 @@
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::policy::Authority;
-use crate::relay::body::RelayBody;
-use crate::relay::headers::HeadError;
 use crate::upstream::connect::ConnectError;
 use crate::upstream::tunnel::TunnelError;
 use crate::upstream::{PoolError, UpstreamError};
+
+/// Why a request cannot be relayed as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("the request names no host (neither :authority, an absolute target nor Host)")]
+    NoHost,
+    #[error("the request target's host {target:?} differs from Host {host:?}")]
+    HostMismatch { target: String, host: String },
+    #[error("invalid host {0:?}")]
+    BadHost(String),
+    #[error("more than one Host header")]
+    DuplicateHost,
+}
 
 /// Whose fault a failure was: decides the log level, and later metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,18 +72,18 @@ impl RelayError {
         }
     }
 
-    /// pushrelay's answer for this error.
-    pub fn to_response(&self) -> Response<RelayBody> {
+    /// pushrelay's answer for this error, in whatever body type the door answers with.
+    pub fn to_response<B: From<String>>(&self) -> Response<B> {
         let (status, reason, _) = self.classify();
         relay_response(status, reason)
     }
 }
 
 /// A JSON answer `{"reason":"…"}` with `status`.
-pub fn relay_response(status: StatusCode, reason: &str) -> Response<RelayBody> {
+pub fn relay_response<B: From<String>>(status: StatusCode, reason: &str) -> Response<B> {
     let body = format!("{{\"reason\":\"{reason}\"}}");
     let length = HeaderValue::from(body.len());
-    let mut response = Response::new(RelayBody::full(body));
+    let mut response = Response::new(B::from(body));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(

@@ -10,8 +10,10 @@
 //! - `listen`: accept loop, connection limit, source allowlist before any TLS work.
 //! - `policy`: pure allowlists (source CIDRs, destination host:port).
 //! - `tls`: server certificates by SNI, the upstream client config, the private CA.
-//! - `relay`: the shared request pipeline, header rewriting, one file per front door.
-//! - `reload`: swaps certificates and allowlists into a running relay.
+//! - `relay`: the shared request pipeline, header rewriting, one file per front door; `listen`
+//!   and `reload` know a door only as a `relay::door::DoorHandle`.
+//! - `reload`: swaps certificates and allowlists into a running relay (each door reloads its own).
+//! - `swap`: the cell a reloadable value lives in (a leaf: everything may use it).
 //! - `upstream`: CONNECT tunnel, connections, the shared HTTP/2 pool, safe resend.
 //! - `error`: the one place an error becomes an HTTP answer.
 //! - `probe`: step-by-step diagnosis of the upstream path (`pushrelay probe`).
@@ -36,6 +38,7 @@ pub mod policy;
 pub mod probe;
 pub mod relay;
 pub mod reload;
+pub mod swap;
 pub mod tls;
 pub mod upstream;
 pub mod workers;
@@ -49,12 +52,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use config::{Config, Mode};
-use listen::{FrontDoor, Listener};
+use listen::Listener;
 use policy::SourcePolicy;
 use relay::Relay;
+use relay::door::DoorHandle;
 use relay::post_proxy::PostProxy;
 use relay::pre_proxy::PreProxy;
-use reload::{Reloader, Swap};
+use reload::Reloader;
+use swap::Swap;
 use tls::TlsSetupError;
 use upstream::Pool;
 use upstream::connect::Connector;
@@ -114,13 +119,10 @@ impl App {
         let relay = Arc::new(Relay::new(&config, pool, metrics));
         let mut listeners = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
-            let door = match l.mode {
-                Mode::PreProxy => {
-                    FrontDoor::PreProxy(Arc::new(PreProxy::new(i, l, &config, relay.clone())?))
-                }
-                Mode::PostProxy => {
-                    FrontDoor::PostProxy(Arc::new(PostProxy::new(i, l, &config, relay.clone())?))
-                }
+            // The front doors, by mode: adding one adds an arm here.
+            let door: DoorHandle = match l.mode {
+                Mode::PreProxy => Arc::new(PreProxy::new(i, l, &config, relay.clone())?),
+                Mode::PostProxy => Arc::new(PostProxy::new(i, l, &config, relay.clone())?),
             };
             listeners.push(Listener {
                 name: l.name.as_str().into(),

@@ -2,70 +2,23 @@
 //! allowlist checked right after accept and before any TLS work, then the front door. Accept errors
 //! (such as running out of file descriptors) back off instead of spinning.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::policy::SourcePolicy;
+use crate::relay::door::DoorHandle;
+use crate::swap::Swap;
 use crate::workers::Placement;
-
-use crate::config::ListenerConfig;
-use crate::policy::{DestinationPolicy, SourcePolicy};
-use crate::relay::Relay;
-use crate::relay::post_proxy::PostProxy;
-use crate::relay::pre_proxy::PreProxy;
-use crate::reload::Swap;
-use crate::tls::TlsSetupError;
-use tokio_rustls::TlsAcceptor;
-
-/// What serves a connection once it is let in. Adding a front door adds a variant here.
-#[derive(Clone)]
-pub enum FrontDoor {
-    PreProxy(Arc<PreProxy>),
-    PostProxy(Arc<PostProxy>),
-}
-
-impl FrontDoor {
-    /// Builds the TLS acceptor this door would use with `listener` and `destinations`.
-    pub fn prepare_tls(
-        &self,
-        index: usize,
-        listener: &ListenerConfig,
-        destinations: &DestinationPolicy,
-        relay: &Relay,
-    ) -> Result<Option<TlsAcceptor>, TlsSetupError> {
-        match self {
-            FrontDoor::PreProxy(_) => {
-                PreProxy::tls_for(index, listener, destinations, relay).map(Some)
-            }
-            FrontDoor::PostProxy(_) => PostProxy::tls_for(index, listener, relay),
-        }
-    }
-
-    pub fn set_tls(&self, tls: Option<TlsAcceptor>) {
-        match (self, tls) {
-            (FrontDoor::PreProxy(door), Some(tls)) => door.set_tls(tls),
-            (FrontDoor::PostProxy(door), tls) => door.set_tls(tls),
-            (FrontDoor::PreProxy(_), None) => {}
-        }
-    }
-
-    async fn serve(self, stream: TcpStream, peer: SocketAddr, shutdown: CancellationToken) {
-        match self {
-            FrontDoor::PreProxy(door) => door.serve(stream, peer, shutdown).await,
-            FrontDoor::PostProxy(door) => door.serve(stream, peer, shutdown).await,
-        }
-    }
-}
 
 pub struct Listener {
     pub name: Arc<str>,
     pub sources: Arc<Swap<SourcePolicy>>,
-    pub door: FrontDoor,
+    pub door: DoorHandle,
     /// Client connections open at once (`limits.max_connections`), shared by every worker's
     /// accept loop on this listener.
     pub connections: Arc<Semaphore>,

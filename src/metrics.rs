@@ -15,8 +15,26 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::tls::server::CertExpiry;
-use crate::upstream::Pool;
+/// A certificate a listener serves or mints from, for expiry monitoring.
+#[derive(Debug, Clone)]
+pub struct CertExpiry {
+    /// `served` or `ca`.
+    pub kind: &'static str,
+    pub name: String,
+    pub not_after: i64,
+}
+
+/// One destination's pool gauges, read when scraped.
+pub struct DestinationGauges {
+    pub destination: String,
+    pub open_connections: usize,
+    pub streams_in_flight: usize,
+}
+
+/// What can report pool gauges (the upstream pool), so metrics need not know the pool.
+pub trait PoolGauges {
+    fn gauges(&self) -> Vec<DestinationGauges>;
+}
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -276,12 +294,12 @@ impl Metrics {
     }
 
     /// The text exposition, with pool gauges read from `pool` now.
-    pub fn render(&self, pool: &Pool) -> String {
+    pub fn render(&self, pool: &impl PoolGauges) -> String {
         let mut by_dest: std::collections::BTreeMap<String, (i64, i64)> = Default::default();
-        for (key, stats) in pool.stats() {
-            let e = by_dest.entry(key.dest.to_string()).or_default();
-            e.0 += stats.open_connections as i64;
-            e.1 += stats.streams_in_flight as i64;
+        for g in pool.gauges() {
+            let e = by_dest.entry(g.destination).or_default();
+            e.0 += g.open_connections as i64;
+            e.1 += g.streams_in_flight as i64;
         }
         for (destination, (conns, streams)) in by_dest {
             let labels = DestinationLabels { destination };

@@ -3,30 +3,14 @@
 //! when all of it built, so a bad new configuration leaves the running one untouched. Existing
 //! connections keep going. Listener and upstream changes need a restart and are refused / reported.
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use crate::config::Config;
-use crate::listen::FrontDoor;
 use crate::policy::{DestinationPolicy, SourcePolicy};
 use crate::relay::Relay;
+use crate::relay::door::DoorHandle;
+use crate::swap::Swap;
 use crate::tls::TlsSetupError;
-
-/// A value read on every use and replaced whole on reload.
-pub struct Swap<T>(RwLock<Arc<T>>);
-
-impl<T> Swap<T> {
-    pub fn new(value: T) -> Self {
-        Swap(RwLock::new(Arc::new(value)))
-    }
-
-    pub fn load(&self) -> Arc<T> {
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    pub fn store(&self, value: T) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(value);
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -39,7 +23,7 @@ pub enum ReloadError {
 pub struct Reloader {
     current: Mutex<Config>,
     relay: Arc<Relay>,
-    doors: Vec<FrontDoor>,
+    doors: Vec<DoorHandle>,
     sources: Vec<Arc<Swap<SourcePolicy>>>,
 }
 
@@ -47,7 +31,7 @@ impl Reloader {
     pub fn new(
         config: Config,
         relay: Arc<Relay>,
-        doors: Vec<FrontDoor>,
+        doors: Vec<DoorHandle>,
         sources: Vec<Arc<Swap<SourcePolicy>>>,
     ) -> Self {
         Reloader {
@@ -75,13 +59,13 @@ impl Reloader {
             )));
         }
         let destinations = DestinationPolicy::new(new.destinations.iter().cloned());
-        // Build every listener's TLS first; swap nothing unless all of it built.
-        let mut prepared = Vec::new();
-        for (i, (door, listener)) in self.doors.iter().zip(&new.listeners).enumerate() {
-            prepared.push(door.prepare_tls(i, listener, &destinations, &self.relay)?);
+        // Build every door's part first; swap nothing unless all of it built.
+        let mut commits = Vec::new();
+        for door in &self.doors {
+            commits.push(door.reload(&new)?);
         }
-        for (door, tls) in self.doors.iter().zip(prepared) {
-            door.set_tls(tls);
+        for commit in commits {
+            commit();
         }
         for (swap, listener) in self.sources.iter().zip(&new.listeners) {
             swap.store(SourcePolicy::new(listener.allow_sources.clone()));

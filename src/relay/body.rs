@@ -94,6 +94,13 @@ impl RelayBody {
     }
 }
 
+/// A whole body from text: how error.rs's answers become a door's body.
+impl From<String> for RelayBody {
+    fn from(text: String) -> Self {
+        RelayBody::full(text)
+    }
+}
+
 impl Body for RelayBody {
     type Data = Bytes;
     type Error = h2::Error;

@@ -8,6 +8,7 @@ use std::borrow::Cow;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Uri, Version};
 
+use crate::error::HeadError;
 use crate::policy::Authority;
 
 /// Headers that describe one hop and never cross the relay. `expect` is answered by the relay
@@ -41,19 +42,6 @@ fn never_index_per_message(headers: &mut HeaderMap) {
             value.set_sensitive(true);
         }
     }
-}
-
-/// Why a request cannot be relayed as it is.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HeadError {
-    #[error("the request names no host (neither :authority, an absolute target nor Host)")]
-    NoHost,
-    #[error("the request target's host {target:?} differs from Host {host:?}")]
-    HostMismatch { target: String, host: String },
-    #[error("invalid host {0:?}")]
-    BadHost(String),
-    #[error("more than one Host header")]
-    DuplicateHost,
 }
 
 /// The host a request names: from the target (`:authority` or absolute-form) or `Host`.

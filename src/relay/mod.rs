@@ -3,6 +3,7 @@
 //! destination a request is for; everything after that is here, so both modes behave the same.
 
 pub mod body;
+pub mod door;
 pub mod h2_server;
 pub mod headers;
 pub mod http1;
@@ -25,7 +26,7 @@ use crate::config::Config;
 use crate::error::{Fault, RelayError, hop_of};
 use crate::metrics::Metrics;
 use crate::policy::{Authority, DestinationPolicy};
-use crate::reload::Swap;
+use crate::swap::Swap;
 use crate::upstream::identity::Identities;
 use crate::upstream::{self, BoxError, Pool, PoolKey, ReplayBody};
 use body::RelayBody;

@@ -23,13 +23,14 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::body::RelayBody;
+use super::door::{Commit, Door, Serving, listener_at};
 use super::headers::named_host;
 use super::http1::{self, ChunkState, Framing, ReadError, Reader, RequestHead};
 use super::{Ctx, Relay};
 use crate::config::{Config, ListenerConfig};
 use crate::error::{RelayError, relay_response};
 use crate::policy::Authority;
-use crate::reload::Swap;
+use crate::swap::Swap;
 use crate::tls::{self, TlsSetupError};
 use crate::upstream::BoxError;
 
@@ -41,8 +42,10 @@ struct Route {
 }
 
 pub struct PostProxy {
+    /// Its listener's place in `listeners`, to find it in a reloaded configuration.
+    index: usize,
     name: Arc<str>,
-    acceptor: Swap<Option<TlsAcceptor>>,
+    acceptor: Arc<Swap<Option<TlsAcceptor>>>,
     upstream_port: u16,
     relay: Arc<Relay>,
     max_header_bytes: usize,
@@ -55,6 +58,24 @@ pub struct PostProxy {
 enum Next {
     KeepAlive,
     Close,
+}
+
+impl Door for PostProxy {
+    fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Serving {
+        Box::pin(self.serve_connection(stream, peer, shutdown))
+    }
+
+    fn reload(&self, config: &Config) -> Result<Commit, TlsSetupError> {
+        let listener = listener_at(config, self.index)?;
+        let acceptor = Self::tls_for(self.index, listener, &self.relay)?;
+        let swap = self.acceptor.clone();
+        Ok(Box::new(move || swap.store(acceptor)))
+    }
 }
 
 impl PostProxy {
@@ -77,10 +98,6 @@ impl PostProxy {
         Ok(Some(TlsAcceptor::from(config)))
     }
 
-    pub fn set_tls(&self, acceptor: Option<TlsAcceptor>) {
-        self.acceptor.store(acceptor);
-    }
-
     pub fn new(
         index: usize,
         listener: &ListenerConfig,
@@ -89,8 +106,9 @@ impl PostProxy {
     ) -> Result<Self, TlsSetupError> {
         let acceptor = Self::tls_for(index, listener, &relay)?;
         Ok(PostProxy {
+            index,
             name: listener.name.as_str().into(),
-            acceptor: Swap::new(acceptor),
+            acceptor: Arc::new(Swap::new(acceptor)),
             upstream_port: listener.upstream_port,
             relay,
             max_header_bytes: config.limits.max_header_bytes,
@@ -99,7 +117,7 @@ impl PostProxy {
         })
     }
 
-    pub async fn serve(
+    async fn serve_connection(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,

@@ -21,20 +21,24 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use super::body::{H2Body, RelayBody};
+use super::door::{Commit, Door, Serving, listener_at};
 use super::h2_server::{self, CLIENT_MAX_STREAMS};
-use super::headers::{HeadError, named_host};
+use super::headers::named_host;
 use super::{Ctx, Relay};
 use crate::coalesce::Coalesce;
 use crate::config::{Config, ListenerConfig};
+use crate::error::HeadError;
 use crate::error::RelayError;
 use crate::policy::{Authority, DestinationPolicy, normalize_host};
-use crate::reload::Swap;
+use crate::swap::Swap;
 use crate::tls::{self, TlsSetupError};
 use crate::upstream::BoxError;
 
 pub struct PreProxy {
+    /// Its listener's place in `listeners`, to find it in a reloaded configuration.
+    index: usize,
     name: Arc<str>,
-    acceptor: Swap<TlsAcceptor>,
+    acceptor: Arc<Swap<TlsAcceptor>>,
     upstream_port: u16,
     relay: Arc<Relay>,
     http: auto::Builder<TokioExecutor>,
@@ -60,6 +64,25 @@ pub fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
     builder
 }
 
+impl Door for PreProxy {
+    fn serve(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+        shutdown: CancellationToken,
+    ) -> Serving {
+        Box::pin(self.serve_connection(stream, peer, shutdown))
+    }
+
+    fn reload(&self, config: &Config) -> Result<Commit, TlsSetupError> {
+        let listener = listener_at(config, self.index)?;
+        let destinations = DestinationPolicy::new(config.destinations.iter().cloned());
+        let acceptor = Self::tls_for(self.index, listener, &destinations, &self.relay)?;
+        let swap = self.acceptor.clone();
+        Ok(Box::new(move || swap.store(acceptor)))
+    }
+}
+
 impl PreProxy {
     /// The TLS acceptor for `listener`: a certificate per destination host on its upstream port.
     pub fn tls_for(
@@ -83,10 +106,6 @@ impl PreProxy {
         Ok(TlsAcceptor::from(server_config))
     }
 
-    pub fn set_tls(&self, acceptor: TlsAcceptor) {
-        self.acceptor.store(acceptor);
-    }
-
     pub fn new(
         index: usize,
         listener: &ListenerConfig,
@@ -95,8 +114,9 @@ impl PreProxy {
     ) -> Result<Self, TlsSetupError> {
         let acceptor = Self::tls_for(index, listener, &relay.destinations(), &relay)?;
         Ok(PreProxy {
+            index,
             name: listener.name.as_str().into(),
-            acceptor: Swap::new(acceptor),
+            acceptor: Arc::new(Swap::new(acceptor)),
             upstream_port: listener.upstream_port,
             relay,
             http: http_builder(config),
@@ -109,7 +129,7 @@ impl PreProxy {
         })
     }
 
-    pub async fn serve(
+    async fn serve_connection(
         self: Arc<Self>,
         stream: TcpStream,
         peer: SocketAddr,

@@ -14,6 +14,7 @@ use rustls::{RootCertStore, ServerConfig};
 use super::pki::{Ca, PkiError};
 use super::{ALPN_H2, ALPN_HTTP11, TlsSetupError, load_certs, load_key, provider};
 use crate::config::{CertSource, ListenerTls};
+use crate::metrics::CertExpiry;
 use crate::policy::normalize_host;
 
 /// Which SNI names get a certificate.
@@ -47,15 +48,6 @@ impl ResolvesServerCert for ByHost {
             .and_then(|name| self.hosts.get(&name).cloned());
         by_name.or_else(|| self.fallback.clone())
     }
-}
-
-/// A certificate a listener serves or mints from, for expiry monitoring.
-#[derive(Debug, Clone)]
-pub struct CertExpiry {
-    /// `served` or `ca`.
-    pub kind: &'static str,
-    pub name: String,
-    pub not_after: i64,
 }
 
 fn expiry(

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::connect::{ConnectError, Connector, H2Connection, H2Send, Route};
 use crate::config::UpstreamConfig;
 use crate::fasthash::FastMap;
-use crate::metrics::Metrics;
+use crate::metrics::{DestinationGauges, Metrics, PoolGauges};
 use crate::policy::Authority;
 use crate::upstream::tunnel::TunnelError;
 
@@ -350,6 +350,19 @@ struct Inner {
 pub struct DestStats {
     pub open_connections: usize,
     pub streams_in_flight: usize,
+}
+
+impl PoolGauges for Pool {
+    fn gauges(&self) -> Vec<DestinationGauges> {
+        self.stats()
+            .into_iter()
+            .map(|(key, stats)| DestinationGauges {
+                destination: key.dest.to_string(),
+                open_connections: stats.open_connections,
+                streams_in_flight: stats.streams_in_flight,
+            })
+            .collect()
+    }
 }
 
 impl Pool {
