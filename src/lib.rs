@@ -51,7 +51,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use config::{Config, Mode};
+use config::{Config, Mode, ValidConfig};
 use listen::Listener;
 use policy::SourcePolicy;
 use relay::Relay;
@@ -75,7 +75,7 @@ pub enum SetupError {
 
 /// Everything built from a configuration, ready to serve: TLS material loaded, pool created.
 pub struct App {
-    config: Config,
+    config: ValidConfig,
     relay: Arc<Relay>,
     listeners: Vec<Listener>,
     reloader: Arc<Reloader>,
@@ -85,13 +85,13 @@ pub struct App {
 impl App {
     /// Builds the relay from a validated configuration. Fails on unreadable TLS material, naming
     /// the key and the file; nothing is bound yet.
-    pub fn build(config: Config) -> Result<App, SetupError> {
+    pub fn build(config: ValidConfig) -> Result<App, SetupError> {
         App::with_workers(config, 1)
     }
 
     /// As `build`, for serving on `workers` worker threads (`run_on`): the pool gets a shard per
     /// worker.
-    pub fn with_workers(config: Config, workers: usize) -> Result<App, SetupError> {
+    pub fn with_workers(config: ValidConfig, workers: usize) -> Result<App, SetupError> {
         let mut tls_by_identity = HashMap::new();
         tls_by_identity.insert(
             None,

@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use crate::config::Config;
+use crate::config::{Config, ValidConfig};
 use crate::policy::{DestinationPolicy, SourcePolicy};
 use crate::relay::Relay;
 use crate::relay::door::DoorHandle;
@@ -21,7 +21,7 @@ pub enum ReloadError {
 }
 
 pub struct Reloader {
-    current: Mutex<Config>,
+    current: Mutex<ValidConfig>,
     relay: Arc<Relay>,
     doors: Vec<DoorHandle>,
     sources: Vec<Arc<Swap<SourcePolicy>>>,
@@ -29,7 +29,7 @@ pub struct Reloader {
 
 impl Reloader {
     pub fn new(
-        config: Config,
+        config: ValidConfig,
         relay: Arc<Relay>,
         doors: Vec<DoorHandle>,
         sources: Vec<Arc<Swap<SourcePolicy>>>,
@@ -43,7 +43,7 @@ impl Reloader {
     }
 
     /// Applies `new`, or changes nothing and says why.
-    pub fn reload(&self, new: Config) -> Result<(), ReloadError> {
+    pub fn reload(&self, new: ValidConfig) -> Result<(), ReloadError> {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let shape = |c: &Config| {
             c.listeners

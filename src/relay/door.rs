@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Config, ListenerConfig};
+use crate::config::{ListenerConfig, ValidConfig};
 use crate::tls::TlsSetupError;
 
 /// Applies what a `Door::reload` built. Infallible: everything that can fail happened before.
@@ -30,14 +30,14 @@ pub trait Door: Send + Sync + 'static {
 
     /// Builds what this door would use under `config` (its own listener in it, by index) without
     /// changing anything yet; the `Commit` swaps it in. On error the running door is untouched.
-    fn reload(&self, config: &Config) -> Result<Commit, TlsSetupError>;
+    fn reload(&self, config: &ValidConfig) -> Result<Commit, TlsSetupError>;
 }
 
 /// How listeners and the reloader hold a front door.
 pub type DoorHandle = Arc<dyn Door>;
 
 /// The listener at `index` of `config`: a door's own, on reload.
-pub fn listener_at(config: &Config, index: usize) -> Result<&ListenerConfig, TlsSetupError> {
+pub fn listener_at(config: &ValidConfig, index: usize) -> Result<&ListenerConfig, TlsSetupError> {
     config.listeners.get(index).ok_or_else(|| {
         TlsSetupError::new(
             &format!("listeners[{index}]"),

@@ -27,7 +27,7 @@ use super::door::{Commit, Door, Serving, listener_at};
 use super::headers::named_host;
 use super::http1::{self, ChunkState, Framing, ReadError, Reader, RequestHead};
 use super::{Ctx, Relay};
-use crate::config::{Config, ListenerConfig};
+use crate::config::{ListenerConfig, ServerTls, ValidConfig};
 use crate::error::{RelayError, relay_response};
 use crate::policy::Authority;
 use crate::swap::Swap;
@@ -70,9 +70,10 @@ impl Door for PostProxy {
         Box::pin(self.serve_connection(stream, peer, shutdown))
     }
 
-    fn reload(&self, config: &Config) -> Result<Commit, TlsSetupError> {
+    fn reload(&self, config: &ValidConfig) -> Result<Commit, TlsSetupError> {
         let listener = listener_at(config, self.index)?;
-        let acceptor = Self::tls_for(self.index, listener, &self.relay)?;
+        let tls = config.listener_tls(self.index);
+        let acceptor = Self::tls_for(self.index, listener, tls, &self.relay)?;
         let swap = self.acceptor.clone();
         Ok(Box::new(move || swap.store(acceptor)))
     }
@@ -83,9 +84,10 @@ impl PostProxy {
     pub fn tls_for(
         index: usize,
         listener: &ListenerConfig,
+        tls: Option<&ServerTls>,
         relay: &Relay,
     ) -> Result<Option<TlsAcceptor>, TlsSetupError> {
-        let Some(t) = &listener.tls else {
+        let Some(t) = tls else {
             return Ok(None);
         };
         let mut names = vec!["localhost".to_owned()];
@@ -101,10 +103,10 @@ impl PostProxy {
     pub fn new(
         index: usize,
         listener: &ListenerConfig,
-        config: &Config,
+        config: &ValidConfig,
         relay: Arc<Relay>,
     ) -> Result<Self, TlsSetupError> {
-        let acceptor = Self::tls_for(index, listener, &relay)?;
+        let acceptor = Self::tls_for(index, listener, config.listener_tls(index), &relay)?;
         Ok(PostProxy {
             index,
             name: listener.name.as_str().into(),

@@ -26,7 +26,7 @@ use super::h2_server::{self, CLIENT_MAX_STREAMS};
 use super::headers::named_host;
 use super::{Ctx, Relay};
 use crate::coalesce::Coalesce;
-use crate::config::{Config, ListenerConfig};
+use crate::config::{Config, ListenerConfig, ServerTls, ValidConfig};
 use crate::error::HeadError;
 use crate::error::RelayError;
 use crate::policy::{Authority, DestinationPolicy, normalize_host};
@@ -74,10 +74,11 @@ impl Door for PreProxy {
         Box::pin(self.serve_connection(stream, peer, shutdown))
     }
 
-    fn reload(&self, config: &Config) -> Result<Commit, TlsSetupError> {
+    fn reload(&self, config: &ValidConfig) -> Result<Commit, TlsSetupError> {
         let listener = listener_at(config, self.index)?;
         let destinations = DestinationPolicy::new(config.destinations.iter().cloned());
-        let acceptor = Self::tls_for(self.index, listener, &destinations, &self.relay)?;
+        let tls = config.listener_tls(self.index);
+        let acceptor = Self::tls_for(self.index, listener, tls, &destinations, &self.relay)?;
         let swap = self.acceptor.clone();
         Ok(Box::new(move || swap.store(acceptor)))
     }
@@ -88,12 +89,13 @@ impl PreProxy {
     pub fn tls_for(
         index: usize,
         listener: &ListenerConfig,
+        tls: Option<&ServerTls>,
         destinations: &DestinationPolicy,
         relay: &Relay,
     ) -> Result<TlsAcceptor, TlsSetupError> {
         let key = format!("listeners[{index}].tls");
         let hosts = destinations.hosts_on_port(listener.upstream_port);
-        let Some(tls_config) = &listener.tls else {
+        let Some(tls_config) = tls else {
             return Err(TlsSetupError::new(
                 &key,
                 std::path::Path::new("-"),
@@ -109,10 +111,11 @@ impl PreProxy {
     pub fn new(
         index: usize,
         listener: &ListenerConfig,
-        config: &Config,
+        config: &ValidConfig,
         relay: Arc<Relay>,
     ) -> Result<Self, TlsSetupError> {
-        let acceptor = Self::tls_for(index, listener, &relay.destinations(), &relay)?;
+        let tls = config.listener_tls(index);
+        let acceptor = Self::tls_for(index, listener, tls, &relay.destinations(), &relay)?;
         Ok(PreProxy {
             index,
             name: listener.name.as_str().into(),

@@ -13,7 +13,7 @@ use rustls::{RootCertStore, ServerConfig};
 
 use super::pki::{Ca, PkiError};
 use super::{ALPN_H2, ALPN_HTTP11, TlsSetupError, load_certs, load_key, provider};
-use crate::config::{CertSource, ListenerTls};
+use crate::config::{CertSource, ServerTls};
 use crate::metrics::CertExpiry;
 use crate::policy::normalize_host;
 
@@ -66,19 +66,12 @@ fn expiry(
 /// Builds the listener's TLS server config, and the expiry of what it serves. `key_prefix` (e.g.
 /// `listeners[0].tls`) names the keys in errors.
 pub fn build(
-    tls: &ListenerTls,
+    tls: &ServerTls,
     names: Names<'_>,
     key_prefix: &str,
 ) -> Result<(Arc<ServerConfig>, Vec<CertExpiry>), TlsSetupError> {
     let provider = provider();
     let key = |k: &str| format!("{key_prefix}.{k}");
-    let source = tls.cert_source().ok_or_else(|| {
-        TlsSetupError::new(
-            key_prefix,
-            std::path::Path::new("-"),
-            "no certificate source",
-        )
-    })?;
     let certified = |chain, private_key, name: &str, path: &std::path::Path| {
         CertifiedKey::from_der(chain, private_key, &provider)
             .map(Arc::new)
@@ -95,10 +88,10 @@ pub fn build(
         fallback: None,
     };
     let mut expiries = Vec::new();
-    match source {
+    match &tls.source {
         CertSource::Mint { ca_cert, ca_key } => {
             let ca = Ca::from_files(ca_cert, ca_key).map_err(|e| match e {
-                PkiError::Invalid { path, message } if path == ca_key => {
+                PkiError::Invalid { path, message } if path == *ca_key => {
                     TlsSetupError::new(&key("ca_key"), &path, message)
                 }
                 other => TlsSetupError::new(&key("ca_cert"), ca_cert, other),

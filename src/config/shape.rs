@@ -1,0 +1,354 @@
+//! The configuration as written: the serde shape of the YAML file, its defaults, and what the rest
+//! of pushrelay asks of it. Validation (validate.rs) checks what these types cannot.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use super::values::ProxyUrl;
+use super::{duration, text};
+use crate::policy::Authority;
+
+/// Where the APNs hosts are, by default: the only destinations a fresh install may reach.
+pub const APNS_HOSTS: [&str; 3] = [
+    "api.push.apple.com",
+    "api.sandbox.push.apple.com",
+    "api.development.push.apple.com",
+];
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Front doors. Default: one pre-proxy listener on 127.0.0.1:8443 with a CA in ./certs.
+    pub listeners: Vec<ListenerConfig>,
+    /// The only `host:port` pairs pushrelay ever connects to. Default: the APNs hosts on 443.
+    pub destinations: Vec<Authority>,
+    pub upstream: UpstreamConfig,
+    pub limits: Limits,
+    pub log: LogConfig,
+    /// Admin listener (/healthz, /readyz, /metrics). Absent: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<AdminConfig>,
+    /// How long in-flight requests may take to finish after SIGTERM. Default 15s.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    /// How often the configuration and certificate files are checked for changes (Kubernetes
+    /// secret swaps); a change reloads as SIGHUP does. Default 30s.
+    #[serde(with = "duration")]
+    pub reload_poll_interval: Duration,
+    /// Worker threads serving connections, each with its own event loop and its own share of the
+    /// upstream connections; 0 means one per CPU. Default 0.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Default 127.0.0.1:9901. Keep it off the client networks: metrics name destinations.
+    #[serde(default = "default_admin_bind", deserialize_with = "text::one")]
+    pub bind: SocketAddr,
+}
+
+fn default_admin_bind() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// TLS + HTTP/2 from an APNs client that resolves the APNs host to pushrelay.
+    PreProxy,
+    /// HTTP/1.1 from a legacy corporate proxy, relayed as HTTP/2.
+    PostProxy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Used in logs and metrics.
+    pub name: String,
+    pub mode: Mode,
+    #[serde(deserialize_with = "text::one")]
+    pub bind: SocketAddr,
+    /// Port of the upstream host a request is forwarded to when the request names none. Default 443.
+    #[serde(default = "default_upstream_port")]
+    pub upstream_port: u16,
+    /// Required for pre-proxy; optional for post-proxy (plain HTTP/1.1 when absent).
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Client networks allowed to connect. Empty or missing: nobody (with a startup warning).
+    #[serde(default, deserialize_with = "text::list")]
+    pub allow_sources: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// Mint a certificate per allowed host from this CA (with `ca_key`)…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_key: Option<PathBuf>,
+    /// …or serve this fixed chain and key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
+    /// Require client certificates signed by a CA in this file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// Where a listener's server certificates come from: a CA that mints one per host, or a fixed
+/// chain. The one reading of `ListenerTls`'s four paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertSource {
+    Mint { ca_cert: PathBuf, ca_key: PathBuf },
+    Fixed { cert: PathBuf, key: PathBuf },
+}
+
+/// A listener's TLS as validated: one certificate source, optional client certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerTls {
+    pub source: CertSource,
+    /// Require client certificates signed by a CA in this file.
+    pub client_ca: Option<PathBuf>,
+}
+
+impl ListenerTls {
+    /// The certificate source, when exactly one is given.
+    pub fn cert_source(&self) -> Option<CertSource> {
+        match (&self.ca_cert, &self.ca_key, &self.cert, &self.key) {
+            (Some(ca_cert), Some(ca_key), None, None) => Some(CertSource::Mint {
+                ca_cert: ca_cert.clone(),
+                ca_key: ca_key.clone(),
+            }),
+            (None, None, Some(cert), Some(key)) => Some(CertSource::Fixed {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// As validated: `None` when the certificate source is not exactly one.
+    pub fn server_tls(&self) -> Option<ServerTls> {
+        Some(ServerTls {
+            source: self.cert_source()?,
+            client_ca: self.client_ca.clone(),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// HTTP CONNECT proxy, `http://[user:password@]host:port`. Absent: HTTPS_PROXY / https_proxy
+    /// from the environment, else direct.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<ProxyUrl>,
+    /// Hosts reached directly even when a proxy is set: exact names, `.suffix` / `suffix` for a
+    /// domain and its subdomains, or `*`. Taken from NO_PROXY / no_proxy when the proxy came from
+    /// the environment.
+    pub no_proxy: Vec<String>,
+    /// PEM files whose certificates are trusted in addition to the public web PKI.
+    pub extra_roots: Vec<PathBuf>,
+    /// Fixed address for a destination, like curl's --connect-to: `"host:port": "addr:port"`.
+    /// With a proxy, the CONNECT request names this address.
+    pub connect_to: BTreeMap<Authority, String>,
+    /// Bound on each step of opening an upstream connection (TCP, CONNECT reply, TLS, HTTP/2).
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Bound on waiting for an upstream answer's head, including waiting for a connection.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+    /// HTTP/2 PING interval on idle and busy upstream connections.
+    #[serde(with = "duration")]
+    pub keepalive_interval: Duration,
+    /// A PING unanswered for this long closes the connection.
+    #[serde(with = "duration")]
+    pub keepalive_timeout: Duration,
+    /// Upstream HTTP/2 connections per destination (and identity) at most.
+    pub max_connections_per_destination: usize,
+    /// Requests that may wait for a free stream per destination before 503 RelayOverloaded.
+    pub max_queued_requests: usize,
+    /// Token-auth identities (JWT issuer + key id) with connections of their own, per
+    /// destination; beyond, the least recently used idle one is dropped, or with none idle the
+    /// request gets 503 RelayTooManyIdentities.
+    pub max_token_identities: usize,
+    /// Certificate-based APNs auth: requests whose `apns-topic` is `topic` (or it plus `.voip`,
+    /// `.complication`, `.pushkit.fileprovider`) use connections that present this certificate.
+    pub identities: Vec<IdentityConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    pub topic: String,
+    /// PEM chain (the app's APNs certificate first).
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Client connections open at once, per listener; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Bound on the client's TLS handshake.
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    /// Largest request body in bytes (413 above). APNs allows 4096 (5120 for VoIP), FCM 4096 of
+    /// data in a message of a few KiB: 64 KiB leaves room and bounds what a request may buffer.
+    pub max_request_body: usize,
+    /// Largest HTTP/1.1 request head or HTTP/2 header list in bytes (431 above).
+    pub max_header_bytes: usize,
+    /// Idle client connections are closed after this long: HTTP/1.1 between requests, HTTP/2
+    /// with no stream open (GOAWAY first).
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `pushrelay=debug`; RUST_LOG wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+fn default_upstream_port() -> u16 {
+    443
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listeners: vec![ListenerConfig {
+                name: "apns".into(),
+                mode: Mode::PreProxy,
+                bind: SocketAddr::from(([127, 0, 0, 1], 8443)),
+                upstream_port: 443,
+                tls: Some(ListenerTls {
+                    ca_cert: Some("certs/ca.pem".into()),
+                    ca_key: Some("certs/ca.key".into()),
+                    ..ListenerTls::default()
+                }),
+                allow_sources: vec![
+                    IpNet::from(std::net::IpAddr::from([127, 0, 0, 0])),
+                    IpNet::from(std::net::IpAddr::from(std::net::Ipv6Addr::LOCALHOST)),
+                ]
+                .into_iter()
+                .map(|net| match net {
+                    IpNet::V4(v4) => IpNet::V4(ipnet::Ipv4Net::new_assert(v4.addr(), 8)),
+                    v6 => v6,
+                })
+                .collect(),
+            }],
+            destinations: APNS_HOSTS
+                .iter()
+                .filter_map(|h| Authority::new(h, 443).ok())
+                .collect(),
+            upstream: UpstreamConfig::default(),
+            limits: Limits::default(),
+            log: LogConfig::default(),
+            admin: None,
+            shutdown_grace: Duration::from_secs(15),
+            reload_poll_interval: Duration::from_secs(30),
+            workers: 0,
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            proxy: None,
+            no_proxy: Vec::new(),
+            extra_roots: Vec::new(),
+            connect_to: BTreeMap::new(),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_connections_per_destination: 8,
+            max_queued_requests: 1024,
+            max_token_identities: 64,
+            identities: Vec::new(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 4096,
+            handshake_timeout: Duration::from_secs(10),
+            max_request_body: 64 * 1024,
+            max_header_bytes: 16 * 1024,
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// The effective configuration as YAML, secrets masked: what `pushrelay check` prints.
+    pub fn to_yaml(&self) -> String {
+        serde_saphyr::to_string(self)
+            .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+
+    /// Every certificate and key file the configuration names (watched for replacement).
+    pub fn tls_files(&self) -> Vec<PathBuf> {
+        let mut files = Vec::new();
+        for l in &self.listeners {
+            if let Some(t) = &l.tls {
+                files.extend(
+                    [&t.ca_cert, &t.ca_key, &t.cert, &t.key, &t.client_ca]
+                        .into_iter()
+                        .flatten()
+                        .cloned(),
+                );
+            }
+        }
+        files.extend(self.upstream.extra_roots.iter().cloned());
+        for id in &self.upstream.identities {
+            files.extend([id.cert.clone(), id.key.clone()]);
+        }
+        files
+    }
+
+    /// Whether `host` is reached without the proxy, by `upstream.no_proxy`.
+    pub fn bypasses_proxy(no_proxy: &[String], host: &str) -> bool {
+        no_proxy.iter().any(|entry| {
+            let entry = entry.trim().trim_end_matches('.').to_ascii_lowercase();
+            let entry = entry.strip_prefix('*').unwrap_or(&entry);
+            if entry.is_empty() {
+                return true;
+            }
+            let suffix = entry.strip_prefix('.').unwrap_or(entry);
+            host == suffix || host.ends_with(&format!(".{suffix}"))
+        })
+    }
+}

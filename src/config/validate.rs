@@ -1,0 +1,312 @@
+//! Validation: what types cannot check (combinations, uniqueness, files), one function per
+//! section. Only a configuration that passed is a `ValidConfig`, and only that builds an `App`.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::time::Duration;
+
+use figment::Figment;
+
+use super::load::{Problem, origin_of};
+use super::shape::{Config, ListenerConfig, Mode, ServerTls};
+use crate::policy::Authority;
+
+/// A configuration that passed validation, with each listener's TLS source settled. Reads as a
+/// `Config`; only `validate` makes one.
+#[derive(Debug, Clone)]
+pub struct ValidConfig {
+    config: Config,
+    /// By listener index: where its server certificates come from (None: plain, post-proxy only).
+    tls: Vec<Option<ServerTls>>,
+}
+
+impl ValidConfig {
+    /// Listener `index`'s TLS: exactly one certificate source, as validated.
+    pub fn listener_tls(&self, index: usize) -> Option<&ServerTls> {
+        self.tls.get(index).and_then(Option::as_ref)
+    }
+}
+
+impl Deref for ValidConfig {
+    type Target = Config;
+
+    fn deref(&self) -> &Config {
+        &self.config
+    }
+}
+
+/// Problems and warnings as the sections are checked; each problem names the key and its origin.
+struct Report<'a> {
+    figment: &'a Figment,
+    problems: &'a mut Vec<Problem>,
+    warnings: Vec<String>,
+}
+
+impl Report<'_> {
+    fn problem(&mut self, path: &[&str], message: String) {
+        let key = path
+            .iter()
+            .map(|p| {
+                if p.parse::<usize>().is_ok() {
+                    format!("[{p}]")
+                } else {
+                    format!(".{p}")
+                }
+            })
+            .collect::<String>()
+            .trim_start_matches('.')
+            .to_owned();
+        self.problems.push(Problem {
+            key,
+            message,
+            origin: origin_of(self.figment, path),
+        });
+    }
+
+    fn warn(&mut self, warning: String) {
+        self.warnings.push(warning);
+    }
+
+    fn readable(&mut self, path: &[&str], file: &std::path::Path) {
+        if let Err(e) = std::fs::File::open(file) {
+            self.problem(path, format!("cannot read {}: {e}", file.display()));
+        }
+    }
+}
+
+/// Checks what types cannot: combinations, uniqueness and files. The valid configuration and the
+/// warnings to log, or every problem found (in `problems`, after any found before).
+pub(super) fn validate(
+    config: Config,
+    figment: &Figment,
+    problems: &mut Vec<Problem>,
+) -> Option<(ValidConfig, Vec<String>)> {
+    let mut report = Report {
+        figment,
+        problems,
+        warnings: Vec::new(),
+    };
+    let mut binds = HashSet::new();
+    let tls = listeners(&config, &mut binds, &mut report);
+    admin(&config, &mut binds, &mut report);
+    destinations(&config, &mut report);
+    upstream(&config, &mut report);
+    limits(&config, &mut report);
+    process(&config, &mut report);
+    let warnings = report.warnings;
+    problems
+        .is_empty()
+        .then_some((ValidConfig { config, tls }, warnings))
+}
+
+/// `listeners`: names and binds unique, ports real, TLS from exactly one source. Returns each
+/// listener's settled TLS.
+fn listeners(
+    config: &Config,
+    binds: &mut HashSet<SocketAddr>,
+    report: &mut Report<'_>,
+) -> Vec<Option<ServerTls>> {
+    if config.listeners.is_empty() {
+        report.problem(
+            &["listeners"],
+            "no listener is configured: pushrelay would do nothing".into(),
+        );
+    }
+    let mut names = HashSet::new();
+    let mut tls = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let idx = i.to_string();
+        let at = |key: &'static str| ["listeners", idx.as_str(), key];
+        if !names.insert(l.name.as_str()) {
+            report.problem(
+                &at("name"),
+                format!("listener name {:?} is used twice", l.name),
+            );
+        }
+        // Port 0 asks the kernel for a free port each time, so it never collides.
+        if l.bind.port() != 0 && !binds.insert(l.bind) {
+            report.problem(
+                &at("bind"),
+                format!("address {} is bound by two listeners", l.bind),
+            );
+        }
+        if l.upstream_port == 0 {
+            report.problem(
+                &at("upstream_port"),
+                "port 0 is not a port to connect to".into(),
+            );
+        }
+        if l.allow_sources.is_empty() {
+            report.warn(format!(
+                "listener {:?}: allow_sources is empty, so every connection will be refused",
+                l.name
+            ));
+        }
+        tls.push(listener_tls(l, &idx, report));
+        if l.mode == Mode::PreProxy {
+            let hosts: Vec<&Authority> = config
+                .destinations
+                .iter()
+                .filter(|d| d.port() == l.upstream_port)
+                .collect();
+            if hosts.is_empty() && !config.destinations.is_empty() {
+                report.warn(format!(
+                    "listener {:?}: no destination uses port {}, so every TLS handshake will be refused",
+                    l.name, l.upstream_port
+                ));
+            }
+        }
+    }
+    tls
+}
+
+/// `listeners[i].tls`: required for pre-proxy, one certificate source, every file readable.
+fn listener_tls(l: &ListenerConfig, idx: &str, report: &mut Report<'_>) -> Option<ServerTls> {
+    let Some(tls) = &l.tls else {
+        if l.mode == Mode::PreProxy {
+            report.problem(
+                &["listeners", idx, "tls"],
+                "a pre-proxy listener needs tls (ca_cert + ca_key, or cert + key)".into(),
+            );
+        }
+        return None;
+    };
+    let settled = tls.server_tls();
+    if settled.is_none() {
+        report.problem(
+            &["listeners", idx, "tls"],
+            "give either ca_cert and ca_key (certificates minted per host) or cert and key \
+             (a fixed chain), not a mix"
+                .into(),
+        );
+    }
+    let files = [
+        ("ca_cert", &tls.ca_cert),
+        ("ca_key", &tls.ca_key),
+        ("cert", &tls.cert),
+        ("key", &tls.key),
+        ("client_ca", &tls.client_ca),
+    ];
+    for (key, path) in files {
+        if let Some(path) = path {
+            report.readable(&["listeners", idx, "tls", key], path);
+        }
+    }
+    settled
+}
+
+/// `admin`: its address not also a listener's.
+fn admin(config: &Config, binds: &mut HashSet<SocketAddr>, report: &mut Report<'_>) {
+    if let Some(admin) = &config.admin
+        && admin.bind.port() != 0
+        && !binds.insert(admin.bind)
+    {
+        report.problem(
+            &["admin", "bind"],
+            format!("address {} is also bound by a listener", admin.bind),
+        );
+    }
+}
+
+/// `destinations`: an empty list is allowed, and said.
+fn destinations(config: &Config, report: &mut Report<'_>) {
+    if config.destinations.is_empty() {
+        report.warn("destinations is empty, so every request will be refused".into());
+    }
+}
+
+/// `upstream`: files readable, one identity per topic, `connect_to` addresses, timeouts and counts.
+fn upstream(config: &Config, report: &mut Report<'_>) {
+    let up = &config.upstream;
+    for (i, path) in up.extra_roots.iter().enumerate() {
+        report.readable(&["upstream", "extra_roots", i.to_string().as_str()], path);
+    }
+    let mut topics = HashSet::new();
+    for (i, id) in up.identities.iter().enumerate() {
+        let idx = i.to_string();
+        if !topics.insert(id.topic.as_str()) {
+            report.problem(
+                &["upstream", "identities", idx.as_str(), "topic"],
+                format!("topic {:?} has two identities", id.topic),
+            );
+        }
+        for (key, path) in [("cert", &id.cert), ("key", &id.key)] {
+            report.readable(&["upstream", "identities", idx.as_str(), key], path);
+        }
+    }
+    for (dest, addr) in &up.connect_to {
+        if !matches!(Authority::split_host_port(addr), Ok((_, Some(_)))) {
+            report.problem(
+                &["upstream", "connect_to"],
+                format!("{dest}: address {addr:?} must be host:port"),
+            );
+        }
+        if !config.destinations.contains(dest) {
+            report.warn(format!(
+                "upstream.connect_to names {dest}, which is not in destinations"
+            ));
+        }
+    }
+    let timeouts = [
+        ("connect_timeout", up.connect_timeout),
+        ("request_timeout", up.request_timeout),
+        ("keepalive_interval", up.keepalive_interval),
+        ("keepalive_timeout", up.keepalive_timeout),
+    ];
+    for (key, value) in timeouts {
+        if value.is_zero() {
+            report.problem(&["upstream", key], "must be longer than 0".into());
+        }
+    }
+    if up.max_connections_per_destination == 0 {
+        report.problem(
+            &["upstream", "max_connections_per_destination"],
+            "must be at least 1".into(),
+        );
+    }
+    if up.max_token_identities == 0 {
+        report.problem(
+            &["upstream", "max_token_identities"],
+            "must be at least 1".into(),
+        );
+    }
+}
+
+/// `limits`: every limit above 0, headers at least 1 KiB.
+fn limits(config: &Config, report: &mut Report<'_>) {
+    let l = &config.limits;
+    let limits = [
+        ("max_connections", l.max_connections == 0),
+        ("handshake_timeout", l.handshake_timeout.is_zero()),
+        ("max_request_body", l.max_request_body == 0),
+        ("max_header_bytes", l.max_header_bytes < 1024),
+        ("idle_timeout", l.idle_timeout.is_zero()),
+    ];
+    for (key, bad) in limits {
+        if bad {
+            let why = if key == "max_header_bytes" {
+                "must be at least 1024"
+            } else {
+                "must be more than 0"
+            };
+            report.problem(&["limits", key], why.into());
+        }
+    }
+}
+
+/// The process-wide keys: `workers`, `reload_poll_interval`, `log`.
+fn process(config: &Config, report: &mut Report<'_>) {
+    if config.workers > 1024 {
+        report.problem(&["workers"], "must be at most 1024 (0: one per CPU)".into());
+    }
+    if config.reload_poll_interval < Duration::from_millis(100) {
+        report.problem(&["reload_poll_interval"], "must be at least 100ms".into());
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::try_new(&config.log.level) {
+        report.problem(
+            &["log", "level"],
+            format!("invalid filter {:?}: {e}", config.log.level),
+        );
+    }
+}

@@ -1,0 +1,159 @@
+//! The string-shaped values of the configuration: secrets, the proxy URL (with its credentials
+//! percent-decoded and never shown), and serde through `FromStr` / `Display` for them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::policy::Authority;
+
+/// A string that never shows itself in `Debug`, `Display` or serialized output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// An HTTP CONNECT proxy: `http://[user[:password]@]host:port`. Displays with the password masked.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ProxyUrl {
+    pub host: String,
+    pub port: u16,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+}
+
+impl ProxyUrl {
+    /// `host:port` to open a TCP connection to (IPv6 in brackets).
+    pub fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl FromStr for ProxyUrl {
+    type Err = String;
+
+    /// Errors never repeat the password.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let rest = match s.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some((scheme, _)) => {
+                return Err(format!(
+                    "proxy URL scheme {scheme:?} is not supported: pushrelay speaks plain HTTP CONNECT \
+                     to the proxy, write http://host:port"
+                ));
+            }
+            None => s,
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        let (userinfo, hostport) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        let shown = match userinfo {
+            Some(_) => format!("http://***@{hostport}"),
+            None => format!("http://{hostport}"),
+        };
+        if hostport.contains('/') || hostport.contains('?') {
+            return Err(format!("proxy URL {shown:?} must not have a path"));
+        }
+        let (host, port) = Authority::split_host_port(hostport)
+            .map_err(|_| format!("proxy URL {shown:?} has an invalid host or port"))?;
+        let port =
+            port.ok_or_else(|| format!("proxy URL {shown:?} has no port: write http://host:port"))?;
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(u) => {
+                let (user, pass) = match u.split_once(':') {
+                    Some((user, pass)) => (user, Some(pass)),
+                    None => (u, None),
+                };
+                let user = percent_decode(user)
+                    .ok_or_else(|| format!("proxy URL {shown:?}: bad %-escape in user"))?;
+                let pass = match pass {
+                    Some(p) => Some(Secret(percent_decode(p).ok_or_else(|| {
+                        format!("proxy URL {shown:?}: bad %-escape in password")
+                    })?)),
+                    None => None,
+                };
+                (Some(user), pass)
+            }
+        };
+        Ok(ProxyUrl {
+            host: host.into_owned(),
+            port,
+            username,
+            password,
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+impl fmt::Display for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("http://")?;
+        if let Some(user) = &self.username {
+            f.write_str(user)?;
+            if self.password.is_some() {
+                f.write_str(":***")?;
+            }
+            f.write_str("@")?;
+        }
+        f.write_str(&self.address())
+    }
+}
+
+impl fmt::Debug for ProxyUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Serde through `FromStr` / `Display`, for the string-shaped config types.
+macro_rules! serde_via_str {
+    ($ty:ty) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+        impl Serialize for $ty {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+    };
+}
+serde_via_str!(ProxyUrl);
+serde_via_str!(Authority);
