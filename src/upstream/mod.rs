@@ -4,6 +4,7 @@
 //! once; nothing else is ever re-sent, so a push never reaches Apple twice.
 
 pub mod connect;
+mod decision;
 pub mod identity;
 pub mod pool;
 pub mod tunnel;

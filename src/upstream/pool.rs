@@ -25,6 +25,7 @@ use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::connect::{ConnectError, Connector, H2Connection, H2Send, Route};
+use super::decision::{Decision, Limits, View, decide};
 use crate::config::UpstreamConfig;
 use crate::fasthash::FastMap;
 use crate::metrics::{DestinationGauges, Metrics, PoolGauges};
@@ -520,7 +521,10 @@ impl Pool {
     pub async fn checkout(&self, key: &PoolKey, deadline: Instant) -> Result<Lease, PoolError> {
         let dest = self.dest(key)?;
         let _checkout = Checkout(&dest);
-        let settings = &self.inner.settings;
+        let limits = Limits {
+            max_connections: self.inner.settings.max_connections,
+            max_queued: self.inner.settings.max_queued,
+        };
         let mut slot: Option<QueueSlot<'_>> = None;
         loop {
             let mut notified = pin!(dest.changed.notified());
@@ -530,65 +534,63 @@ impl Pool {
                 st.conns.retain(|c| {
                     c.open.load(Ordering::Acquire) || c.in_flight.load(Ordering::Acquire) > 0
                 });
-                if let Some(conn) = st.conns.iter().find(|c| c.has_room()).cloned() {
-                    conn.in_flight.fetch_add(1, Ordering::AcqRel);
-                    st.last_used = Some(Instant::now());
-                    return Ok(Lease {
-                        conn,
-                        dest: dest.clone(),
-                    });
-                }
-                let open = st
-                    .conns
-                    .iter()
-                    .filter(|c| c.open.load(Ordering::Acquire))
-                    .count();
-                let now = Instant::now();
                 let mut health = dest.health();
-                let backing_off = health.retry_at.is_some_and(|at| at > now);
-                if open == 0
-                    && let Some(err) = &health.last_error
-                {
-                    if let Some(at) = health.retry_at.filter(|_| backing_off) {
+                let view = View {
+                    room: st.conns.iter().position(|c| c.has_room()),
+                    open: st
+                        .conns
+                        .iter()
+                        .filter(|c| c.open.load(Ordering::Acquire))
+                        .count(),
+                    connecting: st.connecting,
+                    queued: st.queued,
+                    in_queue: slot.is_some(),
+                    failures: health.failures,
+                    retry_at: health.retry_at,
+                    last_error: health.last_error.as_ref(),
+                    probing: health.probing,
+                    now: Instant::now(),
+                };
+                match decide(&view, limits) {
+                    Decision::Use(i) => {
+                        let conn = st.conns[i].clone();
+                        conn.in_flight.fetch_add(1, Ordering::AcqRel);
+                        st.last_used = Some(view.now);
+                        return Ok(Lease {
+                            conn,
+                            dest: dest.clone(),
+                        });
+                    }
+                    Decision::BackingOff { remaining, error } => {
                         return Err(PoolError::BackingOff {
                             dest: key.dest.to_string(),
-                            remaining: at - now,
-                            source: err.clone(),
+                            remaining,
+                            source: error.clone(),
                         });
                     }
-                    if health.probing && !st.connecting {
+                    Decision::Reconnecting { error } => {
                         return Err(PoolError::Reconnecting {
                             dest: key.dest.to_string(),
-                            source: err.clone(),
+                            source: error.clone(),
                         });
                     }
-                }
-                // While the destination is down, one attempt at a time among all workers
-                // (`probing` is only ever set while it is down).
-                let down = health.failures > 0;
-                if !st.connecting
-                    && !backing_off
-                    && !health.probing
-                    && open < settings.max_connections
-                {
-                    st.connecting = true;
-                    health.probing = down;
-                    Some(down)
-                } else {
-                    if slot.is_none() {
-                        if st.queued >= settings.max_queued {
-                            return Err(PoolError::QueueFull {
-                                dest: key.dest.to_string(),
-                                queued: st.queued,
-                            });
-                        }
+                    Decision::QueueFull => {
+                        return Err(PoolError::QueueFull {
+                            dest: key.dest.to_string(),
+                            queued: st.queued,
+                        });
+                    }
+                    Decision::Enqueue => {
                         st.queued += 1;
                         slot = Some(QueueSlot::new(&dest));
-                        // Counted as waiting now: look once more, so a slot freed in between
-                        // (whose Lease saw no waiter) is not missed.
                         continue;
                     }
-                    None
+                    Decision::Connect { probe } => {
+                        st.connecting = true;
+                        health.probing = probe;
+                        Some(probe)
+                    }
+                    Decision::Wait => None,
                 }
             };
             if let Some(probe) = connect_now {
