@@ -79,6 +79,47 @@ impl RelayError {
     }
 }
 
+/// A request refused before anything was relayed, by kind: the HTTP/1.1 reader says which kind
+/// its errors are (`Http1Error::refusal`); the status and reason are decided here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The head is over `limits.max_header_bytes`, or has too many fields.
+    HeadTooLarge,
+    /// An `Expect` other than `100-continue`.
+    ExpectationFailed,
+    /// Malformed or ambiguous (smuggling shapes included).
+    Malformed,
+    /// The head did not arrive within `limits.handshake_timeout`.
+    HeadTimeout,
+}
+
+impl Refusal {
+    /// The status, the reason for the JSON body, and whose fault it was.
+    pub fn classify(self) -> (StatusCode, &'static str, Fault) {
+        use StatusCode as S;
+        match self {
+            Refusal::HeadTooLarge => (
+                S::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "RelayRequestHeaderTooLarge",
+                Fault::Client,
+            ),
+            Refusal::ExpectationFailed => (
+                S::EXPECTATION_FAILED,
+                "RelayExpectationFailed",
+                Fault::Client,
+            ),
+            Refusal::Malformed => (S::BAD_REQUEST, "RelayBadRequest", Fault::Client),
+            Refusal::HeadTimeout => (S::REQUEST_TIMEOUT, "RelayRequestTimeout", Fault::Client),
+        }
+    }
+
+    /// pushrelay's answer for this refusal.
+    pub fn to_response<B: From<String>>(self) -> Response<B> {
+        let (status, reason, _) = self.classify();
+        relay_response(status, reason)
+    }
+}
+
 /// A JSON answer `{"reason":"…"}` with `status`.
 pub fn relay_response<B: From<String>>(status: StatusCode, reason: &str) -> Response<B> {
     let body = format!("{{\"reason\":\"{reason}\"}}");

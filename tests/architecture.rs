@@ -284,3 +284,35 @@ fn the_cycle_finder_finds_cycles() {
     let segs = first_segments("use crate::{a::B, c};\nlet x = crate::d::e();\n", "crate::");
     assert_eq!(segs, ["a", "c", "d"].map(String::from).into());
 }
+
+/// Every `Relay…` reason the code can answer with is in README's table of pushrelay's answers.
+#[test]
+fn every_relay_reason_is_in_the_readme_table() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let table: Vec<&str> = readme
+        .lines()
+        .filter(|l| l.starts_with("| ") && l.contains("`Relay"))
+        .collect();
+    let mut files = Vec::new();
+    rust_files(&src(), &mut files);
+    let mut reasons = BTreeSet::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (at, _) in text.match_indices("\"Relay") {
+            let reason = ident_at(&text[at + 1..]);
+            if text[at + 1 + reason.len()..].starts_with('"') && reason.len() > "Relay".len() {
+                reasons.insert(reason.to_owned());
+            }
+        }
+    }
+    assert!(reasons.len() > 10, "{reasons:?}");
+    let missing: Vec<&String> = reasons
+        .iter()
+        .filter(|r| !table.iter().any(|l| l.contains(&format!("`{r}`"))))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "reasons missing from README's table: {missing:?}"
+    );
+}

@@ -15,6 +15,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::error::Refusal;
+
 /// Headers in one request head at most.
 const MAX_HEADERS: usize = 128;
 /// A chunk-size line (with extensions) or a trailer line at most.
@@ -64,24 +66,21 @@ pub enum Http1Error {
 }
 
 impl Http1Error {
-    pub fn status(&self) -> StatusCode {
+    /// What kind of refusal this is; error.rs turns it into the answer.
+    pub fn refusal(&self) -> Refusal {
         match self {
-            Http1Error::HeadTooLarge(_) | Http1Error::TooManyHeaders => {
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
-            }
-            Http1Error::BadExpect(_) => StatusCode::EXPECTATION_FAILED,
-            _ => StatusCode::BAD_REQUEST,
+            Http1Error::HeadTooLarge(_) | Http1Error::TooManyHeaders => Refusal::HeadTooLarge,
+            Http1Error::BadExpect(_) => Refusal::ExpectationFailed,
+            _ => Refusal::Malformed,
         }
     }
 
+    pub fn status(&self) -> StatusCode {
+        self.refusal().classify().0
+    }
+
     pub fn reason(&self) -> &'static str {
-        match self {
-            Http1Error::HeadTooLarge(_) | Http1Error::TooManyHeaders => {
-                "RelayRequestHeaderTooLarge"
-            }
-            Http1Error::BadExpect(_) => "RelayExpectationFailed",
-            _ => "RelayBadRequest",
-        }
+        self.refusal().classify().1
     }
 }
 

@@ -28,7 +28,7 @@ use super::headers::named_host;
 use super::http1::{self, ChunkState, Framing, ReadError, Reader, RequestHead};
 use super::{Ctx, Relay};
 use crate::config::{ListenerConfig, ServerTls, ValidConfig};
-use crate::error::{RelayError, relay_response};
+use crate::error::{Refusal, RelayError};
 use crate::policy::Authority;
 use crate::swap::Swap;
 use crate::tls::{self, TlsSetupError};
@@ -53,11 +53,59 @@ pub struct PostProxy {
     head_timeout: Duration,
 }
 
-/// What is left of a connection after one request.
+/// What is left of a connection after one exchange, and if it closes, why. Decided here alone:
+/// `Outcome::of_request` before answering, `Outcome::unless` as the answer is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Next {
+enum Outcome {
     KeepAlive,
-    Close,
+    Close(Why),
+}
+
+/// Why a connection closes after an exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Why {
+    /// `Connection: close`, or HTTP/1.0 without keep-alive.
+    ClientAsked,
+    /// The relay is shutting down: in-flight requests finish, connections do not carry on.
+    ShuttingDown,
+    /// The request body was not read to its end (an early answer, a broken body): whatever
+    /// follows on the connection cannot be told apart from it.
+    BodyUnread,
+    /// The head was refused, or did not arrive in time: the connection's framing is unknown.
+    HeadRefused,
+    /// An HTTP/1.0 answer without a length ends where the connection ends.
+    AnswerUntilClose,
+    /// The answer could not be written whole (the write failed, or the origin's body broke off
+    /// or was shorter than its length).
+    AnswerIncomplete,
+}
+
+impl Outcome {
+    /// Before answering: the connection carries on only if the client asked for it, the relay is
+    /// not shutting down, and the request was read to its end.
+    fn of_request(client_keep_alive: bool, shutting_down: bool, body_read: bool) -> Outcome {
+        if !client_keep_alive {
+            Outcome::Close(Why::ClientAsked)
+        } else if shutting_down {
+            Outcome::Close(Why::ShuttingDown)
+        } else if !body_read {
+            Outcome::Close(Why::BodyUnread)
+        } else {
+            Outcome::KeepAlive
+        }
+    }
+
+    /// Closes for `why` unless `ok`; a connection already closing keeps its first reason.
+    fn unless(self, ok: bool, why: Why) -> Outcome {
+        match self {
+            Outcome::KeepAlive if !ok => Outcome::Close(why),
+            other => other,
+        }
+    }
+
+    fn keep_alive(self) -> bool {
+        self == Outcome::KeepAlive
+    }
 }
 
 impl Door for PostProxy {
@@ -201,30 +249,28 @@ impl PostProxy {
                     tracing::info!(listener = %self.name, client.addr = %ctx.client, status = e.status().as_u16(), error = %e, "refused request head");
                     let _ = write_response(
                         &mut writer,
-                        relay_response(e.status(), e.reason()),
+                        e.refusal().to_response(),
                         &Method::GET,
                         Version::HTTP_11,
-                        false,
+                        Outcome::Close(Why::HeadRefused),
                     )
                     .await;
                     break;
                 }
                 Ok(Err(_)) => break,
                 Err(_) => {
-                    let response =
-                        relay_response(StatusCode::REQUEST_TIMEOUT, "RelayRequestTimeout");
                     let _ = write_response(
                         &mut writer,
-                        response,
+                        Refusal::HeadTimeout.to_response(),
                         &Method::GET,
                         Version::HTTP_11,
-                        false,
+                        Outcome::Close(Why::HeadRefused),
                     )
                     .await;
                     break;
                 }
             };
-            if self
+            let outcome = self
                 .exchange(
                     &mut reader,
                     &mut writer,
@@ -233,9 +279,9 @@ impl PostProxy {
                     ctx,
                     shutdown,
                 )
-                .await
-                == Next::Close
-            {
+                .await;
+            if let Outcome::Close(why) = outcome {
+                tracing::debug!(listener = %self.name, client.addr = %ctx.client, why = ?why, "client connection closes after this answer");
                 break;
             }
         }
@@ -300,12 +346,12 @@ impl PostProxy {
         last_route: &mut Option<Route>,
         ctx: &Ctx,
         shutdown: &CancellationToken,
-    ) -> Next
+    ) -> Outcome
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut keep_alive = head.keep_alive && !shutdown.is_cancelled();
+        let (client_keep_alive, shutting_down) = (head.keep_alive, shutdown.is_cancelled());
         let (method, version, framing) = (head.method.clone(), head.version, head.framing);
         let (dest, authority, uri) = match self.route(&head, last_route) {
             Ok(r) => r,
@@ -314,11 +360,12 @@ impl PostProxy {
                 self.relay
                     .record_failure(ctx, &method, None, &path, &e, Duration::ZERO);
                 // An unread body would be taken for the next request: close instead.
-                let keep = keep_alive && framing == Framing::Empty;
-                return finish(
-                    write_response(writer, e.to_response(), &method, version, keep).await,
-                    keep,
+                let outcome = Outcome::of_request(
+                    client_keep_alive,
+                    shutting_down,
+                    framing == Framing::Empty,
                 );
+                return write_response(writer, e.to_response(), &method, version, outcome).await;
             }
         };
         let mut request = Request::new(());
@@ -375,20 +422,8 @@ impl PostProxy {
         };
         // A body not read to its end (early answer, or a broken body) leaves the connection's
         // framing unknown.
-        if !fed {
-            keep_alive = false;
-        }
-        finish(
-            write_response(writer, response, &method, version, keep_alive).await,
-            keep_alive,
-        )
-    }
-}
-
-fn finish(written: std::io::Result<bool>, keep_alive: bool) -> Next {
-    match written {
-        Ok(true) if keep_alive => Next::KeepAlive,
-        _ => Next::Close,
+        let outcome = Outcome::of_request(client_keep_alive, shutting_down, fed);
+        write_response(writer, response, &method, version, outcome).await
     }
 }
 
@@ -591,8 +626,25 @@ async fn write_response<W>(
     response: Response<RelayBody>,
     method: &Method,
     version: Version,
-    keep_alive: bool,
-) -> std::io::Result<bool>
+    outcome: Outcome,
+) -> Outcome
+where
+    W: AsyncWrite + Unpin,
+{
+    match write_answer(writer, response, method, version, outcome).await {
+        Ok(outcome) => outcome,
+        Err(_) => Outcome::Close(Why::AnswerIncomplete),
+    }
+}
+
+/// Writes the answer; the outcome as it stands once the answer is out.
+async fn write_answer<W>(
+    writer: &mut W,
+    response: Response<RelayBody>,
+    method: &Method,
+    version: Version,
+    outcome: Outcome,
+) -> std::io::Result<Outcome>
 where
     W: AsyncWrite + Unpin,
 {
@@ -616,18 +668,23 @@ where
         length = Some(bytes.len() as u64);
         headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(bytes.len()));
     }
-    let mut keep_alive = keep_alive;
     let chunked = !no_body && length.is_none() && version == Version::HTTP_11;
-    if !no_body && length.is_none() && !chunked {
-        // HTTP/1.0 without a length: the end of the body is the end of the connection.
-        keep_alive = false;
-    }
+    // HTTP/1.0 without a length: the end of the body is the end of the connection.
+    let outcome = outcome.unless(
+        no_body || length.is_some() || chunked,
+        Why::AnswerUntilClose,
+    );
     writer
-        .write_all(&http1::response_head(status, &headers, keep_alive, chunked))
+        .write_all(&http1::response_head(
+            status,
+            &headers,
+            outcome.keep_alive(),
+            chunked,
+        ))
         .await?;
     if no_body {
         writer.flush().await?;
-        return Ok(true);
+        return Ok(outcome);
     }
     let mut written = 0u64;
     loop {
@@ -646,7 +703,7 @@ where
             Some(Err(e)) => {
                 tracing::info!(error = %e, "origin's answer body broke off; closing the client connection");
                 writer.flush().await?;
-                return Ok(false);
+                return Ok(Outcome::Close(Why::AnswerIncomplete));
             }
         }
     }
@@ -654,5 +711,29 @@ where
         writer.write_all(b"0\r\n\r\n").await?;
     }
     writer.flush().await?;
-    Ok(length.is_none_or(|n| n == written) && keep_alive)
+    Ok(outcome.unless(length.is_none_or(|n| n == written), Why::AnswerIncomplete))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_carries_on_only_when_nothing_says_close_and_keeps_the_first_reason() {
+        let keep = Outcome::of_request(true, false, true);
+        assert_eq!(keep, Outcome::KeepAlive);
+        #[rustfmt::skip]
+        let table = [
+            (Outcome::of_request(false, true, false), Outcome::Close(Why::ClientAsked)),
+            (Outcome::of_request(true, true, false), Outcome::Close(Why::ShuttingDown)),
+            (Outcome::of_request(true, false, false), Outcome::Close(Why::BodyUnread)),
+            (keep.unless(true, Why::AnswerIncomplete), Outcome::KeepAlive),
+            (keep.unless(false, Why::AnswerUntilClose), Outcome::Close(Why::AnswerUntilClose)),
+            (Outcome::Close(Why::BodyUnread).unless(false, Why::AnswerIncomplete), Outcome::Close(Why::BodyUnread)),
+        ];
+        for (got, expected) in table {
+            assert_eq!(got, expected);
+            assert_eq!(got.keep_alive(), expected == Outcome::KeepAlive);
+        }
+    }
 }
