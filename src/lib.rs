@@ -19,26 +19,35 @@
 //! - `probe`: step-by-step diagnosis of the upstream path (`pushrelay probe`).
 //! - `workers`: one single-threaded runtime per core; a connection stays on the one that took it.
 
-// Library code handles every failure; tests may unwrap.
+// Library code handles every failure; tests may unwrap. Each place allowed says why.
 #![cfg_attr(
     not(test),
-    warn(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout)
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::print_stdout,
+        clippy::print_stderr,
+        clippy::todo,
+        clippy::unreachable,
+        clippy::unimplemented
+    )
 )]
 
-pub mod admin;
+mod admin;
 pub mod cli;
-pub mod coalesce;
+mod coalesce;
 pub mod config;
-pub mod error;
-pub mod fasthash;
-pub mod listen;
-pub mod log;
+mod error;
+mod fasthash;
+mod listen;
+mod log;
 pub mod metrics;
 pub mod policy;
-pub mod probe;
+mod probe;
 pub mod relay;
-pub mod reload;
-pub mod swap;
+mod reload;
+mod swap;
 pub mod tls;
 pub mod upstream;
 pub mod workers;

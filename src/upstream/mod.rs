@@ -5,7 +5,7 @@
 
 pub mod connect;
 mod decision;
-pub mod identity;
+pub(crate) mod identity;
 pub mod pool;
 pub mod tunnel;
 
