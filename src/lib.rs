@@ -1,5 +1,7 @@
 //! pushrelay: a relay appliance that carries APNs / FCM HTTP/2 push traffic out of locked-down
-//! networks. Data flows one way: listener → restrictions → protocol → upstream.
+//! networks. Data flows one way: listener → restrictions → protocol → upstream; imports follow
+//! it (listen → policy → relay's doors → relay's pipeline → upstream, with config, metrics and
+//! swap as leaves), and tests/architecture.rs fails on any import cycle.
 //!
 //! - `cli`: the command line (serve, check, ca init, ca issue, probe).
 //! - `coalesce`: write coalescing so a burst of pushes shares TLS records and syscalls.
