@@ -91,6 +91,8 @@ pub enum Refusal {
     Malformed,
     /// The head did not arrive within `limits.handshake_timeout`.
     HeadTimeout,
+    /// A chunk size says the body is over `limits.max_request_body`.
+    BodyTooLarge,
 }
 
 impl Refusal {
@@ -110,6 +112,7 @@ impl Refusal {
             ),
             Refusal::Malformed => (S::BAD_REQUEST, "RelayBadRequest", Fault::Client),
             Refusal::HeadTimeout => (S::REQUEST_TIMEOUT, "RelayRequestTimeout", Fault::Client),
+            Refusal::BodyTooLarge => (S::PAYLOAD_TOO_LARGE, "RelayRequestTooLarge", Fault::Client),
         }
     }
 

@@ -837,3 +837,169 @@ async fn tls_listener_with_client_ca_requires_client_certificates() {
     );
     assert_eq!(origin.received().len(), 1);
 }
+
+/// Each shape that once carried a second request (or a hidden header) past the parser: the
+/// relay answers 400 and closes, and the origin sees nothing of it.
+#[tokio::test]
+async fn smuggling_shapes_never_reach_the_origin() {
+    let s = setup().await;
+    let hidden = format!(
+        "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: t\r\nContent-Length: 0\r\n\r\n",
+        token(81)
+    );
+    let chunked = |chunk: &str| {
+        format!(
+            "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: t\r\nTransfer-Encoding: chunked\r\n\r\n{chunk}0\r\n\r\n{hidden}",
+            token(80)
+        )
+    };
+    let table = [
+        // A lenient reader ends the size line at the LF (or CR) and takes `XX` as the data;
+        // the relay used to read `2;…XX` as one line and `ab` as the data.
+        ("LF in a chunk extension", chunked("2;\nXX\r\nab\r\n")),
+        ("CR in a chunk extension", chunked("2;\rXX\r\nab\r\n")),
+        ("bare LF after a chunk", chunked("2\r\nXX\n")),
+        (
+            "head ending in LF LF",
+            format!(
+                "GET /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\n\n{hidden}",
+                token(82)
+            ),
+        ),
+        (
+            "header behind a bare LF",
+            format!(
+                "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\nVisible: v\nSmuggled: 1\r\nContent-Length: 0\r\n\r\n",
+                token(83)
+            ),
+        ),
+    ];
+    for (name, raw) in &table {
+        let mut conn = RawConn::connect(s.relay.addr()).await;
+        conn.send(raw.as_bytes()).await;
+        let answer = within(10, name, conn.read_answer()).await.expect(name);
+        assert_eq!(answer.status, 400, "{name}");
+        // A bad head is `RelayBadRequest`; a bad chunk line, read once relaying began,
+        // `RelayClientBodyFailed`.
+        assert!(
+            answer.reason().is_some_and(|r| r.starts_with("Relay")),
+            "{name}: {:?}",
+            answer.reason()
+        );
+        assert!(
+            within(10, name, conn.closed()).await,
+            "{name}: connection closed"
+        );
+    }
+    // A chunked push's stream may have opened before its bad line arrived; none completed.
+    assert!(s.origin.received().is_empty(), "{:?}", s.origin.received());
+}
+
+/// `Content-Length: N, N`, repeats and leading zeros are one length: the push is relayed with a
+/// single canonical `content-length`, never a 502.
+#[tokio::test]
+async fn content_length_lists_go_upstream_as_one_canonical_value() {
+    let s = setup().await;
+    let n = PAYLOAD.len();
+    for (i, cl) in [
+        format!("Content-Length: {n}, {n}\r\n"),
+        format!("Content-Length: {n}\r\nContent-Length: {n}\r\n"),
+        format!("Content-Length: 00{n}\r\n"),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let raw = format!(
+            "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: t\r\n{cl}\r\n{PAYLOAD}",
+            token(90 + i)
+        );
+        let answer = within(10, cl, exchange(s.relay.addr(), raw.as_bytes())).await;
+        assert_eq!(answer.status, 200, "{cl:?}: {:?}", answer.reason());
+    }
+    let got = s.origin.received();
+    assert_eq!(got.len(), 3);
+    for r in got {
+        let values: Vec<_> = r.headers.get_all("content-length").iter().collect();
+        assert_eq!(values, [n.to_string().as_str()]);
+        assert_eq!(r.body, PAYLOAD.as_bytes());
+    }
+}
+
+/// A chunk size over `limits.max_request_body` is 413 at once, not a request left waiting for
+/// data until `request_timeout`.
+#[tokio::test]
+async fn chunk_size_over_the_limit_is_413_at_once() {
+    let s = setup_with(
+        OriginOptions::default(),
+        "limits:\n  max_request_body: 64\n",
+    )
+    .await;
+    let mut conn = RawConn::connect(s.relay.addr()).await;
+    let raw = format!(
+        "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: t\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffff\r\nabc",
+        token(95)
+    );
+    conn.send(raw.as_bytes()).await;
+    // request_timeout is 30 s: an answer within 5 s is the refusal, not a timeout.
+    let answer = within(5, "413", conn.read_answer()).await.unwrap();
+    assert_eq!(answer.status, 413);
+    assert_eq!(answer.reason().as_deref(), Some("RelayRequestTooLarge"));
+    assert!(within(10, "close", conn.closed()).await);
+}
+
+/// After each refusal, what follows on the connection: a 403 for a destination (no body) keeps
+/// the connection and the next push is relayed; after 405 (CONNECT), 417 and 431 the connection
+/// closes and the pipelined request behind is never read.
+#[tokio::test]
+async fn pipelining_after_403_405_417_431() {
+    let s = setup().await;
+    let next = push(
+        &format!("/3/device/{}", token(100)),
+        "api.push.apple.com",
+        "",
+        PAYLOAD,
+    );
+    let big = "a".repeat(20_000);
+    let table: [(u16, String, bool); 4] = [
+        (
+            403,
+            "POST /3/device/x HTTP/1.1\r\nHost: fcm.googleapis.com\r\nContent-Length: 0\r\n\r\n".into(),
+            true,
+        ),
+        (
+            405,
+            "CONNECT api.push.apple.com:443 HTTP/1.1\r\nHost: api.push.apple.com:443\r\n\r\n".into(),
+            false,
+        ),
+        (
+            417,
+            "POST /3/device/x HTTP/1.1\r\nHost: api.push.apple.com\r\nExpect: magic\r\nContent-Length: 0\r\n\r\n".into(),
+            false,
+        ),
+        (
+            431,
+            format!("POST /3/device/x HTTP/1.1\r\nHost: api.push.apple.com\r\nX-Big: {big}\r\n\r\n"),
+            false,
+        ),
+    ];
+    let mut relayed = 0;
+    for (status, first, kept) in &table {
+        let mut conn = RawConn::connect(s.relay.addr()).await;
+        let mut bytes = first.clone().into_bytes();
+        bytes.extend_from_slice(&next);
+        conn.send(&bytes).await;
+        let answer = within(10, "first answer", conn.read_answer())
+            .await
+            .unwrap();
+        assert_eq!(answer.status, *status);
+        if *kept {
+            let second = within(10, "second", conn.read_answer()).await.unwrap();
+            assert_eq!(second.status, 200, "after {status}");
+            relayed += 1;
+        } else {
+            assert_eq!(answer.header("connection"), Some("close"), "after {status}");
+            assert!(within(10, "close", conn.closed()).await, "after {status}");
+        }
+    }
+    assert_eq!(s.origin.received().len(), relayed);
+}

@@ -546,3 +546,65 @@ async fn http11_client_over_tls_is_relayed() {
     assert!(answer.to_ascii_lowercase().contains("apns-id:"), "{answer}");
     assert_eq!(origin.received()[0].body, PAYLOAD.as_bytes());
 }
+
+/// TLS with ALPN http/1.1 to the pre-proxy door, for the tests below.
+async fn http11_over_tls(
+    pki: &TestPki,
+    addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.push.apple.com").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(pki.client_config(&[b"http/1.1"]))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    tls
+}
+
+/// A client that chose ALPN http/1.1 is served HTTP/1.1 only: the HTTP/2 preface after it is
+/// not taken as a switch to HTTP/2.
+#[tokio::test]
+async fn alpn_http11_client_is_never_switched_to_http2() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let mut tls = http11_over_tls(&pki, relay.addr()).await;
+    // The preface and an empty SETTINGS frame.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = within(10, "answer or close", tls.read_to_end(&mut answer)).await;
+    assert!(
+        answer.is_empty() || answer.starts_with(b"HTTP/1.1 "),
+        "an HTTP/2 answer to an http/1.1 client: {answer:?}"
+    );
+    assert_eq!(origin.connection_count(), 0);
+}
+
+/// The HTTP/1.1 head read on the pre-proxy door is bounded by `handshake_timeout`, not by the
+/// much longer `idle_timeout`: a client trickling a head is cut off.
+#[tokio::test]
+async fn http11_head_read_is_bounded_by_handshake_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let yaml = relay::pre_proxy_yaml(&pki, &origin, Via::Direct)
+        + "limits:\n  handshake_timeout: 300ms\n  idle_timeout: 300s\n";
+    let relay = relay::start(&yaml).await;
+    let mut tls = http11_over_tls(&pki, relay.addr()).await;
+    tls.write_all(b"POST /3/device/x HTTP/1.1\r\nHost: api.push.apple.com\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let closed = within(
+        5,
+        "the relay closes the connection",
+        tls.read_to_end(&mut rest),
+    )
+    .await;
+    assert!(closed.is_ok() || rest.is_empty(), "{closed:?}");
+    assert_eq!(origin.connection_count(), 0);
+}

@@ -4,6 +4,9 @@
 //! bad bytes in names or values). hyper's parser repairs some of these silently, which hides them
 //! from the relay, so this door owns its parser: httparse for the head, a bounded chunked decoder
 //! for bodies, and a writer that frames answers with `Content-Length` when known, else chunked.
+//! Lines end in CRLF only (httparse also takes a bare LF, which lets a second request hide in a
+//! head another parser reads differently), chunk lines follow RFC 9112 §7.1 to the byte, and the
+//! one `Content-Length` that goes on is written canonically.
 
 use std::future::{Future, poll_fn};
 use std::io;
@@ -21,6 +24,11 @@ use crate::error::Refusal;
 const MAX_HEADERS: usize = 128;
 /// A chunk-size line (with extensions) or a trailer line at most.
 const MAX_CHUNK_LINE: usize = 4096;
+/// Chunk-extension bytes in one body at most: extensions carry nothing a push needs, and without
+/// a bound a client could send any number of them around one-byte chunks.
+const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
+/// Trailer fields in one body at most (they are read and dropped).
+const MAX_TRAILERS: usize = MAX_HEADERS;
 
 /// How a request body is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +71,8 @@ pub enum Http1Error {
     BadExpect(String),
     #[error("malformed chunked body: {0}")]
     BadChunk(String),
+    #[error("chunked body larger than {0} bytes")]
+    BodyTooLarge(u64),
 }
 
 impl Http1Error {
@@ -71,6 +81,7 @@ impl Http1Error {
         match self {
             Http1Error::HeadTooLarge(_) | Http1Error::TooManyHeaders => Refusal::HeadTooLarge,
             Http1Error::BadExpect(_) => Refusal::ExpectationFailed,
+            Http1Error::BodyTooLarge(_) => Refusal::BodyTooLarge,
             _ => Refusal::Malformed,
         }
     }
@@ -126,6 +137,9 @@ pub fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<RequestH
     if len > max_head {
         return Err(Http1Error::HeadTooLarge(max_head));
     }
+    if let Some(what) = bare_cr_or_lf(&buf[..len]) {
+        return Err(Http1Error::Malformed(format!("{what} in the request head")));
+    }
     let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
         .map_err(|_| Http1Error::Malformed("invalid method".into()))?;
     let target = req.path.unwrap_or("").to_owned();
@@ -149,7 +163,7 @@ pub fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<RequestH
         })?;
         map.append(name, value);
     }
-    let framing = framing(&map, version)?;
+    let framing = framing(&mut map, version)?;
     let connection_has = |token: &str| {
         map.get_all(header::CONNECTION)
             .iter()
@@ -181,8 +195,23 @@ pub fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<RequestH
     }))
 }
 
-/// Decides how the body is delimited, refusing every ambiguous shape (RFC 9112 §6.1–6.3).
-fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, Http1Error> {
+/// `Some("bare LF")` or `Some("bare CR")` when `bytes` has a line end other than CRLF.
+fn bare_cr_or_lf(bytes: &[u8]) -> Option<&'static str> {
+    let mut after_cr = false;
+    for &b in bytes {
+        let lf = b == b'\n';
+        if after_cr != lf {
+            return Some(if lf { "bare LF" } else { "bare CR" });
+        }
+        after_cr = b == b'\r';
+    }
+    after_cr.then_some("bare CR")
+}
+
+/// Decides how the body is delimited, refusing every ambiguous shape (RFC 9112 §6.1–6.3). A
+/// `Content-Length` written other than as one plain number (`5, 5`, a repeat, `005`) is replaced
+/// by that number: the origin gets exactly one canonical value.
+fn framing(headers: &mut HeaderMap, version: Version) -> Result<Framing, Http1Error> {
     let te: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
     let cl: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
     if !te.is_empty() {
@@ -204,6 +233,14 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, Http1Error>
         return Ok(Framing::Chunked);
     }
     let mut length: Option<u64> = None;
+    // Already one plain number (the usual case): nothing to rewrite.
+    let canonical = match cl.as_slice() {
+        [only] => {
+            let b = only.as_bytes();
+            b.iter().all(u8::is_ascii_digit) && (b.len() == 1 || b.first() != Some(&b'0'))
+        }
+        _ => false,
+    };
     for v in cl {
         let text = v
             .to_str()
@@ -220,6 +257,11 @@ fn framing(headers: &HeaderMap, version: Version) -> Result<Framing, Http1Error>
                 _ => length = Some(n),
             }
         }
+    }
+    if let Some(n) = length
+        && !canonical
+    {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(match length {
         None | Some(0) => Framing::Empty,
@@ -303,12 +345,28 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         Poll::Ready(Ok(self.buf.split_to(n).freeze()))
     }
 
+    /// The next line, without its CRLF. A bare CR or LF is refused as soon as it is seen.
     async fn read_line(&mut self, what: &str) -> Result<BytesMut, ReadError> {
         loop {
-            if let Some(pos) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line = self.buf.split_to(pos);
-                self.buf.advance(2);
-                return Ok(line);
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\r' || *b == b'\n') {
+                match (self.buf[pos], self.buf.get(pos + 1)) {
+                    (b'\r', Some(b'\n')) => {
+                        let line = self.buf.split_to(pos);
+                        self.buf.advance(2);
+                        return Ok(line);
+                    }
+                    (b'\r', None) if pos < MAX_CHUNK_LINE => {}
+                    (b'\r', _) => {
+                        return Err(
+                            Http1Error::BadChunk(format!("bare CR in a {what} line")).into()
+                        );
+                    }
+                    _ => {
+                        return Err(
+                            Http1Error::BadChunk(format!("bare LF in a {what} line")).into()
+                        );
+                    }
+                }
             }
             if self.buf.len() > MAX_CHUNK_LINE {
                 return Err(Http1Error::BadChunk(format!(
@@ -325,43 +383,64 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// Reads the next chunk's data of a chunked body (`None` after the last chunk and trailers).
     pub async fn read_chunk(&mut self, state: &mut ChunkState) -> Result<Option<Bytes>, ReadError> {
         loop {
-            match *state {
-                ChunkState::Done => return Ok(None),
-                ChunkState::Size => {
+            match state.at {
+                ChunkAt::Done => return Ok(None),
+                ChunkAt::Size => {
                     let line = self.read_line("chunk-size").await?;
-                    let size = parse_chunk_size(&line)?;
-                    *state = if size == 0 {
-                        ChunkState::Trailers
+                    let (size, ext) = parse_chunk_line(&line)?;
+                    state.extensions += ext;
+                    if state.extensions > MAX_CHUNK_EXTENSIONS {
+                        return Err(Http1Error::BadChunk(format!(
+                            "chunk extensions longer than {MAX_CHUNK_EXTENSIONS} bytes"
+                        ))
+                        .into());
+                    }
+                    // Refused on the size line, before any of its data: a client announcing more
+                    // than the limit would otherwise hold the request open until it timed out.
+                    state.body = state.body.saturating_add(size);
+                    if state.body > state.limit {
+                        return Err(Http1Error::BodyTooLarge(state.limit).into());
+                    }
+                    state.at = if size == 0 {
+                        ChunkAt::Trailers
                     } else {
-                        ChunkState::Data(size)
+                        ChunkAt::Data(size)
                     };
                 }
-                ChunkState::Data(remaining) => {
+                ChunkAt::Data(remaining) => {
                     let data = self.read_some(remaining).await?;
                     let left = remaining - data.len() as u64;
-                    *state = if left == 0 {
-                        ChunkState::DataEnd
+                    state.at = if left == 0 {
+                        ChunkAt::DataEnd
                     } else {
-                        ChunkState::Data(left)
+                        ChunkAt::Data(left)
                     };
                     return Ok(Some(data));
                 }
-                ChunkState::DataEnd => {
+                ChunkAt::DataEnd => {
                     let line = self.read_line("chunk end").await?;
                     if !line.is_empty() {
                         return Err(
                             Http1Error::BadChunk("chunk data longer than its size".into()).into(),
                         );
                     }
-                    *state = ChunkState::Size;
+                    state.at = ChunkAt::Size;
                 }
-                ChunkState::Trailers => {
-                    // Trailer fields are read and dropped: push services define none.
+                ChunkAt::Trailers => {
+                    // Trailer fields are checked and dropped: push services define none.
                     let line = self.read_line("trailer").await?;
                     if line.is_empty() {
-                        *state = ChunkState::Done;
-                    } else if line[0] == b' ' || line[0] == b'\t' || !line.contains(&b':') {
+                        state.at = ChunkAt::Done;
+                    } else if !is_field_line(&line) {
                         return Err(Http1Error::BadChunk("malformed trailer field".into()).into());
+                    } else {
+                        state.trailers += 1;
+                        if state.trailers > MAX_TRAILERS {
+                            return Err(Http1Error::BadChunk(format!(
+                                "more than {MAX_TRAILERS} trailer fields"
+                            ))
+                            .into());
+                        }
                     }
                 }
             }
@@ -369,9 +448,32 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     }
 }
 
-/// Where a chunked body's decoder is.
+/// Where a chunked body's decoder is, and what it has counted against its bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChunkState {
+pub struct ChunkState {
+    at: ChunkAt,
+    /// Body bytes announced by the chunk sizes so far, and their bound.
+    body: u64,
+    limit: u64,
+    extensions: usize,
+    trailers: usize,
+}
+
+impl ChunkState {
+    /// A decoder at the first chunk-size line, for a body of at most `limit` bytes.
+    pub fn new(limit: u64) -> Self {
+        ChunkState {
+            at: ChunkAt::Size,
+            body: 0,
+            limit,
+            extensions: 0,
+            trailers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkAt {
     Size,
     Data(u64),
     DataEnd,
@@ -379,18 +481,94 @@ pub enum ChunkState {
     Done,
 }
 
-fn parse_chunk_size(line: &[u8]) -> Result<u64, Http1Error> {
-    let size = line.split(|b| *b == b';').next().unwrap_or(&[]);
-    // No whitespace allowed around the size: lenient parsers disagree there (smuggling).
-    if size.is_empty() || size.len() > 15 || !size.iter().all(u8::is_ascii_hexdigit) {
-        return Err(Http1Error::BadChunk(format!(
-            "invalid chunk size {:?}",
-            String::from_utf8_lossy(line)
-        )));
+/// RFC 9110 §5.6.2 `tchar`.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// A field value byte: VCHAR, SP, HTAB or obs-text; no other control.
+fn is_field_value_byte(b: u8) -> bool {
+    b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80
+}
+
+/// `field-name ":" OWS field-value OWS`, as a trailer line must be.
+fn is_field_line(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|b| *b == b':') else {
+        return false;
+    };
+    colon > 0
+        && line[..colon].iter().all(|b| is_tchar(*b))
+        && line[colon + 1..].iter().all(|b| is_field_value_byte(*b))
+}
+
+/// A chunk line, `chunk-size [ chunk-ext ]` (RFC 9112 §7.1.1): the size, and how many bytes of
+/// extensions followed it. Extensions are checked to the grammar and dropped.
+fn parse_chunk_line(line: &[u8]) -> Result<(u64, usize), Http1Error> {
+    let bad = |why: &str| {
+        Http1Error::BadChunk(format!(
+            "{why} in chunk line {:?}",
+            String::from_utf8_lossy(&line[..line.len().min(64)])
+        ))
+    };
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    // No whitespace allowed before the size: lenient parsers disagree there (smuggling).
+    if digits == 0 || digits > 15 {
+        return Err(bad("invalid chunk size"));
     }
-    let text =
-        std::str::from_utf8(size).map_err(|_| Http1Error::BadChunk("invalid chunk size".into()))?;
-    u64::from_str_radix(text, 16).map_err(|_| Http1Error::BadChunk("invalid chunk size".into()))
+    let mut size = 0u64;
+    for b in &line[..digits] {
+        // At most 15 hex digits: fits in 60 bits.
+        size = size << 4 | u64::from((*b as char).to_digit(16).unwrap_or(0));
+    }
+    let ext = &line[digits..];
+    let mut rest = ext;
+    let skip_bws = |r: &mut &[u8]| {
+        while let [b' ' | b'\t', tail @ ..] = *r {
+            *r = tail;
+        }
+    };
+    let token = |r: &mut &[u8]| {
+        let n = r.iter().take_while(|b| is_tchar(**b)).count();
+        *r = &r[n..];
+        n > 0
+    };
+    while !rest.is_empty() {
+        skip_bws(&mut rest);
+        let [b';', tail @ ..] = rest else {
+            return Err(bad("invalid chunk size"));
+        };
+        rest = tail;
+        skip_bws(&mut rest);
+        if !token(&mut rest) {
+            return Err(bad("invalid chunk-extension name"));
+        }
+        let mut after = rest;
+        skip_bws(&mut after);
+        let [b'=', tail @ ..] = after else {
+            continue;
+        };
+        rest = tail;
+        skip_bws(&mut rest);
+        if let [b'"', tail @ ..] = rest {
+            rest = quoted_string_rest(tail).ok_or_else(|| bad("invalid quoted chunk-extension"))?;
+        } else if !token(&mut rest) {
+            return Err(bad("invalid chunk-extension value"));
+        }
+    }
+    Ok((size, ext.len()))
+}
+
+/// What follows a quoted-string whose opening quote is already taken, or `None` when it is
+/// malformed (unterminated, or a control character inside).
+fn quoted_string_rest(mut r: &[u8]) -> Option<&[u8]> {
+    loop {
+        match *r {
+            [b'"', ref tail @ ..] => return Some(tail),
+            [b'\\', q, ref tail @ ..] if is_field_value_byte(q) => r = tail,
+            [b, ref tail @ ..] if b != b'\\' && is_field_value_byte(b) => r = tail,
+            _ => return None,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -523,6 +701,253 @@ mod tests {
         }
     }
 
+    /// Transfer-Encoding as lenient parsers read it differently: only a lone `chunked` (any case,
+    /// optional whitespace around it) frames a body.
+    #[test]
+    fn transfer_encoding_table() {
+        let head =
+            |te: &str| format!("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:{te}\r\n\r\n");
+        for te in [
+            " chunked",
+            " CHUNKED",
+            " cHuNkEd",
+            "chunked",
+            "  chunked  ",
+            "\tchunked\t",
+        ] {
+            assert_eq!(
+                parse(&head(te)).map(|h| h.framing),
+                Ok(Framing::Chunked),
+                "{te:?}"
+            );
+        }
+        for te in [
+            " chunked, identity",
+            " identity, chunked",
+            " chunked,",
+            " ,chunked",
+            " chunked;q=1",
+            " chunk",
+            " \"chunked\"",
+            " chunked chunked",
+            " x-chunked",
+            "",
+        ] {
+            assert!(
+                matches!(parse(&head(te)), Err(Http1Error::BadTransferEncoding(_))),
+                "{te:?}: {:?}",
+                parse(&head(te))
+            );
+        }
+        // Control characters and line tricks never reach the TE check at all.
+        for te in [
+            " chunked\x0b",
+            " chunked\x0c",
+            " chunked\0",
+            " chunked\r",
+            "\x01chunked",
+        ] {
+            assert!(
+                matches!(parse(&head(te)), Err(Http1Error::Malformed(_))),
+                "{te:?}: {:?}",
+                parse(&head(te))
+            );
+        }
+        for raw in [
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding\t: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\n Transfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let result = parse(raw);
+            // `Transfer_Encoding` is a different (valid) name: it frames nothing.
+            if raw.contains("Transfer_Encoding") {
+                assert_eq!(result.map(|h| h.framing), Ok(Framing::Empty));
+            } else {
+                assert!(
+                    matches!(result, Err(Http1Error::Malformed(_))),
+                    "{raw:?}: {result:?}"
+                );
+            }
+        }
+        assert_eq!(
+            parse("POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n").unwrap_err(),
+            Http1Error::TransferEncodingInHttp10
+        );
+    }
+
+    /// Content-Length: one decimal number, perhaps repeated; whatever the client wrote, one
+    /// canonical value goes on.
+    #[test]
+    fn content_length_table() {
+        let head = |cl: &str| format!("POST / HTTP/1.1\r\nHost: a\r\nContent-Length:{cl}\r\n\r\n");
+        let good: [(&str, Framing, &str); 8] = [
+            (" 5", Framing::Length(5), "5"),
+            ("5", Framing::Length(5), "5"),
+            (" 5 ", Framing::Length(5), "5"),
+            (" 5, 5", Framing::Length(5), "5"),
+            (" 5,5,5", Framing::Length(5), "5"),
+            (" 005", Framing::Length(5), "5"),
+            (" 0", Framing::Empty, "0"),
+            (" 00", Framing::Empty, "0"),
+        ];
+        for (cl, framing, sent) in good {
+            let h = parse(&head(cl)).unwrap();
+            assert_eq!(h.framing, framing, "{cl:?}");
+            let values: Vec<_> = h.headers.get_all(header::CONTENT_LENGTH).iter().collect();
+            assert_eq!(values, [sent], "{cl:?}");
+        }
+        let repeated =
+            parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\ncontent-length: 05\r\n\r\n")
+                .unwrap();
+        assert_eq!(repeated.framing, Framing::Length(5));
+        assert_eq!(
+            repeated
+                .headers
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .count(),
+            1
+        );
+        for cl in [
+            " +5",
+            " -5",
+            " -0",
+            " 0x5",
+            " 5e0",
+            " 5.0",
+            " 5.",
+            " .5",
+            " 5,",
+            " ,5",
+            " 5,,5",
+            " 5, 6",
+            " 5 5",
+            " five",
+            "",
+            " 1234567890123456789",
+            " 18446744073709551616",
+            " 99999999999999999999999",
+        ] {
+            assert!(
+                matches!(parse(&head(cl)), Err(Http1Error::BadContentLength(_))),
+                "{cl:?}: {:?}",
+                parse(&head(cl))
+            );
+        }
+        for cl in [" 5\x0b", " 5\0", " \x015"] {
+            assert!(
+                matches!(parse(&head(cl)), Err(Http1Error::Malformed(_))),
+                "{cl:?}"
+            );
+        }
+        assert_eq!(
+            parse("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n")
+                .unwrap_err(),
+            Http1Error::BadContentLength("6".into())
+        );
+        // TE.CL and CL.TE, in both orders, and with the length hidden behind an obs-fold.
+        for raw in [
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ] {
+            assert_eq!(
+                parse(raw).unwrap_err(),
+                Http1Error::LengthAndChunked,
+                "{raw:?}"
+            );
+        }
+        for raw in [
+            "POST / HTTP/1.1\r\nHost: a\r\nX-Fold: a\r\n Content-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nX-Fold: a\r\n\tContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length:\r\n 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n Content-Length: 3\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse(raw), Err(Http1Error::Malformed(_))),
+                "{raw:?}"
+            );
+        }
+    }
+
+    /// Lines end in CRLF: a bare LF or CR anywhere in the head is refused, including where it
+    /// would end the head early or start a header another parser does not see.
+    #[test]
+    fn bare_lf_and_cr_in_the_head_are_refused() {
+        for raw in [
+            "POST / HTTP/1.1\nHost: a\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\n\n",
+            "POST / HTTP/1.1\r\nHost: a\r\n\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nVisible: v\nSmuggled: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nX: v\r\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+            "POST / HTTP/1.1\r\rHost: a\r\n\r\n",
+        ] {
+            let mut buf = BytesMut::from(raw);
+            let result = parse_head(&mut buf, 16 * 1024);
+            assert!(
+                matches!(result, Err(Http1Error::Malformed(_))),
+                "{raw:?}: {result:?}"
+            );
+        }
+        assert_eq!(bare_cr_or_lf(b"a\r\nb\r\n\r\n"), None);
+        assert_eq!(bare_cr_or_lf(b"a\nb"), Some("bare LF"));
+        assert_eq!(bare_cr_or_lf(b"a\rb"), Some("bare CR"));
+        assert_eq!(bare_cr_or_lf(b"a\r"), Some("bare CR"));
+    }
+
+    /// Header count and head size: the bound itself is fine, one past it is 431.
+    #[test]
+    fn header_count_and_head_size_at_and_past_the_bound() {
+        let with_headers = |n: usize| {
+            let mut raw = String::from("GET / HTTP/1.1\r\n");
+            for i in 0..n {
+                raw.push_str(&format!("X-{i}: v\r\n"));
+            }
+            raw + "\r\n"
+        };
+        assert_eq!(
+            parse(&with_headers(MAX_HEADERS)).unwrap().headers.len(),
+            MAX_HEADERS
+        );
+        assert_eq!(
+            parse(&with_headers(MAX_HEADERS + 1)).unwrap_err(),
+            Http1Error::TooManyHeaders
+        );
+        let sized = |len: usize| {
+            let fixed = "GET / HTTP/1.1\r\nHost: a\r\nX-Pad: \r\n\r\n".len();
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nX-Pad: {}\r\n\r\n",
+                "p".repeat(len - fixed)
+            )
+        };
+        let max = 1024;
+        for (len, ok) in [(max - 1, true), (max, true), (max + 1, false)] {
+            let raw = sized(len);
+            assert_eq!(raw.len(), len);
+            let result = parse_head(&mut BytesMut::from(raw.as_str()), max);
+            assert_eq!(result.is_ok(), ok, "{len}: {result:?}");
+            if !ok {
+                assert_eq!(result.unwrap_err(), Http1Error::HeadTooLarge(max));
+            }
+            // Arriving byte by byte changes nothing.
+            let mut buf = BytesMut::new();
+            let mut last = Ok(None);
+            for b in raw.bytes() {
+                buf.extend_from_slice(&[b]);
+                last = parse_head(&mut buf, max);
+                if !matches!(last, Ok(None)) {
+                    break;
+                }
+            }
+            assert_eq!(
+                matches!(last, Ok(Some(_))),
+                ok,
+                "{len} byte by byte: {last:?}"
+            );
+        }
+    }
+
     #[test]
     fn malformed_heads_are_refused() {
         let malformed = [
@@ -620,59 +1045,143 @@ mod tests {
         );
     }
 
+    /// Decodes a whole chunked body; the bytes left after it, or the error.
+    async fn decode(raw: &[u8], limit: u64) -> Result<(Vec<u8>, Vec<u8>), ReadError> {
+        let mut reader = Reader::new(raw);
+        let mut state = ChunkState::new(limit);
+        let mut body = Vec::new();
+        for _ in 0..raw.len() + 2 {
+            match reader.read_chunk(&mut state).await? {
+                Some(chunk) => body.extend_from_slice(&chunk),
+                None => return Ok((body, reader.buf.to_vec())),
+            }
+        }
+        panic!("decoder made no progress on {raw:?}");
+    }
+
     #[test]
-    fn chunk_sizes_are_strict() {
-        assert_eq!(parse_chunk_size(b"1a"), Ok(26));
-        assert_eq!(parse_chunk_size(b"1A;ext=1"), Ok(26));
-        for bad in [
-            &b""[..],
+    fn chunk_lines_follow_rfc9112() {
+        let good: [(&[u8], u64); 12] = [
+            (b"1a", 26),
+            (b"1A", 26),
+            (b"000000000000001", 1),
+            (b"1a;ext", 26),
+            (b"1a;ext=1", 26),
+            (b"1a;a=1;b;c=\"x y\"", 26),
+            (b"1a ; ext = v", 26),
+            (b"1a\t;\text", 26),
+            (b"1a;e=\"q\\\"uote\"", 26),
+            (b"1a;e=\"\"", 26),
+            (b"fffffffffffffff", 0xfff_ffff_ffff_ffff),
+            (b"0", 0),
+        ];
+        for (line, size) in good {
+            assert_eq!(
+                parse_chunk_line(line).map(|(n, _)| n),
+                Ok(size),
+                "{:?}",
+                String::from_utf8_lossy(line)
+            );
+        }
+        let bad: [&[u8]; 22] = [
+            b"",
             b" 1a",
             b"1a ",
+            b"1a\t",
             b"-1",
+            b"+1",
             b"0x10",
+            b"1a.0",
             b"ffffffffffffffffff",
-        ] {
+            b"1a;",
+            b"1a;=v",
+            b"1a;e=",
+            b"1a;e=\"open",
+            b"1a;e=\"a\0b\"",
+            b"1a;e=v w",
+            b"1a;e\0",
+            b"1a;e=\x01",
+            b"1a;e\x7f",
+            b"1a,e",
+            b"1a;e=v;",
+            b"1a;\"e\"",
+            b"1a;e=\"x\"y",
+        ];
+        for line in bad {
             assert!(
-                parse_chunk_size(bad).is_err(),
+                matches!(parse_chunk_line(line), Err(Http1Error::BadChunk(_))),
                 "{:?}",
-                String::from_utf8_lossy(bad)
+                String::from_utf8_lossy(line)
             );
         }
     }
 
     #[tokio::test]
-    async fn chunked_body_decodes_across_reads() {
-        let raw = b"5\r\nhello\r\n7;x=y\r\n, world\r\n0\r\nX-Trailer: 1\r\n\r\nNEXT";
-        let mut reader = Reader::new(&raw[..]);
-        let mut state = ChunkState::Size;
-        let mut body = Vec::new();
-        while let Some(chunk) = reader.read_chunk(&mut state).await.unwrap() {
-            body.extend_from_slice(&chunk);
-        }
+    async fn chunked_body_decodes_with_extensions_and_trailers() {
+        let raw = b"5\r\nhello\r\n7;x=y\r\n, world\r\n0\r\nX-Trailer: 1\r\nOther:\tv v\r\n\r\nNEXT";
+        let (body, rest) = decode(raw, 1024).await.unwrap();
         assert_eq!(body, b"hello, world");
-        assert_eq!(
-            &reader.buf[..],
-            b"NEXT",
-            "the next pipelined request stays buffered"
-        );
+        assert_eq!(rest, b"NEXT", "the next pipelined request stays buffered");
     }
 
+    /// Every shape a lenient decoder reads differently from a strict one, each refused.
     #[tokio::test]
-    async fn chunk_longer_than_its_size_is_refused() {
-        let raw = b"3\r\nhello\r\n0\r\n\r\n";
-        let mut reader = Reader::new(&raw[..]);
-        let mut state = ChunkState::Size;
-        let mut result = Ok(Some(Bytes::new()));
-        for _ in 0..5 {
-            result = reader.read_chunk(&mut state).await;
-            if !matches!(result, Ok(Some(_))) {
-                break;
-            }
+    async fn chunked_smuggling_shapes_are_refused() {
+        let many_trailers = format!("0\r\n{}\r\n", "X: 1\r\n".repeat(MAX_TRAILERS + 1));
+        let long_extensions = format!("{}0\r\n\r\n", "1;e=xxxxxxxxxxxx\r\nA\r\n".repeat(1100));
+        let table: [(&str, &[u8]); 15] = [
+            ("bare LF in extension", b"2;\nXX\r\n0\r\n\r\n"),
+            ("bare CR in extension", b"2;\rXX\r\n0\r\n\r\n"),
+            ("bare LF after size", b"2\nXX\r\n0\r\n\r\n"),
+            ("bare CR after size", b"2\rXX\r\n0\r\n\r\n"),
+            ("bare LF after data", b"2\r\nXX\n0\r\n\r\n"),
+            ("bare LF ends the body", b"2\r\nXX\r\n0\n\n"),
+            ("bare LF in trailer", b"2\r\nXX\r\n0\r\nX: 1\n\r\n"),
+            ("NUL in extension", b"2;e\0\r\nXX\r\n0\r\n\r\n"),
+            ("chunk longer than its size", b"3\r\nhello\r\n0\r\n\r\n"),
+            ("folded trailer", b"0\r\n folded: 1\r\n\r\n"),
+            ("trailer without colon", b"0\r\nnocolon\r\n\r\n"),
+            ("trailer with space in name", b"0\r\nBad Name: 1\r\n\r\n"),
+            ("trailer with control in value", b"0\r\nX: a\x01b\r\n\r\n"),
+            ("too many trailers", many_trailers.as_bytes()),
+            ("too many extension bytes", long_extensions.as_bytes()),
+        ];
+        for (name, raw) in table {
+            let result = decode(raw, 1 << 20).await;
+            assert!(
+                matches!(result, Err(ReadError::Http(Http1Error::BadChunk(_)))),
+                "{name}: {result:?}"
+            );
         }
-        assert!(
-            matches!(result, Err(ReadError::Http(Http1Error::BadChunk(_)))),
-            "{result:?}"
+    }
+
+    /// A chunk size over the body limit is refused on its size line, before any data arrives.
+    #[tokio::test]
+    async fn chunk_size_over_the_limit_is_413_at_once() {
+        let table: [&[u8]; 3] = [
+            // Nothing but the size line: the decoder must not wait for the data.
+            b"fffffffffffffff\r\n",
+            b"40\r\n",
+            // The sum of the sizes counts.
+            b"20\r\n0123456789abcdef0123456789abcdef\r\n20\r\n",
+        ];
+        for raw in table {
+            let result = decode(raw, 0x3f).await;
+            assert!(
+                matches!(result, Err(ReadError::Http(Http1Error::BodyTooLarge(0x3f)))),
+                "{:?}: {result:?}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        assert_eq!(
+            Http1Error::BodyTooLarge(1).status(),
+            StatusCode::PAYLOAD_TOO_LARGE
         );
+        let mut exact = b"3f;e\r\n".to_vec();
+        exact.extend_from_slice(&[b'x'; 0x3f]);
+        exact.extend_from_slice(b"\r\n0\r\n\r\n");
+        let (body, _) = decode(&exact, 0x3f).await.unwrap();
+        assert_eq!(body.len(), 0x3f, "exactly the limit is fine");
     }
 
     #[test]

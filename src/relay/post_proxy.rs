@@ -32,7 +32,7 @@ use crate::error::{Refusal, RelayError};
 use crate::policy::Authority;
 use crate::swap::Swap;
 use crate::tls::{self, TlsSetupError};
-use crate::upstream::BoxError;
+use crate::upstream::{BoxError, UpstreamError};
 
 /// Where a request naming `named` (its host as written, port included) goes.
 struct Route {
@@ -49,6 +49,7 @@ pub struct PostProxy {
     upstream_port: u16,
     relay: Arc<Relay>,
     max_header_bytes: usize,
+    max_request_body: u64,
     idle_timeout: Duration,
     head_timeout: Duration,
 }
@@ -73,6 +74,8 @@ enum Why {
     BodyUnread,
     /// The head was refused, or did not arrive in time: the connection's framing is unknown.
     HeadRefused,
+    /// A refused CONNECT: its sender may take what follows for tunnel bytes, never a request.
+    RefusedConnect,
     /// An HTTP/1.0 answer without a length ends where the connection ends.
     AnswerUntilClose,
     /// The answer could not be written whole (the write failed, or the origin's body broke off
@@ -162,6 +165,7 @@ impl PostProxy {
             upstream_port: listener.upstream_port,
             relay,
             max_header_bytes: config.limits.max_header_bytes,
+            max_request_body: config.limits.max_request_body as u64,
             idle_timeout: config.limits.idle_timeout,
             head_timeout: config.limits.handshake_timeout,
         })
@@ -359,12 +363,14 @@ impl PostProxy {
                 let path = super::loggable_path(head.target.as_str()).into_owned();
                 self.relay
                     .record_failure(ctx, &method, None, &path, &e, Duration::ZERO);
-                // An unread body would be taken for the next request: close instead.
+                // An unread body would be taken for the next request: close instead. So would
+                // whatever follows a refused CONNECT, which its sender takes for tunnel bytes.
                 let outcome = Outcome::of_request(
                     client_keep_alive,
                     shutting_down,
                     framing == Framing::Empty,
-                );
+                )
+                .unless(method != Method::CONNECT, Why::RefusedConnect);
                 return write_response(writer, e.to_response(), &method, version, outcome).await;
             }
         };
@@ -402,6 +408,7 @@ impl PostProxy {
                     reader,
                     writer,
                     framing,
+                    self.max_request_body,
                     head.expect_continue,
                     tx,
                     wanted_rx
@@ -433,6 +440,7 @@ async fn feed_body<R, W>(
     reader: &mut Reader<R>,
     writer: &mut W,
     framing: Framing,
+    limit: u64,
     expect_continue: bool,
     tx: mpsc::Sender<Result<Bytes, BoxError>>,
     wanted: oneshot::Receiver<()>,
@@ -471,7 +479,7 @@ where
                 Ok(())
             }
             Framing::Chunked => {
-                let mut state = ChunkState::Size;
+                let mut state = ChunkState::new(limit);
                 while let Some(data) = reader.read_chunk(&mut state).await? {
                     if !data.is_empty() && tx.send(Ok(data)).await.is_err() {
                         return Err(ReadError::Closed);
@@ -485,7 +493,16 @@ where
     match result {
         Ok(()) => true,
         Err(e) => {
-            let _ = tx.send(Err(Box::new(e))).await;
+            // A chunk size over the limit is the pipeline's 413, as an overlong body would be.
+            let e: BoxError = match e {
+                ReadError::Http(http1::Http1Error::BodyTooLarge(limit)) => {
+                    Box::new(UpstreamError::BodyTooLarge {
+                        limit: usize::try_from(limit).unwrap_or(usize::MAX),
+                    })
+                }
+                e => Box::new(e),
+            };
+            let _ = tx.send(Err(e)).await;
             false
         }
     }

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::{H2Body, RelayBody};
 use super::door::{Commit, Door, Serving, listener_at};
-use super::h2_server::{self, CLIENT_MAX_STREAMS};
+use super::h2_server;
 use super::headers::named_host;
 use super::{Ctx, Relay};
 use crate::coalesce::Coalesce;
@@ -46,20 +46,17 @@ pub struct PreProxy {
     handshake_timeout: Duration,
 }
 
-/// The HTTP/1.1 server settings (HTTP/2 clients are served by `h2_server`).
+/// The HTTP/1.1 server settings (HTTP/2 clients are served by `h2_server`). HTTP/1.1 only: a
+/// client that chose it by ALPN, or sent no HTTP/2 preface, is not switched to HTTP/2 after all.
+/// A head must arrive within `handshake_timeout` (hyper's timer also covers the wait for the
+/// next request, so an idle keep-alive connection closes after it too).
 pub fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(config.limits.idle_timeout)
+        .header_read_timeout(config.limits.handshake_timeout)
         .max_buf_size(config.limits.max_header_bytes.max(8192))
-        .auto_date_header(false);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(config.limits.max_header_bytes as u32)
-        .max_concurrent_streams(CLIENT_MAX_STREAMS)
         .auto_date_header(false);
     builder
 }

@@ -98,7 +98,15 @@ where
                     send.send_data(Bytes::new(), true)
                         .map_err(|_| PumpError::Stream)?;
                 }
-                Some(Err(e)) => return Err(PumpError::Body(UpstreamError::ClientBody(e.into()))),
+                Some(Err(e)) => {
+                    // A body that finds itself too large (a chunk size over the limit) says so
+                    // with this layer's own error.
+                    let e = match e.into().downcast::<UpstreamError>() {
+                        Ok(e) => *e,
+                        Err(e) => UpstreamError::ClientBody(e),
+                    };
+                    return Err(PumpError::Body(e));
+                }
                 Some(Ok(frame)) => match frame.into_data() {
                     Ok(data) => {
                         self.sent_len += data.len();
