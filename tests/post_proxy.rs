@@ -1003,3 +1003,43 @@ async fn pipelining_after_403_405_417_431() {
     }
     assert_eq!(s.origin.received().len(), relayed);
 }
+
+/// A refused request in absolute form is logged with its device token cut, in the path and in
+/// the error text, as every other request is.
+#[tokio::test]
+async fn refused_absolute_form_request_logs_a_cut_device_token() {
+    let (logs, _guard) = support::logs::capture();
+    let s = setup().await;
+    let device = "0123456789abcdef".repeat(4);
+    let port = s.origin.port();
+    for (target, host) in [
+        // Refused by the destination allowlist.
+        (
+            format!("http://fcm.googleapis.com/3/device/{device}"),
+            "fcm.googleapis.com".to_owned(),
+        ),
+        // Refused as a target (scheme), echoed into the error text.
+        (
+            format!("ftp://api.push.apple.com/3/device/{device}"),
+            "api.push.apple.com".to_owned(),
+        ),
+        // Refused because target and Host differ.
+        (
+            format!("http://api.push.apple.com:{port}/3/device/{device}"),
+            "other.example".to_owned(),
+        ),
+    ] {
+        let answer = exchange(s.relay.addr(), &push(&target, &host, "", "")).await;
+        assert!(answer.status >= 400, "{target}");
+    }
+    let text = logs.text();
+    assert_eq!(text.matches("refused").count(), 3, "{text}");
+    assert!(
+        text.contains(&format!("/3/device/{}…", &device[..8])),
+        "{text}"
+    );
+    assert!(
+        !text.contains(&device[..9]),
+        "a whole device token was logged: {text}"
+    );
+}

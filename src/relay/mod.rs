@@ -238,19 +238,18 @@ impl Relay {
     }
 }
 
-/// The path with an APNs device token cut to its first 8 characters: enough to correlate, not
-/// enough to address a device.
+/// The path (or a whole request target, absolute form included) with an APNs device token cut
+/// to its first 8 characters: enough to correlate, not enough to address a device. Whatever
+/// follows the token (a query, a fragment) goes with it.
 pub fn loggable_path(path: &str) -> Cow<'_, str> {
-    match path.strip_prefix("/3/device/") {
-        Some(token) if token.len() > 8 => {
-            let cut = token
-                .char_indices()
-                .nth(8)
-                .map(|(i, _)| i)
-                .unwrap_or(token.len());
-            Cow::Owned(format!("/3/device/{}…", &token[..cut]))
-        }
-        _ => Cow::Borrowed(path),
+    const DEVICE: &str = "/3/device/";
+    let Some(at) = path.find(DEVICE) else {
+        return Cow::Borrowed(path);
+    };
+    let (before, token) = path.split_at(at + DEVICE.len());
+    match token.char_indices().nth(8) {
+        Some((cut, _)) => Cow::Owned(format!("{before}{}…", &token[..cut])),
+        None => Cow::Borrowed(path),
     }
 }
 
@@ -282,6 +281,14 @@ mod tests {
             "/3/device/aaaaaaaa…"
         );
         assert_eq!(loggable_path("/3/device/abc"), "/3/device/abc");
+        assert_eq!(
+            loggable_path(&format!("http://api.push.apple.com:80/3/device/{token}?x")),
+            "http://api.push.apple.com:80/3/device/aaaaaaaa…"
+        );
+        assert_eq!(
+            loggable_path(&format!("/3/device/{token}/3/device/{token}")),
+            "/3/device/aaaaaaaa…"
+        );
         assert_eq!(
             loggable_path("/v1/projects/x/messages:send"),
             "/v1/projects/x/messages:send"

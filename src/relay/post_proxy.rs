@@ -304,16 +304,19 @@ impl PostProxy {
         if head.method == Method::CONNECT {
             return Err(RelayError::MethodNotAllowed("CONNECT".into()));
         }
-        let uri: Uri = head.target.parse().map_err(|_| {
-            RelayError::BadRequest(format!("invalid request target {:?}", head.target))
-        })?;
+        // The target is echoed cut: it may carry a device token.
+        let shown = || super::loggable_path(&head.target);
+        let uri: Uri = head
+            .target
+            .parse()
+            .map_err(|_| RelayError::BadRequest(format!("invalid request target {:?}", shown())))?;
         match uri.scheme_str() {
             None if head.target.starts_with('/') => {}
             Some(s) if s.eq_ignore_ascii_case("http") || s.eq_ignore_ascii_case("https") => {}
             _ => {
                 return Err(RelayError::BadRequest(format!(
                     "unsupported request target {:?}",
-                    head.target
+                    shown()
                 )));
             }
         }

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod http1;
+pub mod logs;
 pub mod origin;
 pub mod pki;
 pub mod proxy;
