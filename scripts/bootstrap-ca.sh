@@ -25,6 +25,10 @@ Options:
                      configured with tls.cert / tls.key; an existing leaf that still verifies against
                      the CA and is valid for 30 more days is kept
   --relay-ip IP      the relay's address for the /etc/hosts line (default: 127.0.0.1)
+  --permit NAME      a new CA may sign only for NAME (a DNS name with every name under it, or an
+                     IP address); repeat for several (default: the APNs hosts). The CA carries
+                     these as critical name constraints, so a stolen ca.key cannot impersonate any
+                     other host to the push servers that trust it
   --install-trust    install DIR/ca.pem into the system trust store (needs root; Debian/Ubuntu
                      update-ca-certificates or RHEL/Fedora update-ca-trust)
   -h, --help         show this help
@@ -50,6 +54,7 @@ pushrelay=
 issue_leaf=0
 relay_ip=127.0.0.1
 install_trust=0
+permits=()
 
 need_value() {
   [ "$#" -ge 2 ] && [ -n "$2" ] || usage_error "$1 needs a value"
@@ -79,6 +84,12 @@ while [ "$#" -gt 0 ]; do
       shift 2
       ;;
     --relay-ip=*) relay_ip=${1#*=} && shift ;;
+    --permit)
+      need_value "$@"
+      permits+=(--permit "$2")
+      shift 2
+      ;;
+    --permit=*) permits+=(--permit "${1#*=}") && shift ;;
     --issue-leaf) issue_leaf=1 && shift ;;
     --install-trust) install_trust=1 && shift ;;
     *) usage_error "unknown option: $1" ;;
@@ -129,6 +140,13 @@ if [ -e "$ca_pem" ] && [ -e "$ca_key" ]; then
     printf 'bootstrap-ca: warning: %s is readable by group or others; run: chmod 600 %s\n' \
       "$ca_key" "$ca_key" >&2
   fi
+  if command -v openssl >/dev/null &&
+    ! openssl x509 -in "$ca_pem" -noout -ext nameConstraints 2>/dev/null | grep -q 'Permitted'; then
+    printf 'bootstrap-ca: warning: %s has no name constraints: its key can sign for any host. Move \
+the old CA away and run again to create a constrained one (then re-trust it on the push servers).\n' \
+      "$ca_pem" >&2
+  fi
+  [ "${#permits[@]}" -eq 0 ] || say "--permit applies to a new CA only; the existing one is kept as it is"
 elif [ -e "$ca_pem" ] || [ -e "$ca_key" ]; then
   present=$ca_pem missing=$ca_key
   [ -e "$ca_key" ] && present=$ca_key missing=$ca_pem
@@ -136,7 +154,8 @@ elif [ -e "$ca_pem" ] || [ -e "$ca_key" ]; then
 Restore $missing, or move $present away to start a new CA (every certificate the old CA issued \
 stops being trusted)."
 else
-  "$pushrelay" ca init --dir "$dir" || fail "'$pushrelay ca init --dir $dir' failed (see above)"
+  "$pushrelay" ca init --dir "$dir" "${permits[@]}" ||
+    fail "'$pushrelay ca init --dir $dir' failed (see above)"
 fi
 dir_abs=$(cd "$dir" && pwd)
 ca_abs=$dir_abs/ca.pem

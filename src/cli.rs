@@ -61,6 +61,9 @@ pub struct ConfigArg {
 #[derive(Debug, Subcommand)]
 pub enum CaCommand {
     /// Create DIR/ca.pem and DIR/ca.key (mode 0600). Refuses to replace an existing CA without --force.
+    /// The CA carries critical name constraints: it can sign only for the --permit names, else the
+    /// hosts of --config's destinations, else the APNs hosts; a stolen ca.key then cannot
+    /// impersonate any other host to the push servers that trust it.
     Init {
         /// Directory for the CA files.
         #[arg(long, default_value = "certs", value_name = "DIR")]
@@ -68,6 +71,13 @@ pub enum CaCommand {
         /// Replace an existing CA (every certificate it issued stops being trusted).
         #[arg(long)]
         force: bool,
+        /// A DNS name (with every name under it) or IP address the CA may sign for; repeat for
+        /// several.
+        #[arg(long = "permit", value_name = "NAME")]
+        permit: Vec<String>,
+        /// Permit the hosts of this configuration's `destinations` (when no --permit is given).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Issue a server certificate (chain + key) signed by the CA in DIR, for admins who keep the CA
     /// key off the relay: configure it as tls.cert / tls.key.
@@ -90,7 +100,12 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Serve(arg) => serve(arg.config.as_deref()),
         Command::Check(arg) => check(arg.config.as_deref()),
-        Command::Ca(CaCommand::Init { dir, force }) => ca_init(&dir, force),
+        Command::Ca(CaCommand::Init {
+            dir,
+            force,
+            permit,
+            config,
+        }) => ca_init(&dir, force, permit, config.as_deref()),
         Command::Ca(CaCommand::Issue { hosts, dir, name }) => ca_issue(&dir, &hosts, &name),
         Command::Probe {
             config,
@@ -122,7 +137,7 @@ fn check(file: Option<&Path>) -> ExitCode {
         Ok(l) => l,
         Err(code) => return code,
     };
-    for w in &loaded.warnings {
+    for w in loaded.warnings.iter().chain(&ca_warnings(&loaded.config)) {
         err(&format!("warning: {w}\n"));
     }
     let yaml = loaded.config.to_yaml();
@@ -138,14 +153,42 @@ fn check(file: Option<&Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn ca_init(dir: &Path, force: bool) -> ExitCode {
-    match pki::init_dir(dir, force) {
+/// The names a new CA may sign for: the given ones, else the hosts of `config`'s destinations,
+/// else those of the built-in configuration (the APNs hosts).
+fn permitted_hosts(permit: Vec<String>, config: Option<&Path>) -> Result<Vec<String>, ExitCode> {
+    if !permit.is_empty() {
+        return Ok(permit);
+    }
+    let destinations = match config {
+        Some(file) => config::destinations_in(file).map_err(|e| {
+            err(&format!("pushrelay ca init: {e}\n"));
+            ExitCode::from(2)
+        })?,
+        None => Config::default().destinations,
+    };
+    let mut hosts: Vec<String> = destinations.iter().map(|d| d.host().to_owned()).collect();
+    hosts.sort();
+    hosts.dedup();
+    if hosts.is_empty() {
+        hosts = pki::APNS_HOSTS.iter().map(|h| h.to_string()).collect();
+    }
+    Ok(hosts)
+}
+
+fn ca_init(dir: &Path, force: bool, permit: Vec<String>, config: Option<&Path>) -> ExitCode {
+    let permit = match permitted_hosts(permit, config) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    match pki::init_dir(dir, force, &permit) {
         Ok((cert, key)) => {
             out(&format!(
                 "created CA certificate {}\ncreated CA key         {} (mode 0600; keep it secret)\n\
+                 The CA may sign only for: {} (name constraints; `ca init --force --permit …` to change)\n\
                  Trust {} on the push server; pushrelay mints per-host certificates from it.\n",
                 cert.display(),
                 key.display(),
+                permit.join(", "),
                 cert.display()
             ));
             ExitCode::SUCCESS
@@ -216,7 +259,12 @@ fn ensure_default_ca() -> Result<(), String> {
             && !ca_key.exists()
         {
             let dir = ca_cert.parent().unwrap_or(Path::new("."));
-            pki::init_dir(dir, false).map_err(|e| e.to_string())?;
+            let hosts: Vec<String> = defaults
+                .destinations
+                .iter()
+                .map(|d| d.host().to_owned())
+                .collect();
+            pki::init_dir(dir, false, &hosts).map_err(|e| e.to_string())?;
             err(&format!(
                 "created a private CA in {} (first start with built-in defaults)\n",
                 dir.display()
@@ -311,8 +359,54 @@ fn serve(file: Option<&Path>) -> ExitCode {
     code
 }
 
+/// What is weak about the CAs listeners mint from: a CA without name constraints can sign for
+/// any host, so its key in the wrong hands impersonates any site to every push server that trusts
+/// it; a pre-proxy host the constraints do not permit gets a certificate the push server refuses.
+fn ca_warnings(config: &Config) -> Vec<String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut warnings = Vec::new();
+    for (i, l) in config.listeners.iter().enumerate() {
+        let Some(CertSource::Mint { ca_cert, .. }) = l.tls.as_ref().and_then(|t| t.cert_source())
+        else {
+            continue;
+        };
+        let Ok(der) = CertificateDer::from_pem_file(&ca_cert) else {
+            continue;
+        };
+        let key = format!("listeners[{i}].tls.ca_cert {}", ca_cert.display());
+        match pki::permitted_names(&der) {
+            None => warnings.push(format!(
+                "{key}: the CA has no name constraints, so its key can sign for any host; \
+                 re-create it with `pushrelay ca init --force` (see README, Security notes)"
+            )),
+            Some(permitted) if l.mode == Mode::PreProxy => {
+                for d in config
+                    .destinations
+                    .iter()
+                    .filter(|d| d.port() == l.upstream_port)
+                {
+                    if !pki::permits(&permitted, d.host()) {
+                        warnings.push(format!(
+                            "{key}: the CA's name constraints do not permit {}: push servers \
+                             will refuse its certificate (permitted: {})",
+                            d.host(),
+                            permitted.join(", ")
+                        ));
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    warnings
+}
+
 /// Tells the admin what the push server needs: which CA to trust and the /etc/hosts line.
 fn announce(config: &Config) {
+    for w in ca_warnings(config) {
+        tracing::warn!("{w}");
+    }
     for l in config.listeners.iter().filter(|l| l.mode == Mode::PreProxy) {
         let hosts: Vec<String> = config
             .destinations

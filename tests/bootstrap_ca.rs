@@ -259,3 +259,44 @@ fn missing_pushrelay_binary_is_named() {
     );
     assert!(!cwd.path().join("certs").exists());
 }
+
+/// The CA the script creates carries critical name constraints (the APNs hosts, or --permit);
+/// reusing an old CA without them warns.
+#[test]
+fn the_ca_is_name_constrained_and_an_unconstrained_one_is_warned_about() {
+    let Some(openssl) = openssl() else { return };
+    let cwd = TempDir::new().unwrap();
+    let constraints = |dir: &str| {
+        let out = Command::new(openssl)
+            .current_dir(cwd.path().join(dir))
+            .args(["x509", "-in", "ca.pem", "-noout", "-ext", "nameConstraints"])
+            .output()
+            .unwrap();
+        stdout(&out)
+    };
+    assert_success(&bootstrap(cwd.path(), &["--dir", "a"]));
+    let text = constraints("a");
+    assert!(text.contains("critical"), "{text}");
+    for host in APNS_HOSTS {
+        assert!(
+            text.contains(&format!("DNS:{host}")),
+            "{host} missing: {text}"
+        );
+    }
+    assert_success(&bootstrap(
+        cwd.path(),
+        &["--dir", "b", "--permit", "push.example.net"],
+    ));
+    let text = constraints("b");
+    assert!(text.contains("DNS:push.example.net"), "{text}");
+    assert!(!text.contains("apple"), "{text}");
+
+    pushrelay::tls::pki::init_dir(&cwd.path().join("old"), false, &[]).unwrap();
+    let out = bootstrap(cwd.path(), &["--dir", "old"]);
+    assert_success(&out);
+    assert!(
+        stderr(&out).contains("no name constraints"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -218,3 +218,300 @@ async fn issued_leaf_verifies_for_its_names_only() {
         }
     }
 }
+
+#[allow(dead_code)]
+#[path = "squid/host_tools.rs"]
+mod host_tools;
+
+/// The APNs hosts `ca init` permits by default.
+const APNS_HOSTS: [&str; 3] = [
+    "api.push.apple.com",
+    "api.sandbox.push.apple.com",
+    "api.development.push.apple.com",
+];
+
+/// The CA's name constraints: whether critical, the permitted DNS names, and how many IP
+/// subtrees are excluded.
+fn name_constraints(ca_pem: &Path) -> Option<(bool, Vec<String>, usize)> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    let der = CertificateDer::from_pem_file(ca_pem).unwrap();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::NameConstraints(nc) => {
+                let dns = nc
+                    .permitted_subtrees
+                    .iter()
+                    .flatten()
+                    .filter_map(|s| match s.base {
+                        GeneralName::DNSName(d) => Some(d.to_owned()),
+                        _ => None,
+                    })
+                    .collect();
+                let excluded_ips = nc
+                    .excluded_subtrees
+                    .iter()
+                    .flatten()
+                    .filter(|s| matches!(s.base, GeneralName::IPAddress(_)))
+                    .count();
+                Some((e.critical, dns, excluded_ips))
+            }
+            _ => None,
+        })
+}
+
+/// A leaf for `host` signed with the CA's key by openssl alone, as a thief with ca.key would.
+fn openssl_leaf(openssl: &Path, dir: &Path, host: &str) -> std::path::PathBuf {
+    let run = |args: &[&str]| {
+        let out = Command::new(openssl)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let (key, csr, pem, ext) = (
+        format!("{host}.key"),
+        format!("{host}.csr"),
+        format!("{host}.pem"),
+        format!("{host}.ext"),
+    );
+    std::fs::write(
+        dir.join(&ext),
+        format!(
+            "subjectAltName=DNS:{host}\nextendedKeyUsage=serverAuth\nkeyUsage=digitalSignature\n"
+        ),
+    )
+    .unwrap();
+    run(&[
+        "ecparam",
+        "-name",
+        "prime256v1",
+        "-genkey",
+        "-noout",
+        "-out",
+        &key,
+    ]);
+    run(&[
+        "req",
+        "-new",
+        "-key",
+        &key,
+        "-subj",
+        &format!("/CN={host}"),
+        "-out",
+        &csr,
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "30",
+        "-extfile",
+        &ext,
+        "-out",
+        &pem,
+    ]);
+    dir.join(pem)
+}
+
+/// Whether `openssl verify` accepts `leaf` against the CA in `dir`.
+fn openssl_verifies(openssl: &Path, dir: &Path, leaf: &Path) -> bool {
+    let out = Command::new(openssl)
+        .args(["verify", "-CAfile", "ca.pem"])
+        .arg(leaf)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    out.status.success()
+}
+
+/// Whether rustls's verifier accepts `leaf` (chain PEM, leaf first) for `host` against the CA.
+fn rustls_verifies(dir: &Path, leaf: &Path, host: &str) -> Result<(), rustls::Error> {
+    use rustls::client::danger::ServerCertVerifier;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap())
+        .unwrap();
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+    let chain: Vec<_> = CertificateDer::pem_file_iter(leaf)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    verifier
+        .verify_server_cert(
+            &chain[0],
+            &chain[1..],
+            &ServerName::try_from(host.to_owned()).unwrap(),
+            &[],
+            rustls::pki_types::UnixTime::now(),
+        )
+        .map(|_| ())
+}
+
+/// `ca init` makes a CA with critical name constraints permitting only the APNs hosts (and no
+/// IP address): a leaf for a permitted host verifies in openssl and rustls, a leaf for any other
+/// host made with the same key outside pushrelay fails in both.
+#[test]
+fn ca_init_constrains_the_ca_to_the_push_hosts() {
+    let Some(openssl) = host_tools::require("openssl", "openssl") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = pushrelay(dir.path(), &["ca", "init", "--dir", "."]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("api.push.apple.com"));
+    let (critical, permitted, excluded_ips) = name_constraints(&dir.path().join("ca.pem")).unwrap();
+    assert!(critical, "name constraints must be critical");
+    let mut want: Vec<_> = APNS_HOSTS.iter().map(|h| h.to_string()).collect();
+    want.sort();
+    assert_eq!(permitted, want);
+    assert_eq!(excluded_ips, 2, "every IPv4 and IPv6 address excluded");
+
+    let issue = pushrelay(
+        dir.path(),
+        &["ca", "issue", "--dir", ".", "--host", "api.push.apple.com"],
+    );
+    assert!(
+        issue.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issue.stderr)
+    );
+    let good = dir.path().join("relay.pem");
+    assert!(openssl_verifies(&openssl, dir.path(), &good));
+    rustls_verifies(dir.path(), &good, "api.push.apple.com").unwrap();
+
+    let sandbox = openssl_leaf(&openssl, dir.path(), "api.sandbox.push.apple.com");
+    assert!(openssl_verifies(&openssl, dir.path(), &sandbox));
+    for host in ["evil.example", "push.apple.com", "xapi.push.apple.com"] {
+        let stolen = openssl_leaf(&openssl, dir.path(), host);
+        assert!(
+            !openssl_verifies(&openssl, dir.path(), &stolen),
+            "openssl accepted a leaf for {host}"
+        );
+        let err = rustls_verifies(dir.path(), &stolen, host).unwrap_err();
+        assert!(
+            format!("{err:?}").contains("NameConstraint"),
+            "{host}: {err:?}"
+        );
+    }
+}
+
+/// `--permit` replaces the default list; `--config` permits that configuration's destinations.
+#[test]
+fn ca_init_permits_the_given_names_or_the_configured_destinations() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = pushrelay(
+        dir.path(),
+        &[
+            "ca",
+            "init",
+            "--dir",
+            "a",
+            "--permit",
+            "push.example.net",
+            "--permit",
+            "10.0.0.5",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, permitted, excluded_ips) = name_constraints(&dir.path().join("a/ca.pem")).unwrap();
+    assert_eq!(permitted, ["push.example.net"]);
+    assert_eq!(
+        excluded_ips, 0,
+        "an IP address given is permitted, not excluded"
+    );
+
+    std::fs::write(
+        dir.path().join("c.yaml"),
+        "destinations: [\"fcm.googleapis.com:443\", \"api.push.apple.com:443\", \"api.push.apple.com:2197\"]\n",
+    )
+    .unwrap();
+    let out = pushrelay(
+        dir.path(),
+        &["ca", "init", "--dir", "b", "--config", "c.yaml"],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (_, permitted, _) = name_constraints(&dir.path().join("b/ca.pem")).unwrap();
+    assert_eq!(permitted, ["api.push.apple.com", "fcm.googleapis.com"]);
+
+    let bad = pushrelay(
+        dir.path(),
+        &["ca", "init", "--dir", "x", "--permit", "bad host"],
+    );
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("bad host"));
+    assert!(
+        !dir.path().join("x/ca.key").exists(),
+        "nothing written for a bad --permit"
+    );
+}
+
+/// `check` warns when a listener mints from a CA without name constraints, and when the
+/// constraints do not cover a host it mints for; a constrained CA that covers them is quiet.
+#[test]
+fn check_warns_about_a_ca_without_name_constraints() {
+    let dir = tempfile::tempdir().unwrap();
+    pushrelay::tls::pki::init_dir(&dir.path().join("open"), false, &[]).unwrap();
+    assert!(
+        pushrelay(dir.path(), &["ca", "init", "--dir", "apns"])
+            .status
+            .success()
+    );
+    let config = |ca: &str, dest: &str| {
+        format!(
+            "listeners:\n  - name: apns\n    mode: pre-proxy\n    bind: \"127.0.0.1:8443\"\n    upstream_port: 443\n    \
+             tls:\n      ca_cert: {ca}/ca.pem\n      ca_key: {ca}/ca.key\n    allow_sources: [\"127.0.0.1/32\"]\n\
+             destinations: [\"{dest}:443\"]\n"
+        )
+    };
+    for (ca, dest, warning) in [
+        ("open", "api.push.apple.com", Some("no name constraints")),
+        (
+            "apns",
+            "fcm.googleapis.com",
+            Some("do not permit fcm.googleapis.com"),
+        ),
+        ("apns", "api.push.apple.com", None),
+    ] {
+        std::fs::write(dir.path().join("c.yaml"), config(ca, dest)).unwrap();
+        let out = pushrelay(dir.path(), &["check", "--config", "c.yaml"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        match warning {
+            Some(w) => assert!(
+                stderr.contains(w) && stderr.contains("warning:"),
+                "{ca}: {stderr}"
+            ),
+            None => assert!(!stderr.contains("name constraints"), "{ca}: {stderr}"),
+        }
+    }
+}

@@ -31,7 +31,7 @@ fn text(out: &Output) -> (String, String) {
 /// A directory with a CA in certs/, so configs that name certs/ca.pem are valid there.
 fn dir_with_ca() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    pushrelay::tls::pki::init_dir(&dir.path().join("certs"), false).unwrap();
+    pushrelay::tls::pki::init_dir(&dir.path().join("certs"), false, &[]).unwrap();
     dir
 }
 

@@ -365,7 +365,7 @@ async fn replaced_certificate_files_are_picked_up_without_a_signal() {
     assert_eq!(old.push(&token(1), "{}").await.status, StatusCode::OK);
 
     // A new CA in the same files; clients trusting only it must be served after the reload.
-    pushrelay::tls::pki::init_dir(pki.dir.path(), true).unwrap();
+    pushrelay::tls::pki::init_dir(pki.dir.path(), true, &[]).unwrap();
     relay.wait_for("changed on disk");
     relay.wait_for("configuration reloaded");
     let new_ca = pushrelay::tls::pki::Ca::from_files(&pki.ca_cert, &pki.ca_key).unwrap();

@@ -10,6 +10,7 @@ use figment::{Figment, Metadata};
 use super::shape::Config;
 use super::validate::{ValidConfig, validate};
 use super::values::ProxyUrl;
+use crate::policy::Authority;
 
 pub(super) const ENV_PREFIX: &str = "PUSHRELAY_";
 
@@ -112,6 +113,24 @@ pub fn load(file: Option<&Path>) -> Result<Loaded, ConfigError> {
             .filter(|key| key.as_str() != "config"),
     );
     extract(figment, &ProxyEnv::from_process(), origin)
+}
+
+/// The `destinations` of `file` alone (the built-in ones when it names none), nothing else read
+/// or checked: `ca init --config` needs them before the CA the file names exists.
+pub fn destinations_in(file: &Path) -> Result<Vec<Authority>, ConfigError> {
+    #[derive(serde::Deserialize)]
+    struct Only {
+        destinations: Option<Vec<Authority>>,
+    }
+    let only: Only = Figment::new()
+        .merge(Yaml::file_exact(file))
+        .extract()
+        .map_err(|e| ConfigError {
+            problems: e.into_iter().map(problem_from_figment).collect(),
+        })?;
+    Ok(only
+        .destinations
+        .unwrap_or_else(|| Config::default().destinations))
 }
 
 /// Parses YAML text alone, without the environment: for tests and embedded use.

@@ -15,7 +15,7 @@ mod text;
 mod validate;
 mod values;
 
-pub use load::{ConfigError, Loaded, Problem, ProxyEnv, from_yaml, load};
+pub use load::{ConfigError, Loaded, Problem, ProxyEnv, destinations_in, from_yaml, load};
 pub use shape::*;
 pub use validate::*;
 pub use values::{ProxyUrl, Secret};

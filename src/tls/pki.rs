@@ -8,8 +8,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, CidrSubnet, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, GeneralSubtree, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    NameConstraints, SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
@@ -18,6 +19,12 @@ use time::{Duration, OffsetDateTime};
 pub const LEAF_VALIDITY_DAYS: i64 = 397;
 /// The CA is valid this long; it never leaves the admin's hands.
 pub const CA_VALIDITY_DAYS: i64 = 3650;
+/// What `ca init` permits without `--permit` or a configuration: the APNs hosts.
+pub const APNS_HOSTS: [&str; 3] = [
+    "api.push.apple.com",
+    "api.sandbox.push.apple.com",
+    "api.development.push.apple.com",
+];
 pub const CA_CERT_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca.key";
 
@@ -62,9 +69,92 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
+/// Critical X.509 name constraints (RFC 5280 §4.2.1.10) permitting only `permit`: each DNS name
+/// with every name under it, each IP address alone. Without an IP address in the list every IP
+/// address is excluded, since a constraint on DNS names alone leaves IP addresses unconstrained.
+/// A stolen CA key then cannot impersonate any other host to the push servers trusting it.
+pub fn name_constraints(permit: &[String]) -> Result<NameConstraints, PkiError> {
+    let mut permitted = Vec::new();
+    let mut any_ip = false;
+    for name in permit {
+        let bare = name.trim_start_matches('[').trim_end_matches(']');
+        if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
+            any_ip = true;
+            let prefix = if ip.is_ipv4() { 32 } else { 128 };
+            permitted.push(GeneralSubtree::IpAddress(CidrSubnet::from_addr_prefix(
+                ip, prefix,
+            )));
+        } else {
+            let host = crate::policy::normalize_host(name)
+                .filter(|h| !h.is_empty() && !h.contains(':'))
+                .ok_or_else(|| PkiError::Invalid {
+                    path: PathBuf::from("--permit"),
+                    message: format!("{name:?} is not a DNS name or IP address"),
+                })?;
+            permitted.push(GeneralSubtree::DnsName(host));
+        }
+    }
+    let excluded = if any_ip {
+        Vec::new()
+    } else {
+        vec![
+            GeneralSubtree::IpAddress(CidrSubnet::from_v4_prefix([0; 4], 0)),
+            GeneralSubtree::IpAddress(CidrSubnet::from_v6_prefix([0; 16], 0)),
+        ]
+    };
+    Ok(NameConstraints {
+        permitted_subtrees: permitted,
+        excluded_subtrees: excluded,
+    })
+}
+
+/// The DNS names and IP addresses a CA certificate's name constraints permit; `None` when it has
+/// no name constraints (it may sign for any host), or cannot be read.
+pub fn permitted_names(ca: &CertificateDer<'_>) -> Option<Vec<String>> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    let (_, parsed) = x509_parser::parse_x509_certificate(ca).ok()?;
+    let constraints = parsed
+        .extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::NameConstraints(nc) => Some(nc),
+            _ => None,
+        })?;
+    let names = constraints
+        .permitted_subtrees
+        .iter()
+        .flatten()
+        .map(|s| match &s.base {
+            GeneralName::DNSName(d) => (*d).to_owned(),
+            GeneralName::IPAddress(b) if b.len() == 8 => {
+                let addr: [u8; 4] = b[..4].try_into().unwrap_or_default();
+                std::net::IpAddr::from(addr).to_string()
+            }
+            GeneralName::IPAddress(b) if b.len() == 32 => {
+                let addr: [u8; 16] = b[..16].try_into().unwrap_or_default();
+                std::net::IpAddr::from(addr).to_string()
+            }
+            other => other.to_string(),
+        })
+        .collect();
+    Some(names)
+}
+
+/// Whether `host` falls in one of the DNS subtrees `permitted` (as `permitted_names` lists them).
+pub fn permits(permitted: &[String], host: &str) -> bool {
+    permitted.iter().any(|p| {
+        let p = p.trim_start_matches('.');
+        host.eq_ignore_ascii_case(p)
+            || (host.len() > p.len()
+                && host[host.len() - p.len()..].eq_ignore_ascii_case(p)
+                && host.as_bytes()[host.len() - p.len() - 1] == b'.')
+    })
+}
+
 impl Ca {
-    /// A new CA with an ECDSA P-256 key. Returns the CA and its key in PEM.
-    pub fn generate(common_name: &str) -> Result<(Ca, String), PkiError> {
+    /// A new CA with an ECDSA P-256 key, permitted to sign for `permit` only (name constraints;
+    /// empty: for any host). Returns the CA and its key in PEM.
+    pub fn generate(common_name: &str, permit: &[String]) -> Result<(Ca, String), PkiError> {
         let key = KeyPair::generate()?;
         let key_pem = key.serialize_pem();
         let mut params = CertificateParams::default();
@@ -82,6 +172,9 @@ impl Ca {
         params.not_before = now - Duration::hours(1);
         params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
         params.serial_number = Some(random_serial());
+        if !permit.is_empty() {
+            params.name_constraints = Some(name_constraints(permit)?);
+        }
         let cert = params.self_signed(&key)?;
         let cert_pem = cert.pem();
         let issuer = Issuer::new(params, key);
@@ -201,9 +294,14 @@ pub fn write_file(
     file.sync_all().map_err(io)
 }
 
-/// `pushrelay ca init`: creates `dir/ca.pem` and `dir/ca.key` (0600). Refuses to replace an existing
-/// CA unless `force`.
-pub fn init_dir(dir: &Path, force: bool) -> Result<(PathBuf, PathBuf), PkiError> {
+/// `pushrelay ca init`: creates `dir/ca.pem` and `dir/ca.key` (0600), the CA permitted to sign for
+/// `permit` only (empty: any host, as the test PKI needs). Refuses to replace an existing CA
+/// unless `force`.
+pub fn init_dir(
+    dir: &Path,
+    force: bool,
+    permit: &[String],
+) -> Result<(PathBuf, PathBuf), PkiError> {
     std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
         path: dir.to_owned(),
         source,
@@ -217,7 +315,7 @@ pub fn init_dir(dir: &Path, force: bool) -> Result<(PathBuf, PathBuf), PkiError>
             }
         }
     }
-    let (ca, key_pem) = Ca::generate("pushrelay private CA")?;
+    let (ca, key_pem) = Ca::generate("pushrelay private CA", permit)?;
     write_file(&key_path, &key_pem, true, force)?;
     write_file(&cert_path, ca.cert_pem(), false, force)?;
     Ok((cert_path, key_path))

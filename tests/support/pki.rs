@@ -22,7 +22,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 impl TestPki {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let (ca_cert, ca_key) = pki::init_dir(dir.path(), false).unwrap();
+        let (ca_cert, ca_key) = pki::init_dir(dir.path(), false, &[]).unwrap();
         let ca = Ca::from_files(&ca_cert, &ca_key).unwrap();
         TestPki {
             dir,
