@@ -200,6 +200,22 @@ fn ca_init(dir: &Path, force: bool, permit: Vec<String>, config: Option<&Path>) 
     }
 }
 
+/// Whether the CA in `dir` may sign for `host` (a CA without name constraints may sign for any).
+fn ca_permits(dir: &Path, host: &str) -> bool {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let Ok(der) = CertificateDer::from_pem_file(dir.join(pki::CA_CERT_FILE)) else {
+        return true;
+    };
+    match pki::permitted_names(&der) {
+        None => true,
+        Some(permitted) => match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => permitted.contains(&ip.to_string()),
+            Err(_) => pki::permits(&permitted, host),
+        },
+    }
+}
+
 fn ca_issue(dir: &Path, hosts: &[String], name: &str) -> ExitCode {
     for host in hosts {
         if crate::policy::normalize_host(host).is_none() {
@@ -217,6 +233,12 @@ fn ca_issue(dir: &Path, hosts: &[String], name: &str) -> ExitCode {
     }
     match pki::issue_to_dir(dir, hosts, name) {
         Ok((cert, key)) => {
+            for host in hosts.iter().filter(|h| !ca_permits(dir, h)) {
+                err(&format!(
+                    "warning: the CA's name constraints do not permit {host}: clients will \
+                     refuse this certificate for it\n"
+                ));
+            }
             out(&format!(
                 "issued certificate {} for {}\nkey                {} (mode 0600)\n\
                  Use them as tls.cert and tls.key of a listener.\n",

@@ -71,8 +71,8 @@ impl Reloader {
             swap.store(SourcePolicy::new(listener.allow_sources.clone()));
         }
         self.relay.set_destinations(destinations);
-        let upstream_changed = format!("{:?}", current.upstream) != format!("{:?}", new.upstream);
-        if upstream_changed {
+        // Compared as values, not as masked text: a new proxy password alone is a change.
+        if current.upstream != new.upstream {
             tracing::warn!("upstream settings changed: they take effect after a restart");
         }
         if current.workers != new.workers {

@@ -515,3 +515,71 @@ fn check_warns_about_a_ca_without_name_constraints() {
         }
     }
 }
+
+/// `ca issue` replaces a leaf whose key file was left 0644 with a 0600 one, atomically: the old
+/// file's mode is not kept and no temporary file stays behind.
+#[test]
+fn ca_issue_replaces_a_readable_key_with_a_0600_one() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(pushrelay(dir.path(), &["ca", "init"]).status.success());
+    let key = dir.path().join("certs/relay.key");
+    std::fs::write(&key, "old key").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = pushrelay(dir.path(), &["ca", "issue", "--host", "api.push.apple.com"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(mode(&key), 0o600);
+    PrivateKeyDer::from_pem_file(&key).expect("the new key replaced the old one");
+    assert_eq!(mode(&dir.path().join("certs/relay.pem")), 0o644);
+    let mut names: Vec<_> = std::fs::read_dir(dir.path().join("certs"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["ca.key", "ca.pem", "relay.key", "relay.pem"]);
+}
+
+/// Leaves have ECDSA keys, which only sign: digitalSignature, and no keyEncipherment.
+#[test]
+fn ecdsa_leaves_carry_no_key_encipherment() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(pushrelay(dir.path(), &["ca", "init"]).status.success());
+    assert!(
+        pushrelay(dir.path(), &["ca", "issue", "--host", "api.push.apple.com"])
+            .status
+            .success()
+    );
+    let der = CertificateDer::from_pem_file(dir.path().join("certs/relay.pem")).unwrap();
+    let (_, leaf) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let usage = leaf.key_usage().unwrap().unwrap().value;
+    assert!(usage.digital_signature());
+    assert!(!usage.key_encipherment(), "{usage:?}");
+}
+
+/// `ca issue` for a host the CA's name constraints leave out warns: clients will refuse it.
+#[test]
+fn ca_issue_warns_about_a_host_outside_the_name_constraints() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(pushrelay(dir.path(), &["ca", "init"]).status.success());
+    let out = pushrelay(
+        dir.path(),
+        &[
+            "ca",
+            "issue",
+            "--host",
+            "evil.example",
+            "--host",
+            "10.0.0.5",
+        ],
+    );
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("evil.example") && stderr.contains("10.0.0.5"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("name constraints"), "{stderr}");
+}

@@ -277,3 +277,44 @@ fn help_explains_itself() {
         );
     }
 }
+
+/// Durations have an upper bound: an absurd timeout, which would overflow deadline arithmetic on
+/// the request path, is refused naming the key and the value.
+#[test]
+fn absurd_durations_are_refused() {
+    let dir = dir_with_ca();
+    for (var, key) in [
+        (
+            "PUSHRELAY_UPSTREAM__REQUEST_TIMEOUT",
+            "upstream.request_timeout",
+        ),
+        (
+            "PUSHRELAY_UPSTREAM__CONNECT_TIMEOUT",
+            "upstream.connect_timeout",
+        ),
+        (
+            "PUSHRELAY_UPSTREAM__KEEPALIVE_INTERVAL",
+            "upstream.keepalive_interval",
+        ),
+        ("PUSHRELAY_LIMITS__IDLE_TIMEOUT", "limits.idle_timeout"),
+        (
+            "PUSHRELAY_LIMITS__HANDSHAKE_TIMEOUT",
+            "limits.handshake_timeout",
+        ),
+        ("PUSHRELAY_SHUTDOWN_GRACE", "shutdown_grace"),
+    ] {
+        let out = pushrelay(dir.path(), &["check"], &[(var, "5124095576030431h")]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        assert!(
+            stderr.contains(key) && stderr.contains("24h"),
+            "{var}: {stderr}"
+        );
+    }
+    let out = pushrelay(
+        dir.path(),
+        &["check"],
+        &[("PUSHRELAY_UPSTREAM__REQUEST_TIMEOUT", "24h")],
+    );
+    assert!(out.status.success(), "24h itself is fine: {:?}", text(&out));
+}

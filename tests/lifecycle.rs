@@ -395,3 +395,33 @@ async fn replaced_certificate_files_are_picked_up_without_a_signal() {
         "the open connection survived"
     );
 }
+
+/// A reload notices an upstream change that is only a new proxy password (masked wherever it is
+/// printed), and says that it needs a restart; the same configuration again changes nothing.
+#[tokio::test]
+async fn reload_notices_a_password_only_change_of_the_proxy() {
+    let (logs, _guard) = support::logs::capture();
+    let pki = TestPki::new();
+    let yaml = |password: &str| {
+        support::relay::pre_proxy_yaml_on(
+            &pki,
+            443,
+            Via::Proxy(format!("http://relay:{password}@127.0.0.1:9")),
+        )
+    };
+    let load = |text: String| pushrelay::config::from_yaml(&text).unwrap().config;
+    let app = pushrelay::App::build(load(yaml("first"))).unwrap();
+    app.reloader().reload(load(yaml("first"))).unwrap();
+    assert!(
+        !logs.text().contains("upstream settings changed"),
+        "{}",
+        logs.text()
+    );
+    app.reloader().reload(load(yaml("second"))).unwrap();
+    let text = logs.text();
+    assert!(text.contains("upstream settings changed"), "{text}");
+    assert!(
+        !text.contains("second") && !text.contains("first"),
+        "a password was logged: {text}"
+    );
+}

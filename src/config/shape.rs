@@ -144,7 +144,8 @@ impl ListenerTls {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+// PartialEq compares secrets as they are: a reload must notice a password-only change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// HTTP CONNECT proxy, `http://[user:password@]host:port`. Absent: HTTPS_PROXY / https_proxy
@@ -185,7 +186,7 @@ pub struct UpstreamConfig {
     pub identities: Vec<IdentityConfig>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityConfig {
     pub topic: String,

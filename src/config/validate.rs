@@ -94,6 +94,7 @@ pub(super) fn validate(
     upstream(&config, &mut report);
     limits(&config, &mut report);
     process(&config, &mut report);
+    durations(&config, &mut report);
     let warnings = report.warnings;
     problems
         .is_empty()
@@ -291,6 +292,36 @@ fn limits(config: &Config, report: &mut Report<'_>) {
                 "must be more than 0"
             };
             report.problem(&["limits", key], why.into());
+        }
+    }
+}
+
+/// The longest any configured duration may be.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
+/// Upper bounds on every duration: a deadline is `now + duration`, which overflows (and panics)
+/// for absurd values; nothing here needs more than a day.
+fn durations(config: &Config, report: &mut Report<'_>) {
+    let (up, l) = (&config.upstream, &config.limits);
+    let durations = [
+        (&["upstream", "connect_timeout"][..], up.connect_timeout),
+        (&["upstream", "request_timeout"], up.request_timeout),
+        (&["upstream", "keepalive_interval"], up.keepalive_interval),
+        (&["upstream", "keepalive_timeout"], up.keepalive_timeout),
+        (&["limits", "handshake_timeout"], l.handshake_timeout),
+        (&["limits", "idle_timeout"], l.idle_timeout),
+        (&["shutdown_grace"], config.shutdown_grace),
+        (&["reload_poll_interval"], config.reload_poll_interval),
+    ];
+    for (key, value) in durations {
+        if value > MAX_DURATION {
+            report.problem(
+                key,
+                format!(
+                    "{} is more than the most allowed, 24h",
+                    super::duration::format(&value)
+                ),
+            );
         }
     }
 }

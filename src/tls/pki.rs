@@ -235,10 +235,8 @@ impl Ca {
             hosts.first().map(String::as_str).unwrap_or("pushrelay"),
         );
         params.distinguished_name = dn;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        // ECDSA keys only sign: keyEncipherment (RSA key transport) does not apply to them.
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![eku];
         params.use_authority_key_identifier_extension = true;
         let now = OffsetDateTime::now_utc();
@@ -263,35 +261,72 @@ impl Ca {
 
 use rustls::pki_types::pem::PemObject;
 
-/// Writes `contents` to `path`; a key file gets mode 0600. Without `overwrite`, an existing file is
-/// an error.
+/// Writes `contents` to `path` atomically: into a new file beside it (mode 0600 for a key, 0644
+/// otherwise, whatever the file it replaces had), synced, then moved into place, so a reader sees
+/// the old file or the new one whole, and a key is never readable by others, not even briefly.
+/// Without `overwrite`, an existing file is an error and stays untouched.
 pub fn write_file(
     path: &Path,
     contents: &str,
     secret: bool,
     overwrite: bool,
 ) -> Result<(), PkiError> {
-    let mut options = OpenOptions::new();
-    options.write(true);
-    if overwrite {
-        options.create(true).truncate(true);
-    } else {
-        options.create_new(true);
-    }
-    options.mode(if secret { 0o600 } else { 0o644 });
     let io = |source| PkiError::Io {
         path: path.to_owned(),
         source,
     };
-    let mut file = options.open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let dir = dir.unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
+    let mode = if secret { 0o600 } else { 0o644 };
+    let mut tmp = None;
+    for attempt in 0..16u32 {
+        let candidate = dir.join(format!(".{name}.{}.{attempt}.tmp", std::process::id()));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&candidate)
+        {
+            Ok(file) => {
+                tmp = Some((candidate, file));
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(io(e)),
+        }
+    }
+    let Some((tmp_path, mut file)) = tmp else {
+        return Err(io(std::io::Error::other("cannot create a temporary file")));
+    };
+    let written = (|| {
+        // The umask may have taken bits away, never added any; set exactly what is meant.
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()?;
+        if overwrite {
+            std::fs::rename(&tmp_path, path)
+        } else {
+            // A hard link never replaces an existing file: the no-clobber move.
+            std::fs::hard_link(&tmp_path, path).and_then(|()| std::fs::remove_file(&tmp_path))
+        }
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp_path);
+        return Err(if e.kind() == std::io::ErrorKind::AlreadyExists {
             PkiError::Exists(path.to_owned())
         } else {
             io(e)
-        }
-    })?;
-    file.write_all(contents.as_bytes()).map_err(io)?;
-    file.sync_all().map_err(io)
+        });
+    }
+    // The rename is durable once the directory is synced; a failure here loses nothing written.
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// `pushrelay ca init`: creates `dir/ca.pem` and `dir/ca.key` (0600), the CA permitted to sign for
