@@ -1,22 +1,36 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (listeners bound and
 //! configuration loaded; never depends on Apple being reachable, so a proxy outage does not make
 //! every replica unready at once), `/metrics` (Prometheus text). Plain HTTP/1.1, GET only.
+//! Bounded like the front doors: a head must arrive within a timeout, and connections beyond a
+//! small cap are closed at once, so a stray client cannot hold the probes' listener.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::Relay;
 use crate::relay::body::RelayBody;
+
+/// Admin connections open at once at most: probes and a scraper or two need a handful.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// How the admin listener bounds its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A request head (and the wait for the next one on a kept-alive connection) at most.
+    pub head_timeout: Duration,
+    pub max_connections: usize,
+}
 
 /// Whether the relay takes traffic: set once listeners run, cleared when draining starts.
 #[derive(Default)]
@@ -72,8 +86,10 @@ pub async fn serve(
     socket: TcpListener,
     relay: Arc<Relay>,
     ready: Arc<Readiness>,
+    limits: Limits,
     shutdown: CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -86,13 +102,23 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(client.addr = %peer, limit = limits.max_connections, "admin connection refused: too many open");
+            drop(stream);
+            continue;
+        };
         let (relay, ready, shutdown) = (relay.clone(), ready.clone(), shutdown.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let response = answer(&req, &relay, &ready);
                 async move { Ok::<_, Infallible>(response) }
             });
-            let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.head_timeout)
+                .max_buf_size(8192)
+                .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = crate::relay::drive(conn, &shutdown).await {
                 tracing::debug!(client.addr = %peer, error = %e, "admin connection ended with an error");
             }

@@ -213,10 +213,15 @@ impl App {
             if let Ok(addr) = socket.local_addr() {
                 tracing::info!(bind = %addr, "admin listening (/healthz, /readyz, /metrics)");
             }
+            let limits = admin::Limits {
+                head_timeout: self.config.limits.handshake_timeout,
+                max_connections: admin::MAX_CONNECTIONS,
+            };
             tokio::spawn(admin::serve(
                 socket,
                 self.relay.clone(),
                 self.ready.clone(),
+                limits,
                 admin_token.clone(),
             ));
         }

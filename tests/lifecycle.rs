@@ -21,6 +21,7 @@ use support::pki::TestPki;
 use support::proxy::{Behaviour, TestProxy};
 use support::relay::{Via, pre_proxy_yaml};
 use support::{token, within};
+use tokio::io::AsyncWriteExt;
 
 /// The relay binary, started by this test and ended by PID.
 struct Relay {
@@ -424,4 +425,83 @@ async fn reload_notices_a_password_only_change_of_the_proxy() {
         !text.contains("second") && !text.contains("first"),
         "a password was logged: {text}"
     );
+}
+
+/// The admin listener, in-process, with `limits`.
+async fn admin_with(limits: pushrelay::admin::Limits) -> (SocketAddr, TestPki) {
+    let pki = TestPki::new();
+    let yaml = support::relay::pre_proxy_yaml_on(&pki, 443, Via::Direct);
+    let app = pushrelay::App::build(pushrelay::config::from_yaml(&yaml).unwrap().config).unwrap();
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let ready = Arc::new(pushrelay::admin::Readiness::default());
+    tokio::spawn(pushrelay::admin::serve(
+        socket,
+        app.relay().clone(),
+        ready,
+        limits,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    (addr, pki)
+}
+
+/// The admin listener closes a client that does not finish its request head within the head
+/// timeout, as the front doors do.
+#[tokio::test]
+async fn admin_listener_closes_a_client_that_trickles_its_head() {
+    let limits = pushrelay::admin::Limits {
+        head_timeout: Duration::from_millis(300),
+        max_connections: 4,
+    };
+    let (addr, _pki) = admin_with(limits).await;
+    let mut conn = RawConn::connect(addr).await;
+    conn.send(b"GET /metrics HTTP/1.1\r\nHost: admin\r\n").await;
+    let started = Instant::now();
+    assert!(within(5, "admin closes", conn.closed()).await);
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
+
+/// Beyond `max_connections` open admin connections a new one is closed at once; when one of them
+/// goes, the listener serves again.
+#[tokio::test]
+async fn admin_listener_caps_its_connections() {
+    let limits = pushrelay::admin::Limits {
+        head_timeout: Duration::from_secs(30),
+        max_connections: 2,
+    };
+    let (addr, _pki) = admin_with(limits).await;
+    let healthz = b"GET /healthz HTTP/1.1\r\nHost: admin\r\n\r\n";
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut conn = RawConn::connect(addr).await;
+        conn.send(healthz).await;
+        assert_eq!(
+            within(5, "healthz", conn.read_answer())
+                .await
+                .unwrap()
+                .status,
+            200
+        );
+        held.push(conn);
+    }
+    let mut over = RawConn::connect(addr).await;
+    let _ = over.stream.write_all(healthz).await;
+    assert!(
+        within(5, "refused", over.closed()).await,
+        "a third connection is closed"
+    );
+    drop(held.pop());
+    // The freed slot is seen once the relay notices the close: retry for a bounded time.
+    let mut served = false;
+    for _ in 0..50 {
+        let mut conn = RawConn::connect(addr).await;
+        let _ = conn.stream.write_all(healthz).await;
+        if let Some(answer) = within(5, "healthz", conn.read_answer()).await {
+            assert_eq!(answer.status, 200);
+            served = true;
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    assert!(served, "the listener serves again below the cap");
 }
