@@ -6,6 +6,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::policy::Authority;
 use crate::upstream::connect::ConnectError;
+use crate::upstream::identity::IdentityRefused;
 use crate::upstream::tunnel::TunnelError;
 use crate::upstream::{PoolError, UpstreamError};
 
@@ -44,6 +45,8 @@ pub enum RelayError {
     #[error("method {0} is not relayed")]
     MethodNotAllowed(String),
     #[error(transparent)]
+    IdentityNotAllowed(#[from] IdentityRefused),
+    #[error(transparent)]
     Upstream(#[from] UpstreamError),
 }
 
@@ -68,6 +71,9 @@ impl RelayError {
                 "RelayMethodNotAllowed",
                 Fault::Policy,
             ),
+            RelayError::IdentityNotAllowed(_) => {
+                (S::FORBIDDEN, "RelayIdentityNotAllowed", Fault::Policy)
+            }
             RelayError::Upstream(e) => classify_upstream(e),
         }
     }

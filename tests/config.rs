@@ -318,3 +318,37 @@ fn absurd_durations_are_refused() {
     );
     assert!(out.status.success(), "24h itself is fine: {:?}", text(&out));
 }
+
+/// Identity bindings are checked: a listener name that does not exist, or client subjects on a
+/// listener without client certificates, is an error naming the key; no binding is a warning.
+#[test]
+fn identity_bindings_are_validated() {
+    let dir = dir_with_ca();
+    std::fs::write(dir.path().join("app.pem"), "x").unwrap();
+    std::fs::write(dir.path().join("app.key"), "x").unwrap();
+    let listener = "listeners:\n  - {name: legacy, mode: post-proxy, bind: \"127.0.0.1:1\", allow_sources: [\"127.0.0.1/32\"]}\n";
+    for (identity, expect, ok) in [
+        (
+            "listeners: [nope]",
+            "upstream.identities[0].listeners",
+            false,
+        ),
+        (
+            "listeners: [legacy], client_subjects: [corp]",
+            "upstream.identities[0].client_subjects",
+            false,
+        ),
+        ("listeners: []", "names no listeners", true),
+    ] {
+        let yaml = format!(
+            "{listener}upstream:\n  identities:\n    - {{topic: com.example.app, cert: app.pem, key: app.key, {identity}}}\n"
+        );
+        std::fs::write(dir.path().join("c.yaml"), yaml).unwrap();
+        let out = pushrelay(dir.path(), &["check", "--config", "c.yaml"], &[]);
+        let (_, stderr) = text(&out);
+        assert!(stderr.contains(expect), "{identity}: {stderr}");
+        if !ok {
+            assert_eq!(out.status.code(), Some(2), "{identity}: {stderr}");
+        }
+    }
+}

@@ -305,7 +305,7 @@ async fn identities_never_share_a_connection() {
     let (cert_a, key_a) = pki.write_client_cert("app-one");
     let (cert_b, key_b) = pki.write_client_cert("app-two");
     let identities = format!(
-        "  identities:\n    - {{topic: com.example.one, cert: \"{}\", key: \"{}\"}}\n    - {{topic: com.example.two, cert: \"{}\", key: \"{}\"}}\n",
+        "  identities:\n    - {{topic: com.example.one, cert: \"{}\", key: \"{}\", listeners: [apns]}}\n    - {{topic: com.example.two, cert: \"{}\", key: \"{}\", listeners: [apns]}}\n",
         cert_a.display(),
         key_a.display(),
         cert_b.display(),
@@ -645,4 +645,134 @@ async fn unanswered_push_times_out_with_504_and_is_not_resent() {
     assert_eq!(answer.reason().as_deref(), Some("RelayUpstreamTimeout"));
     assert_eq!(origin.received().len(), 1, "sent once, never again");
     hold.add_permits(1);
+}
+
+/// An identity is used only from the listeners it is bound to: a push whose apns-topic names an
+/// identity bound elsewhere (or nowhere) gets 403 RelayIdentityNotAllowed and nothing is sent,
+/// not even with a bearer token that would otherwise pass through.
+#[tokio::test]
+async fn identity_topics_are_refused_outside_their_listeners() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            client_auth: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (cert_a, key_a) = pki.write_client_cert("app-one");
+    let (cert_b, key_b) = pki.write_client_cert("app-two");
+    let identities = format!(
+        "  identities:\n    - {{topic: com.example.one, cert: \"{}\", key: \"{}\", listeners: [apns]}}\n    - {{topic: com.example.other, cert: \"{}\", key: \"{}\", listeners: [elsewhere]}}\n    - {{topic: com.example.unbound, cert: \"{}\", key: \"{}\"}}\n",
+        cert_a.display(),
+        key_a.display(),
+        cert_b.display(),
+        key_b.display(),
+        cert_b.display(),
+        key_b.display()
+    );
+    // A second listener named `elsewhere`, so the binding itself is valid.
+    let yaml = yaml_with(&pki, &origin, Via::Direct, &identities).replace(
+        "listeners:\n",
+        "listeners:\n  - {name: elsewhere, mode: post-proxy, bind: \"127.0.0.1:0\", allow_sources: [\"127.0.0.1/32\"]}\n",
+    );
+    let relay = relay::start(&yaml).await;
+    // Listeners in order: `elsewhere`, then `apns`.
+    let client = H2Client::connect(&pki, relay.addrs[1]).await;
+    let send = |topic: &str| {
+        let mut req = push_request("api.push.apple.com", &token(7));
+        req.headers_mut()
+            .insert("apns-topic", topic.parse().unwrap());
+        req.headers_mut()
+            .insert("authorization", bearer("TEAM1").parse().unwrap());
+        client.send(req, Bytes::from(PAYLOAD))
+    };
+    for topic in [
+        "com.example.other",
+        "com.example.other.voip",
+        "com.example.unbound",
+    ] {
+        let answer = within(10, topic, send(topic)).await.unwrap();
+        assert_eq!(answer.status, StatusCode::FORBIDDEN, "{topic}");
+        assert_eq!(
+            answer.reason().as_deref(),
+            Some("RelayIdentityNotAllowed"),
+            "{topic}"
+        );
+    }
+    assert_eq!(
+        origin.connection_count(),
+        0,
+        "nothing is sent for a refused identity"
+    );
+    let answer = within(10, "bound", send("com.example.one")).await.unwrap();
+    assert_eq!(answer.status, StatusCode::OK);
+    let got = origin.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].client_cn.as_deref(), Some("app-one"));
+}
+
+/// On a listener with `tls.client_ca`, an identity with `client_subjects` is used only by
+/// clients whose certificate has one of those subject names.
+#[tokio::test]
+async fn identity_with_client_subjects_needs_that_client_certificate() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            client_auth: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (cert, key) = pki.write_client_cert("app-one");
+    let tls = format!(
+        "    tls:\n      ca_cert: \"{0}\"\n      ca_key: \"{1}\"\n      client_ca: \"{0}\"\n",
+        pki.ca_cert.display(),
+        pki.ca_key.display()
+    );
+    let identities = format!(
+        "  identities:\n    - {{topic: com.example.one, cert: \"{}\", key: \"{}\", listeners: [legacy], client_subjects: [corp-proxy]}}\n",
+        cert.display(),
+        key.display()
+    );
+    let yaml = relay::post_proxy_yaml(&pki, &origin, "")
+        .replace(
+            "    allow_sources: [\"127.0.0.1/32\"]\n",
+            &format!("{tls}    allow_sources: [\"127.0.0.1/32\"]\n"),
+        )
+        .replace("upstream:\n", &format!("upstream:\n{identities}"));
+    let relay = relay::start(&yaml).await;
+    let request = format!(
+        "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: com.example.one\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{PAYLOAD}",
+        token(8),
+        PAYLOAD.len()
+    );
+    let addr = relay.addr();
+    let exchange_as = |name: &'static str| {
+        let config = pki.client_config_with_cert(name, &[]);
+        let request = request.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let server = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(config)
+                .connect(server, tcp)
+                .await
+                .unwrap();
+            tls.write_all(request.as_bytes()).await.unwrap();
+            let mut answer = String::new();
+            let _ = tls.read_to_string(&mut answer).await;
+            answer
+        }
+    };
+    let refused = within(10, "other proxy", exchange_as("other-proxy")).await;
+    assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
+    assert!(refused.contains("RelayIdentityNotAllowed"), "{refused}");
+    assert_eq!(origin.connection_count(), 0);
+    let served = within(10, "corp proxy", exchange_as("corp-proxy")).await;
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    assert_eq!(origin.received()[0].client_cn.as_deref(), Some("app-one"));
 }

@@ -194,6 +194,14 @@ pub struct IdentityConfig {
     pub cert: PathBuf,
     /// PEM private key of that certificate.
     pub key: PathBuf,
+    /// Names of the listeners whose clients may push with this certificate. None: no client may
+    /// (the topic alone never grants it: any allowed client can send any `apns-topic`).
+    #[serde(default)]
+    pub listeners: Vec<String>,
+    /// When not empty: only clients whose TLS client certificate (on a listener with
+    /// `tls.client_ca`) has one of these subject common names.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_subjects: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -226,6 +226,28 @@ fn upstream(config: &Config, report: &mut Report<'_>) {
     let mut topics = HashSet::new();
     for (i, id) in up.identities.iter().enumerate() {
         let idx = i.to_string();
+        let at = |key| ["upstream", "identities", idx.as_str(), key];
+        if id.listeners.is_empty() {
+            report.warn(format!(
+                "upstream.identities[{i}] ({}) names no listeners: no request can use it",
+                id.topic
+            ));
+        }
+        for name in &id.listeners {
+            match config.listeners.iter().find(|l| &l.name == name) {
+                None => report.problem(&at("listeners"), format!("no listener is named {name:?}")),
+                Some(l)
+                    if !id.client_subjects.is_empty()
+                        && l.tls.as_ref().is_none_or(|t| t.client_ca.is_none()) =>
+                {
+                    report.problem(
+                        &at("client_subjects"),
+                        format!("listener {name:?} has no tls.client_ca, so no client there has a certificate subject"),
+                    )
+                }
+                Some(_) => {}
+            }
+        }
         if !topics.insert(id.topic.as_str()) {
             report.problem(
                 &["upstream", "identities", idx.as_str(), "topic"],

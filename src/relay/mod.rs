@@ -27,15 +27,17 @@ use crate::error::{Fault, RelayError, hop_of};
 use crate::metrics::Metrics;
 use crate::policy::{Authority, DestinationPolicy};
 use crate::swap::Swap;
-use crate::upstream::identity::Identities;
+use crate::upstream::identity::{Identities, Sender};
 use crate::upstream::{self, BoxError, Pool, PoolKey, ReplayBody};
 use body::RelayBody;
 
-/// Who is asking: for the log line.
+/// Who is asking: for the log line, and for the identities a request may use.
 #[derive(Debug, Clone)]
 pub struct Ctx {
     pub listener: Arc<str>,
     pub client: SocketAddr,
+    /// The subject common name of the client's TLS certificate, when it presented one.
+    pub client_subject: Option<Arc<str>>,
 }
 
 /// The shared pipeline.
@@ -54,7 +56,7 @@ impl Relay {
         Relay {
             pool,
             destinations: Swap::new(DestinationPolicy::new(config.destinations.iter().cloned())),
-            identities: Identities::new(config.upstream.identities.iter().map(|i| i.topic.clone())),
+            identities: Identities::new(&config.upstream.identities),
             metrics,
             max_request_body: config.limits.max_request_body,
             request_timeout: config.upstream.request_timeout,
@@ -92,7 +94,7 @@ impl Relay {
     {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
-        let result = self.exchange(&dest, authority, &mut parts, body).await;
+        let result = self.exchange(ctx, &dest, authority, &mut parts, body).await;
         let elapsed = started.elapsed();
         match result {
             Ok((response, conn)) => {
@@ -181,6 +183,7 @@ impl Relay {
 
     async fn exchange<B>(
         &self,
+        ctx: &Ctx,
         dest: &Authority,
         authority: http::uri::Authority,
         parts: &mut http::request::Parts,
@@ -204,9 +207,13 @@ impl Relay {
             }
             .into());
         }
+        let sender = Sender {
+            listener: &ctx.listener,
+            client_subject: ctx.client_subject.as_deref(),
+        };
         let key = PoolKey {
             dest: dest.clone(),
-            identity: self.identities.identity_for(&parts.headers),
+            identity: self.identities.identity_for(&parts.headers, sender)?,
         };
         // The headers go upstream; the log line only needs the method and path.
         let head = headers::upstream_head(

@@ -177,14 +177,18 @@ impl PostProxy {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
-        let ctx = Ctx {
+        let mut ctx = Ctx {
             listener: self.name.clone(),
             client: peer,
+            client_subject: None,
         };
         match self.acceptor.load().as_ref() {
             None => self.serve_http(stream, &ctx, &shutdown).await,
             Some(acceptor) => match timeout(self.head_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls_stream)) => self.serve_http(tls_stream, &ctx, &shutdown).await,
+                Ok(Ok(tls_stream)) => {
+                    ctx.client_subject = tls::client_subject(tls_stream.get_ref().1);
+                    self.serve_http(tls_stream, &ctx, &shutdown).await
+                }
                 Ok(Err(e)) => {
                     self.relay.metrics().tls_failure("client");
                     tracing::info!(listener = %self.name, client.addr = %peer, error = %e, "client TLS handshake failed")

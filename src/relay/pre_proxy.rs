@@ -168,6 +168,7 @@ impl PreProxy {
         let ctx = Ctx {
             listener: self.name.clone(),
             client: peer,
+            client_subject: tls::client_subject(tls_stream.get_ref().1),
         };
         let served = match tls_stream.get_ref().1.alpn_protocol() {
             Some(b"h2") => self.serve_h2(tls_stream, &ctx, &target, &shutdown).await,

@@ -63,5 +63,14 @@ pub fn load_key(key: &str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsSet
     })
 }
 
+/// The subject common name of the certificate a TLS client presented (verified against
+/// `tls.client_ca` by the handshake), if any.
+pub fn client_subject(conn: &rustls::ServerConnection) -> Option<Arc<str>> {
+    let leaf = conn.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(cn.into())
+}
+
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
