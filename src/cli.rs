@@ -497,10 +497,13 @@ async fn watch_for_reload(
             }
         };
         let now = files_fingerprint(file.as_deref(), &loaded.config);
-        if !by_signal && now == seen {
+        let remint = reloader.remint_due();
+        if !by_signal && now == seen && !remint {
             continue;
         }
-        if !by_signal {
+        if remint {
+            tracing::info!("minting listener certificates again before they expire");
+        } else if !by_signal {
             tracing::info!("configuration or certificate files changed on disk; reloading");
         }
         match reloader.reload(loaded.config) {

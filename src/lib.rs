@@ -36,7 +36,7 @@
     )
 )]
 
-mod admin;
+pub mod admin;
 pub mod cli;
 mod coalesce;
 pub mod config;
@@ -48,7 +48,7 @@ pub mod metrics;
 pub mod policy;
 mod probe;
 pub mod relay;
-mod reload;
+pub mod reload;
 mod swap;
 pub mod tls;
 pub mod upstream;
@@ -108,16 +108,16 @@ impl App {
             None,
             tls::client::build(&config.upstream.extra_roots, None)?,
         );
+        let metrics = Arc::new(metrics::Metrics::new());
+        let mut client_identities = Vec::new();
         for (i, id) in config.upstream.identities.iter().enumerate() {
             let key = format!("upstream.identities[{i}]");
-            let identity = tls::client::ClientIdentity {
-                chain: tls::load_certs(&format!("{key}.cert"), &id.cert)?,
-                key: tls::load_key(&format!("{key}.key"), &id.key)?,
-            };
-            let config = tls::client::build(&config.upstream.extra_roots, Some(identity))?;
-            tls_by_identity.insert(Some(format!("cert:{}", id.topic).into()), config);
+            let identity = Arc::new(tls::client::ClientIdentity::load(&key, &id.cert, &id.key)?);
+            metrics.identity_certificate(&id.topic, identity.not_after());
+            let tls = tls::client::build(&config.upstream.extra_roots, Some(identity.clone()))?;
+            tls_by_identity.insert(Some(format!("cert:{}", id.topic).into()), tls);
+            client_identities.push(identity);
         }
-        let metrics = Arc::new(metrics::Metrics::new());
         let pool = Pool::new(
             Connector::new(&config.upstream),
             tls_by_identity,
@@ -147,6 +147,7 @@ impl App {
             relay.clone(),
             listeners.iter().map(|l| l.door.clone()).collect(),
             listeners.iter().map(|l| l.sources.clone()).collect(),
+            client_identities,
         ));
         Ok(App {
             config,

@@ -281,6 +281,18 @@ impl Metrics {
     }
 
     /// The expiry of every certificate a listener serves or mints from.
+    /// The expiry of an upstream identity's certificate (`listener="upstream"`, `kind="identity"`,
+    /// `name` its topic).
+    pub fn identity_certificate(&self, topic: &str, not_after: i64) {
+        self.cert_expiry
+            .get_or_create(&CertLabels {
+                listener: "upstream".to_owned(),
+                kind: "identity",
+                name: topic.to_owned(),
+            })
+            .set(not_after);
+    }
+
     pub fn certificates(&self, listener: &str, certs: &[CertExpiry]) {
         for c in certs {
             self.cert_expiry

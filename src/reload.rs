@@ -1,9 +1,13 @@
-//! What a running relay can change without a restart: certificates (fixed files and the CA that
-//! mints), `allow_sources` and `destinations`. A reload builds everything new first and swaps only
-//! when all of it built, so a bad new configuration leaves the running one untouched. Existing
-//! connections keep going. Listener and upstream changes need a restart and are refused / reported.
+//! What a running relay can change without a restart: certificates (fixed files, the CA that
+//! mints, and the upstream identities' certificates), `allow_sources` and `destinations`. A reload
+//! builds everything new first and swaps only when all of it built, so a bad new configuration
+//! leaves the running one untouched. Existing connections keep going (upstream ones keep the
+//! identity certificate they presented until they drain). Listener and other upstream changes need
+//! a restart and are refused / reported. Minted leaves are minted again by every reload, and at the
+//! latest `REMINT_AFTER` after the last one, well before they expire.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::config::{Config, ValidConfig};
 use crate::policy::{DestinationPolicy, SourcePolicy};
@@ -11,6 +15,11 @@ use crate::relay::Relay;
 use crate::relay::door::DoorHandle;
 use crate::swap::Swap;
 use crate::tls::TlsSetupError;
+use crate::tls::client::ClientIdentity;
+use crate::tls::pki::LEAF_VALIDITY_DAYS;
+
+/// How long after minting listener leaves they are minted again: 30 days before they expire.
+pub const REMINT_AFTER: Duration = Duration::from_secs((LEAF_VALIDITY_DAYS as u64 - 30) * 86_400);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -25,6 +34,10 @@ pub struct Reloader {
     relay: Arc<Relay>,
     doors: Vec<DoorHandle>,
     sources: Vec<Arc<Swap<SourcePolicy>>>,
+    /// The upstream identities' certificates, in `upstream.identities` order.
+    identities: Vec<Arc<ClientIdentity>>,
+    /// When the listeners' certificates were last built (and minted).
+    minted: Mutex<Instant>,
 }
 
 impl Reloader {
@@ -33,13 +46,36 @@ impl Reloader {
         relay: Arc<Relay>,
         doors: Vec<DoorHandle>,
         sources: Vec<Arc<Swap<SourcePolicy>>>,
+        identities: Vec<Arc<ClientIdentity>>,
     ) -> Self {
         Reloader {
             current: Mutex::new(config),
             relay,
             doors,
             sources,
+            identities,
+            minted: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Whether the listeners' minted leaves are due to be minted again (`REMINT_AFTER`).
+    pub fn remint_due(&self) -> bool {
+        self.minted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            >= REMINT_AFTER
+    }
+
+    /// Builds the listeners' certificates again from the running configuration: minted leaves
+    /// are minted anew, fixed files read again.
+    pub fn renew_certificates(&self) -> Result<(), ReloadError> {
+        let current = self
+            .current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        self.reload(current)
     }
 
     /// Applies `new`, or changes nothing and says why.
@@ -64,8 +100,31 @@ impl Reloader {
         for door in &self.doors {
             commits.push(door.reload(&new)?);
         }
+        // Identity certificates by topic, so a reordered list still finds its own; a topic that
+        // is new or gone is an upstream change that needs a restart.
+        let mut renewed = Vec::new();
+        for (identity, old) in self.identities.iter().zip(&current.upstream.identities) {
+            if let Some((i, id)) = new
+                .upstream
+                .identities
+                .iter()
+                .enumerate()
+                .find(|(_, id)| id.topic == old.topic)
+            {
+                let next =
+                    ClientIdentity::load(&format!("upstream.identities[{i}]"), &id.cert, &id.key)?;
+                renewed.push((identity, next, id.topic.clone()));
+            }
+        }
         for commit in commits {
             commit();
+        }
+        *self.minted.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        for (identity, next, topic) in renewed {
+            identity.replace(next);
+            self.relay
+                .metrics()
+                .identity_certificate(&topic, identity.not_after());
         }
         for (swap, listener) in self.sources.iter().zip(&new.listeners) {
             swap.store(SourcePolicy::new(listener.allow_sources.clone()));

@@ -608,3 +608,36 @@ async fn http11_head_read_is_bounded_by_handshake_timeout() {
     assert!(closed.is_ok() || rest.is_empty(), "{closed:?}");
     assert_eq!(origin.connection_count(), 0);
 }
+
+/// The serial number of the leaf the relay presents for api.push.apple.com.
+async fn served_serial(pki: &TestPki, addr: std::net::SocketAddr) -> Vec<u8> {
+    let tls = http11_over_tls(pki, addr).await;
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    cert.raw_serial().to_vec()
+}
+
+/// Minted leaves are minted again when certificates are renewed (which the running relay does
+/// `REMINT_AFTER` after the last minting, well inside their validity): new handshakes get the
+/// new leaf.
+#[tokio::test]
+async fn minted_leaves_are_minted_again_on_renewal() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let before = served_serial(&pki, relay.addr()).await;
+    assert_eq!(
+        served_serial(&pki, relay.addr()).await,
+        before,
+        "stable between renewals"
+    );
+    assert!(!relay.reloader.remint_due(), "not due right after start");
+    relay.reloader.renew_certificates().unwrap();
+    assert_ne!(served_serial(&pki, relay.addr()).await, before);
+    const {
+        assert!(
+            pushrelay::reload::REMINT_AFTER.as_secs()
+                < pushrelay::tls::pki::LEAF_VALIDITY_DAYS as u64 * 86_400
+        )
+    };
+}

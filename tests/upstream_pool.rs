@@ -776,3 +776,65 @@ async fn identity_with_client_subjects_needs_that_client_certificate() {
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     assert_eq!(origin.received()[0].client_cn.as_deref(), Some("app-one"));
 }
+
+/// A renewed identity certificate (same files, new contents) is applied by a reload: the next
+/// upstream connection presents it, and its expiry is exported.
+#[tokio::test]
+async fn renewed_identity_certificate_is_presented_on_new_connections() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            client_auth: true,
+            // Each connection serves one push: the next needs a new connection.
+            goaway_after: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (cert, key) = pki.write_client_cert("app-one");
+    let identities = format!(
+        "  identities:\n    - {{topic: com.example.one, cert: \"{}\", key: \"{}\", listeners: [apns]}}\n",
+        cert.display(),
+        key.display()
+    );
+    let yaml = yaml_with(&pki, &origin, Via::Direct, &identities);
+    let relay = relay::start(&yaml).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let push = |i: usize| {
+        let mut req = push_request("api.push.apple.com", &token(i));
+        req.headers_mut()
+            .insert("apns-topic", "com.example.one".parse().unwrap());
+        req.headers_mut().remove("authorization");
+        client.send(req, Bytes::from(PAYLOAD))
+    };
+    assert_eq!(
+        within(10, "first", push(1)).await.unwrap().status,
+        StatusCode::OK
+    );
+    // Renew: the same paths, a new certificate (a new subject, to tell them apart).
+    let renewed = pki.ca.issue_client("app-one-renewed").unwrap();
+    std::fs::write(&cert, &renewed.chain_pem).unwrap();
+    std::fs::write(&key, &renewed.key_pem).unwrap();
+    relay
+        .reloader
+        .reload(pushrelay::config::from_yaml(&yaml).unwrap().config)
+        .unwrap();
+    assert_eq!(
+        within(10, "second", push(2)).await.unwrap().status,
+        StatusCode::OK
+    );
+    let cns: Vec<_> = origin
+        .received()
+        .into_iter()
+        .map(|r| r.client_cn.unwrap_or_default())
+        .collect();
+    assert_eq!(cns, ["app-one", "app-one-renewed"]);
+    let metrics = relay.relay.metrics().render(relay.relay.pool());
+    assert!(
+        metrics.contains(
+            "certificate_expiry_timestamp_seconds{listener=\"upstream\",kind=\"identity\",name=\"com.example.one\"}"
+        ),
+        "{metrics}"
+    );
+}

@@ -1,25 +1,95 @@
 //! The client side of TLS towards the origin: the public web PKI (webpki-roots, which holds APNs's
 //! USERTrust root) plus `upstream.extra_roots` for TLS-inspecting proxies, SNI = the destination
-//! host (never the `connect_to` address), ALPN h2 only.
+//! host (never the `connect_to` address), ALPN h2 only. A client certificate (certificate-based
+//! APNs auth) is read through a resolver that a reload can point at a renewed certificate: each
+//! new handshake takes the current one, connections already open keep theirs until they drain.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{ClientConfig, RootCertStore};
+use rustls::client::ResolvesClientCert;
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, SignatureScheme};
 
-use super::{ALPN_H2, TlsSetupError, load_certs, provider};
+use super::{ALPN_H2, TlsSetupError, load_certs, load_key, provider};
 
-/// A client certificate presented upstream (certificate-based APNs auth).
+/// The client certificate presented upstream for one identity, replaceable while it is in use.
 pub struct ClientIdentity {
-    pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
+    current: RwLock<(Arc<CertifiedKey>, i64)>,
+}
+
+impl fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClientIdentity")
+    }
+}
+
+impl ClientIdentity {
+    /// Reads the chain and key; `key_prefix` (e.g. `upstream.identities[0]`) names them in errors.
+    pub fn load(key_prefix: &str, cert: &Path, key: &Path) -> Result<Self, TlsSetupError> {
+        Ok(ClientIdentity {
+            current: RwLock::new(read_identity(key_prefix, cert, key)?),
+        })
+    }
+
+    /// Presents `next`'s certificate from the next handshake on.
+    pub fn replace(&self, next: ClientIdentity) {
+        let next = next.current.into_inner().unwrap_or_else(|p| p.into_inner());
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+    }
+
+    /// The current certificate's not-after, as a Unix timestamp (0 when unreadable).
+    pub fn not_after(&self) -> i64 {
+        self.current.read().unwrap_or_else(|p| p.into_inner()).1
+    }
+}
+
+fn read_identity(
+    key_prefix: &str,
+    cert: &Path,
+    key: &Path,
+) -> Result<(Arc<CertifiedKey>, i64), TlsSetupError> {
+    let chain = load_certs(&format!("{key_prefix}.cert"), cert)?;
+    let private_key = load_key(&format!("{key_prefix}.key"), key)?;
+    let not_after = chain
+        .first()
+        .and_then(super::pki::not_after_unix)
+        .unwrap_or(0);
+    let certified = CertifiedKey::from_der(chain, private_key, &provider()).map_err(|e| {
+        TlsSetupError::new(
+            &format!("{key_prefix}.key"),
+            key,
+            format!("certificate and key do not fit: {e}"),
+        )
+    })?;
+    Ok((Arc::new(certified), not_after))
+}
+
+impl ResolvesClientCert for ClientIdentity {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .0
+                .clone(),
+        )
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// Builds the upstream client config. `extra_roots` are added to the web PKI.
 pub fn build(
     extra_roots: &[PathBuf],
-    identity: Option<ClientIdentity>,
+    identity: Option<Arc<ClientIdentity>>,
 ) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -37,9 +107,13 @@ pub fn build(
         .map_err(|e| TlsSetupError::new("upstream", std::path::Path::new("-"), e))?
         .with_root_certificates(roots);
     let mut config = match identity {
-        Some(id) => builder
-            .with_client_auth_cert(id.chain, id.key)
-            .map_err(|e| TlsSetupError::new("upstream.identities", std::path::Path::new("-"), e))?,
+        Some(id) => {
+            let mut config = builder.with_client_cert_resolver(id);
+            // A resumed session keeps the certificate it was made with, so a renewed one would
+            // never be shown; upstream connections are long-lived, resumption saves little.
+            config.resumption = rustls::client::Resumption::disabled();
+            config
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![ALPN_H2.to_vec()];

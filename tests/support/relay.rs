@@ -16,6 +16,8 @@ pub struct RunningRelay {
     pub addrs: Vec<SocketAddr>,
     /// The relay's pipeline, for pool statistics and change notifications.
     pub relay: std::sync::Arc<pushrelay::relay::Relay>,
+    /// Applies a configuration (or renews certificates) as SIGHUP does.
+    pub reloader: std::sync::Arc<pushrelay::reload::Reloader>,
     shutdown: Option<oneshot::Sender<()>>,
     pub task: Option<tokio::task::JoinHandle<()>>,
     /// Worker threads serving the connections, when started with `start_on_workers`.
@@ -83,6 +85,7 @@ async fn start_with(yaml: &str, workers: Option<usize>) -> RunningRelay {
         .map(|w| w.handles().to_vec())
         .unwrap_or_default();
     let relay = app.relay().clone();
+    let reloader = app.reloader();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
         app.run_on(&handles, sockets, None, async {
@@ -94,6 +97,7 @@ async fn start_with(yaml: &str, workers: Option<usize>) -> RunningRelay {
     RunningRelay {
         addrs,
         relay,
+        reloader,
         shutdown: Some(tx),
         task: Some(task),
         workers,
