@@ -641,3 +641,27 @@ async fn minted_leaves_are_minted_again_on_renewal() {
         )
     };
 }
+
+/// HTTP/1.1 on the pre-proxy door: a `Content-Length` list (`N, N`) is refused with 400 by
+/// hyper's parser, never relayed as it arrived (which ended in 502).
+#[tokio::test]
+async fn http11_content_length_list_is_refused_never_a_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let mut tls = http11_over_tls(&pki, relay.addr()).await;
+    let n = PAYLOAD.len();
+    let request = format!(
+        "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: com.example.app\r\n\
+         Content-Length: {n}, {n}\r\nConnection: close\r\n\r\n{PAYLOAD}",
+        token(92),
+    );
+    tls.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    within(10, "answer", tls.read_to_string(&mut answer))
+        .await
+        .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(origin.received().is_empty());
+}

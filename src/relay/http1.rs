@@ -348,14 +348,16 @@ impl<R: AsyncRead + Unpin> Reader<R> {
     /// The next line, without its CRLF. A bare CR or LF is refused as soon as it is seen.
     async fn read_line(&mut self, what: &str) -> Result<BytesMut, ReadError> {
         loop {
-            if let Some(pos) = self.buf.iter().position(|b| *b == b'\r' || *b == b'\n') {
+            if let Some(pos) = self.buf.iter().position(|b| *b == b'\r' || *b == b'\n')
+                && pos <= MAX_CHUNK_LINE
+            {
                 match (self.buf[pos], self.buf.get(pos + 1)) {
                     (b'\r', Some(b'\n')) => {
                         let line = self.buf.split_to(pos);
                         self.buf.advance(2);
                         return Ok(line);
                     }
-                    (b'\r', None) if pos < MAX_CHUNK_LINE => {}
+                    (b'\r', None) => {}
                     (b'\r', _) => {
                         return Err(
                             Http1Error::BadChunk(format!("bare CR in a {what} line")).into()
