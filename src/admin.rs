@@ -1,13 +1,15 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (listeners bound and
 //! configuration loaded; never depends on Apple being reachable, so a proxy outage does not make
-//! every replica unready at once), `/metrics` (Prometheus text). Plain HTTP/1.1, GET only.
+//! every replica unready at once), `/metrics` (Prometheus text), and the status page: `/` (HTML)
+//! and `/status.json`, one `status::Snapshot` gathered per request from what the relay recorded
+//! and what the listeners and the pool hold now. Plain HTTP/1.1, GET only.
 //! Bounded like the front doors: a head must arrive within a timeout, and connections beyond a
 //! small cap are closed at once, so a stray client cannot hold the probes' listener.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -16,10 +18,82 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::relay::Relay;
 use crate::relay::body::RelayBody;
+use crate::status::{self, DestinationLive, DestinationState, Live};
+use crate::upstream::connect::{Connector, Route};
+
+/// What the status page reads besides the relay's own records.
+pub struct StatusSources {
+    pub about: status::About,
+    /// Each listener's connection limit, by name: connections now are the permits taken.
+    pub connections: Vec<(String, Arc<Semaphore>)>,
+    pub max_connections: usize,
+    /// The route each destination takes (upstream settings change only with a restart).
+    pub routes: Connector,
+}
+
+impl StatusSources {
+    fn live(&self, relay: &Relay) -> Live {
+        let connections = self
+            .connections
+            .iter()
+            .map(|(name, limit)| {
+                let used = self
+                    .max_connections
+                    .saturating_sub(limit.available_permits());
+                (name.clone(), used)
+            })
+            .collect();
+        let mut pool: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+        for (key, stats) in relay.pool().stats() {
+            let e = pool.entry(key.dest.to_string()).or_default();
+            e.0 += stats.open_connections;
+            e.1 += stats.streams_in_flight;
+        }
+        let destinations = relay
+            .destinations()
+            .allowed()
+            .into_iter()
+            .map(|dest| {
+                let name = dest.to_string();
+                let (connections, streams_in_flight) = pool.get(&name).copied().unwrap_or_default();
+                let route = match self.routes.route(dest) {
+                    Route::Direct { addr } => format!("direct to {addr}"),
+                    Route::Proxy { proxy, target } => {
+                        format!("via proxy {proxy} (CONNECT {target})")
+                    }
+                };
+                let state = if connections > 0 {
+                    DestinationState::Up
+                } else {
+                    DestinationState::Idle
+                };
+                DestinationLive {
+                    name,
+                    route,
+                    connections,
+                    streams_in_flight,
+                    state,
+                }
+            })
+            .collect();
+        Live {
+            connections,
+            destinations,
+        }
+    }
+
+    fn snapshot(&self, relay: &Relay) -> status::Snapshot {
+        relay
+            .metrics()
+            .status()
+            .snapshot(&self.about, &self.live(relay), SystemTime::now())
+    }
+}
 
 /// Admin connections open at once at most: probes and a scraper or two need a handful.
 pub const MAX_CONNECTIONS: usize = 32;
@@ -60,7 +134,12 @@ fn text(
     response
 }
 
-fn answer(req: &Request<Incoming>, relay: &Relay, ready: &Readiness) -> Response<RelayBody> {
+fn answer(
+    req: &Request<Incoming>,
+    relay: &Relay,
+    ready: &Readiness,
+    sources: &StatusSources,
+) -> Response<RelayBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "GET only\n");
     }
@@ -73,10 +152,20 @@ fn answer(req: &Request<Incoming>, relay: &Relay, ready: &Readiness) -> Response
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             relay.metrics().render(relay.pool()),
         ),
+        "/" => text(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            status::page::html(&sources.snapshot(relay)),
+        ),
+        "/status.json" => text(
+            StatusCode::OK,
+            "application/json",
+            status::page::json(&sources.snapshot(relay)),
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: /healthz, /readyz, /metrics\n",
+            "not found: /, /status.json, /healthz, /readyz, /metrics\n",
         ),
     }
 }
@@ -87,6 +176,7 @@ pub async fn serve(
     relay: Arc<Relay>,
     ready: Arc<Readiness>,
     limits: Limits,
+    sources: Arc<StatusSources>,
     shutdown: CancellationToken,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
@@ -107,11 +197,16 @@ pub async fn serve(
             drop(stream);
             continue;
         };
-        let (relay, ready, shutdown) = (relay.clone(), ready.clone(), shutdown.clone());
+        let (relay, ready, sources, shutdown) = (
+            relay.clone(),
+            ready.clone(),
+            sources.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
             let _slot = slot;
             let service = service_fn(move |req| {
-                let response = answer(&req, &relay, &ready);
+                let response = answer(&req, &relay, &ready, &sources);
                 async move { Ok::<_, Infallible>(response) }
             });
             let conn = http1::Builder::new()

@@ -351,10 +351,12 @@ fn serve(file: Option<&Path>) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
+        app.status().config_origin(&loaded.origin);
         let poll_every = app.config().reload_poll_interval;
         tokio::spawn(watch_for_reload(
             file.map(Path::to_path_buf),
             app.reloader(),
+            app.status().clone(),
             loaded_files,
             poll_every,
         ));
@@ -471,6 +473,7 @@ fn files_fingerprint(file: Option<&Path>, config: &Config) -> u64 {
 async fn watch_for_reload(
     file: Option<PathBuf>,
     reloader: std::sync::Arc<crate::reload::Reloader>,
+    status: std::sync::Arc<crate::status::Book>,
     mut seen: u64,
     every: std::time::Duration,
 ) {
@@ -493,6 +496,7 @@ async fn watch_for_reload(
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(error = %e, "reload refused: the new configuration is invalid; the running one stays");
+                status.reload_refused(&e.to_string());
                 continue;
             }
         };
@@ -506,10 +510,15 @@ async fn watch_for_reload(
         } else if !by_signal {
             tracing::info!("configuration or certificate files changed on disk; reloading");
         }
+        let yaml = loaded.config.to_yaml();
         match reloader.reload(loaded.config) {
-            Ok(()) => seen = now,
+            Ok(()) => {
+                seen = now;
+                status.config_loaded(yaml, true);
+            }
             Err(e) => {
-                tracing::error!(error = %e, "reload refused; the running configuration stays")
+                tracing::error!(error = %e, "reload refused; the running configuration stays");
+                status.reload_refused(&e.to_string());
             }
         }
     }

@@ -6,7 +6,7 @@
 //! - `cli`: the command line (serve, check, ca init, ca issue, probe).
 //! - `coalesce`: write coalescing so a burst of pushes shares TLS records and syscalls.
 //! - `config`: YAML + `PUSHRELAY_` env into typed, validated configuration, before any bind.
-//! - `admin`: /healthz, /readyz and /metrics on the admin listener.
+//! - `admin`: /healthz, /readyz, /metrics and the status page on the admin listener.
 //! - `log`: the log sink (one writer thread, lines batched).
 //! - `metrics`: Prometheus metrics with stable names.
 //! - `listen`: accept loop, connection limit, source allowlist before any TLS work.
@@ -15,6 +15,8 @@
 //! - `relay`: the shared request pipeline, header rewriting, one file per front door; `listen`
 //!   and `reload` know a door only as a `relay::door::DoorHandle`.
 //! - `reload`: swaps certificates and allowlists into a running relay (each door reloads its own).
+//! - `status`: the status page's data (recent traffic, expiries, reloads) and its HTML / JSON (a
+//!   leaf: metrics feeds it).
 //! - `swap`: the cell a reloadable value lives in (a leaf: everything may use it).
 //! - `upstream`: CONNECT tunnel, connections, the shared HTTP/2 pool, safe resend.
 //! - `error`: the one place an error becomes an HTTP answer.
@@ -49,6 +51,7 @@ pub mod policy;
 mod probe;
 pub mod relay;
 pub mod reload;
+mod status;
 mod swap;
 pub mod tls;
 pub mod upstream;
@@ -91,6 +94,9 @@ pub struct App {
     listeners: Vec<Listener>,
     reloader: Arc<Reloader>,
     ready: Arc<admin::Readiness>,
+    /// Tells the status page each destination's route (upstream settings need a restart).
+    routes: Connector,
+    workers: usize,
 }
 
 impl App {
@@ -118,8 +124,11 @@ impl App {
             tls_by_identity.insert(Some(format!("cert:{}", id.topic).into()), tls);
             client_identities.push(identity);
         }
+        metrics.status().config_origin("given in-process");
+        metrics.status().config_loaded(config.to_yaml(), false);
+        let routes = Connector::new(&config.upstream);
         let pool = Pool::new(
-            Connector::new(&config.upstream),
+            routes.clone(),
             tls_by_identity,
             PoolSettings {
                 shards: workers.max(1),
@@ -155,7 +164,15 @@ impl App {
             listeners,
             reloader,
             ready: Arc::default(),
+            routes,
+            workers: workers.max(1),
         })
+    }
+
+    /// What the status page has recorded, and where the configuration came from
+    /// (`status().config_origin`).
+    pub fn status(&self) -> &Arc<status::Book> {
+        self.relay.metrics().status()
     }
 
     pub fn config(&self) -> &Config {
@@ -212,7 +229,7 @@ impl App {
         let tracker = TaskTracker::new();
         if let Some(socket) = admin {
             if let Ok(addr) = socket.local_addr() {
-                tracing::info!(bind = %addr, "admin listening (/healthz, /readyz, /metrics)");
+                tracing::info!(bind = %addr, "admin listening (/healthz, /readyz, /metrics, status page /)");
             }
             let limits = admin::Limits {
                 head_timeout: self.config.limits.handshake_timeout,
@@ -223,6 +240,7 @@ impl App {
                 self.relay.clone(),
                 self.ready.clone(),
                 limits,
+                Arc::new(self.status_sources(&sockets)),
                 admin_token.clone(),
             ));
         }
@@ -263,6 +281,67 @@ impl App {
         self.relay.pool().close();
         admin_token.cancel();
         Ok(())
+    }
+}
+
+impl App {
+    /// What the status page reads besides the relay's records: the listeners as bound, their
+    /// connection limits, the routes.
+    fn status_sources(&self, sockets: &[TcpListener]) -> admin::StatusSources {
+        let listeners = self
+            .config
+            .listeners
+            .iter()
+            .zip(sockets)
+            .map(|(l, socket)| {
+                let tls = match l.tls.as_ref() {
+                    None => "none (plain HTTP)".to_owned(),
+                    Some(t) => {
+                        let source = match t.cert_source() {
+                            Some(config::CertSource::Mint { ca_cert, .. }) => {
+                                format!("minted from CA {}", ca_cert.display())
+                            }
+                            Some(config::CertSource::Fixed { cert, .. }) => {
+                                format!("fixed {}", cert.display())
+                            }
+                            None => "invalid".to_owned(),
+                        };
+                        match &t.client_ca {
+                            Some(ca) => {
+                                format!("{source}; client certificates from {}", ca.display())
+                            }
+                            None => source,
+                        }
+                    }
+                };
+                status::ListenerAbout {
+                    name: l.name.clone(),
+                    mode: match l.mode {
+                        Mode::PreProxy => "pre-proxy",
+                        Mode::PostProxy => "post-proxy",
+                    }
+                    .to_owned(),
+                    bind: socket
+                        .local_addr()
+                        .map_or_else(|_| l.bind.to_string(), |a| a.to_string()),
+                    tls,
+                }
+            })
+            .collect();
+        admin::StatusSources {
+            about: status::About {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                workers: self.workers,
+                listeners,
+            },
+            connections: self
+                .listeners
+                .iter()
+                .map(|l| (l.name.to_string(), l.connections.clone()))
+                .collect(),
+            max_connections: self.config.limits.max_connections,
+            routes: self.routes.clone(),
+        }
     }
 }
 

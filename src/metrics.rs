@@ -1,6 +1,7 @@
 //! Prometheus metrics with stable names (the Grafana dashboard in deploy/grafana reads them). One
 //! explicit registry, so tests render it. Gauges about the pool are refreshed when scraped, from
-//! the pool's own accounting, so they can never drift from it.
+//! the pool's own accounting, so they can never drift from it. The status page's recent history
+//! (`status::Book`) is fed from the same calls.
 
 use std::cell::RefCell;
 use std::fmt::Write;
@@ -15,10 +16,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use crate::status::{self, Book};
+
 /// A certificate a listener serves or mints from, for expiry monitoring.
 #[derive(Debug, Clone)]
 pub struct CertExpiry {
-    /// `served` or `ca`.
+    /// `served`, `ca` or `identity`.
     pub kind: &'static str,
     pub name: String,
     pub not_after: i64,
@@ -87,6 +90,7 @@ struct RequestHandles {
     status_class: &'static str,
     count: Counter,
     duration: Histogram,
+    recent: status::Traffic,
 }
 
 const RECENT_HANDLES: usize = 8;
@@ -114,6 +118,7 @@ pub struct Metrics {
     tls_failures: Family<SideLabels, Counter>,
     goaways: Family<DestinationLabels, Counter>,
     cert_expiry: Family<CertLabels, Gauge<i64, AtomicI64>>,
+    status: Arc<Book>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -142,6 +147,7 @@ impl Metrics {
             tls_failures: Family::default(),
             goaways: Family::default(),
             cert_expiry: Family::default(),
+            status: Arc::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -237,6 +243,7 @@ impl Metrics {
                                 listener: listener.clone(),
                             })
                             .clone(),
+                        recent: self.status.traffic(listener, destination),
                     };
                     if recent.len() == RECENT_HANDLES {
                         recent.pop();
@@ -247,6 +254,7 @@ impl Metrics {
             };
             recent[i].count.inc();
             recent[i].duration.observe(elapsed.as_secs_f64());
+            recent[i].recent.record(status, elapsed);
         });
     }
 
@@ -256,6 +264,12 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+        self.status.relay_error(reason);
+    }
+
+    /// What the status page shows of the recent past.
+    pub fn status(&self) -> &Arc<Book> {
+        &self.status
     }
 
     /// `status` is the proxy's HTTP status, or a word (`timeout`, `unreachable`, `malformed`).
@@ -280,10 +294,11 @@ impl Metrics {
             .inc();
     }
 
-    /// The expiry of every certificate a listener serves or mints from.
     /// The expiry of an upstream identity's certificate (`listener="upstream"`, `kind="identity"`,
     /// `name` its topic).
     pub fn identity_certificate(&self, topic: &str, not_after: i64) {
+        self.status
+            .certificate("upstream", "identity", topic, not_after);
         self.cert_expiry
             .get_or_create(&CertLabels {
                 listener: "upstream".to_owned(),
@@ -293,8 +308,13 @@ impl Metrics {
             .set(not_after);
     }
 
+    /// The expiry of every certificate a listener serves or mints from (the whole set, each time
+    /// it is built).
     pub fn certificates(&self, listener: &str, certs: &[CertExpiry]) {
+        self.status.forget_certificates(listener);
         for c in certs {
+            self.status
+                .certificate(listener, c.kind, &c.name, c.not_after);
             self.cert_expiry
                 .get_or_create(&CertLabels {
                     listener: listener.to_owned(),

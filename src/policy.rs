@@ -240,6 +240,13 @@ impl DestinationPolicy {
         self.allowed.contains(dest)
     }
 
+    /// Every allowed `host:port`, sorted (for the status page).
+    pub fn allowed(&self) -> Vec<&Authority> {
+        let mut all: Vec<&Authority> = self.allowed.iter().collect();
+        all.sort_by_key(|a| a.to_string());
+        all
+    }
+
     /// Host names allowed on `port`, sorted: the names a pre-proxy listener presents certificates for.
     pub fn hosts_on_port(&self, port: u16) -> Vec<String> {
         let mut hosts: Vec<String> = self

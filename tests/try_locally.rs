@@ -1,6 +1,6 @@
 //! README.md's "Try it locally" commands, run as written (in a scratch directory, on free ports):
-//! the fake APNs origin and the relay start, curl's push comes back 200 with an `apns-id`, the log
-//! and /metrics show it. Every process the commands start is ended by its PID.
+//! the fake APNs origin and the relay start, curl's push comes back 200 with an `apns-id`, the log,
+//! /metrics and the status page show it. Every process the commands start is ended by its PID.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -195,6 +195,10 @@ fn readme_try_it_locally_relays_a_push() {
             "pushrelay_requests_total{listener=\"apns\",destination=\"api.push.apple.com:443\",status_class=\"2xx\"} 1"
         ),
         "/metrics counts the push:\n{printed}"
+    );
+    assert!(
+        printed.lines().any(|l| l.trim() == "\"state\": \"up\","),
+        "the status page has the destination up:\n{printed}"
     );
     let relayed = log
         .lines()

@@ -22,6 +22,8 @@ pub struct RunningRelay {
     pub task: Option<tokio::task::JoinHandle<()>>,
     /// Worker threads serving the connections, when started with `start_on_workers`.
     workers: Option<Workers>,
+    /// The admin listener, when started with `start_with_admin`.
+    pub admin: Option<SocketAddr>,
 }
 
 impl RunningRelay {
@@ -59,15 +61,20 @@ impl Drop for RunningRelay {
 
 /// Starts the relay from YAML; each listener's `bind` is replaced by 127.0.0.1:0.
 pub async fn start(yaml: &str) -> RunningRelay {
-    start_with(yaml, None).await
+    start_with(yaml, None, false).await
 }
 
 /// As `start`, with connections served on `n` worker threads, as `pushrelay serve` does.
 pub async fn start_on_workers(yaml: &str, n: usize) -> RunningRelay {
-    start_with(yaml, Some(n)).await
+    start_with(yaml, Some(n), false).await
 }
 
-async fn start_with(yaml: &str, workers: Option<usize>) -> RunningRelay {
+/// As `start`, with the admin listener (status page, metrics) on 127.0.0.1:0 too.
+pub async fn start_with_admin(yaml: &str) -> RunningRelay {
+    start_with(yaml, None, true).await
+}
+
+async fn start_with(yaml: &str, workers: Option<usize>, with_admin: bool) -> RunningRelay {
     let loaded =
         config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
     let mut sockets = Vec::new();
@@ -77,6 +84,11 @@ async fn start_with(yaml: &str, workers: Option<usize>) -> RunningRelay {
         addrs.push(socket.local_addr().unwrap());
         sockets.push(socket);
     }
+    let admin_socket = match with_admin {
+        true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+        false => None,
+    };
+    let admin = admin_socket.as_ref().map(|s| s.local_addr().unwrap());
     let app = App::with_workers(loaded.config, workers.unwrap_or(1))
         .unwrap_or_else(|e| panic!("relay setup failed: {e}"));
     let workers = workers.map(|n| Workers::start(n).unwrap());
@@ -88,7 +100,7 @@ async fn start_with(yaml: &str, workers: Option<usize>) -> RunningRelay {
     let reloader = app.reloader();
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        app.run_on(&handles, sockets, None, async {
+        app.run_on(&handles, sockets, admin_socket, async {
             let _ = rx.await;
         })
         .await
@@ -101,6 +113,7 @@ async fn start_with(yaml: &str, workers: Option<usize>) -> RunningRelay {
         shutdown: Some(tx),
         task: Some(task),
         workers,
+        admin,
     }
 }
 
