@@ -495,8 +495,9 @@ async fn watch_for_reload(
         let loaded = match config::load(file.as_deref()) {
             Ok(l) => l,
             Err(e) => {
-                tracing::error!(error = %e, "reload refused: the new configuration is invalid; the running one stays");
+                // The status page first: whoever reads the log line then finds it there too.
                 status.reload_refused(&e.to_string());
+                tracing::error!(error = %e, "reload refused: the new configuration is invalid; the running one stays");
                 continue;
             }
         };
@@ -517,8 +518,8 @@ async fn watch_for_reload(
                 status.config_loaded(yaml, true);
             }
             Err(e) => {
-                tracing::error!(error = %e, "reload refused; the running configuration stays");
                 status.reload_refused(&e.to_string());
+                tracing::error!(error = %e, "reload refused; the running configuration stays");
             }
         }
     }

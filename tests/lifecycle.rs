@@ -246,6 +246,33 @@ async fn sighup_reloads_allow_sources_and_refuses_a_bad_config() {
         StatusCode::OK,
         "still serving on the old configuration"
     );
+    // The status page tells the same story: the reloaded configuration, the refusal and why.
+    let (code, status) = get(relay.admin, "/status.json").await;
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    let config = &status["config"];
+    assert!(
+        config["origin"]
+            .as_str()
+            .unwrap()
+            .contains(&relay.config.display().to_string()),
+        "{config}"
+    );
+    assert_eq!(config["last_reload"]["outcome"], "refused", "{config}");
+    assert!(
+        config["last_reload"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid configuration"),
+        "{config}"
+    );
+    assert!(
+        config["effective"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.0/8"),
+        "the reloaded configuration is the one in use: {config}"
+    );
 }
 
 /// /healthz and /metrics answer, and the request and error counters move with traffic.
