@@ -109,8 +109,10 @@ fn rows(dom: &str) -> Vec<String> {
 
 /// Two destinations: `api.push.apple.com` goes direct to the origin and works;
 /// `api.sandbox.push.apple.com` goes through a proxy that answers 407 to the relay's password.
+/// One certificate identity, for a topic the test's pushes do not use.
 fn yaml(pki: &TestPki, origin: &FakeApns, proxy: &TestProxy) -> String {
     let port = origin.port();
+    let (cert, key) = pki.write_client_cert("com.example.other");
     format!(
         r#"listeners:
   - name: apns
@@ -132,7 +134,13 @@ upstream:
   extra_roots: ["{ca_cert}"]
   connect_timeout: 2s
   request_timeout: 5s
+  identities:
+    - topic: com.example.other
+      cert: "{cert}"
+      key: "{key}"
 "#,
+        cert = cert.display(),
+        key = key.display(),
         ca_cert = pki.ca_cert.display(),
         ca_key = pki.ca_key.display(),
         proxy = proxy.url_with("relay", PROXY_PASSWORD),
@@ -233,6 +241,13 @@ async fn status_page_shows_a_working_and_a_failing_destination() {
         listener.contains(" 5 3 5 3"),
         "5 requests and 3 errors in the last 5 and 60 minutes: {listener}"
     );
+    let identity = row_with(&rows, "identity");
+    assert!(
+        identity.starts_with("upstream identity com.example.other "),
+        "the identity's certificate with its expiry: {identity}"
+    );
+    let ca = row_with(&rows, "apns ca ");
+    assert!(ca.contains(&pki.ca_cert.display().to_string()), "{ca}");
     let reason = row_with(&rows, "RelayProxyAuthenticationRequired");
     assert_eq!(reason, "RelayProxyAuthenticationRequired 3 3");
     assert!(text.contains("Effective configuration"), "{text}");
