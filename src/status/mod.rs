@@ -451,19 +451,32 @@ pub enum DestinationState {
     Up,
     /// No connection open and no failure: nothing needed one yet, or they were closed when idle.
     Idle,
-    /// A connection is being opened.
-    Connecting,
+    /// A connection is being opened; after failures, this is the attempt that tells whether the
+    /// destination is back.
+    Connecting {
+        /// Failed connects in a row before this attempt.
+        failures: u32,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        last_failure: Option<Failure>,
+    },
     /// Connects failed; requests fail fast until the next attempt.
     BackingOff {
         /// When the first of the failures in a row happened.
         since: String,
-        /// The hop that failed, in the other side's words (`proxy answered 407 …`).
-        last_failure: String,
         /// Failed connects in a row.
         failures: u32,
-        /// Seconds until the next attempt may start; 0 when one is due or being made.
+        /// Seconds until the next attempt may start; 0: the next request makes it.
         retry_in_seconds: u64,
+        last_failure: Failure,
     },
+}
+
+/// A failed connect: the hop, in the other side's words where it gave some, and the whole error.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Failure {
+    /// `proxy answered 407 Proxy Authentication Required`, `tcp`, `tls`, …
+    pub hop: String,
+    pub error: String,
 }
 
 impl DestinationState {
@@ -471,7 +484,7 @@ impl DestinationState {
         match self {
             DestinationState::Up => "up",
             DestinationState::Idle => "idle",
-            DestinationState::Connecting => "connecting",
+            DestinationState::Connecting { .. } => "connecting",
             DestinationState::BackingOff { .. } => "backing off",
         }
     }

@@ -4,9 +4,13 @@
 use std::fmt::Write;
 
 use super::{
-    Certificate, Counts, DestinationState, DestinationStatus, EXPIRY_WARNING_DAYS, HISTORY_MINUTES,
-    ListenerStatus, RECENT_MINUTES, Snapshot,
+    Certificate, Counts, DestinationState, DestinationStatus, EXPIRY_WARNING_DAYS, Failure,
+    HISTORY_MINUTES, ListenerStatus, RECENT_MINUTES, Snapshot,
 };
+
+fn plural(n: u32) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
 
 /// Seconds between the page's own refreshes.
 pub const REFRESH_SECONDS: u32 = 10;
@@ -110,30 +114,55 @@ fn listener_row(l: &ListenerStatus) -> Vec<String> {
     ]
 }
 
+fn failure(f: &Failure) -> String {
+    format!(
+        "<td class=\"bad\"><b>{}</b><br>{}</td>",
+        escape(&f.hop),
+        escape(&f.error)
+    )
+}
+
 fn destination_row(d: &DestinationStatus) -> Vec<String> {
-    let (state, failure) = match &d.state {
+    let (state, last_failure) = match &d.state {
         DestinationState::Up => ("<td class=\"good\">up</td>".to_owned(), td("–")),
+        DestinationState::Idle => (td("idle"), td("–")),
+        DestinationState::Connecting {
+            failures,
+            last_failure,
+        } => (
+            match failures {
+                0 => td("connecting"),
+                n => format!(
+                    "<td class=\"warn\">connecting again after {n} failed connect{}</td>",
+                    plural(*n)
+                ),
+            },
+            last_failure.as_ref().map_or_else(|| td("–"), failure),
+        ),
         DestinationState::BackingOff {
             since,
-            last_failure,
             failures,
             retry_in_seconds,
+            last_failure,
         } => (
             format!(
-                "<td class=\"bad\">backing off since {}<br>{failures} failed connect{} in a row; \
-                 next attempt in {retry_in_seconds} s</td>",
+                "<td class=\"bad\">backing off since {}<br>{failures} failed connect{} in a \
+                 row; {}</td>",
                 escape(since),
-                if *failures == 1 { "" } else { "s" },
+                plural(*failures),
+                match retry_in_seconds {
+                    0 => "the next request tries again".to_owned(),
+                    s => format!("next attempt in {s} s"),
+                }
             ),
-            format!("<td class=\"bad\">{}</td>", escape(last_failure)),
+            failure(last_failure),
         ),
-        other => (td(other.word()), td("–")),
     };
     vec![
         td(&d.name),
         td(&d.route),
         state,
-        failure,
+        last_failure,
         num(d.connections),
         num(d.streams_in_flight),
         num(d.last_5m.requests),
@@ -344,9 +373,25 @@ mod tests {
                     streams_in_flight: 0,
                     state: DestinationState::BackingOff {
                         since: "2026-12-01 20:00:00 UTC".into(),
-                        last_failure: "proxy answered 407 Proxy Authentication Required".into(),
                         failures: 3,
                         retry_in_seconds: 4,
+                        last_failure: Failure {
+                            hop: "proxy answered 407 Proxy Authentication Required".into(),
+                            error: "proxy 127.0.0.1:3128 refused CONNECT <host>".into(),
+                        },
+                    },
+                },
+                DestinationLive {
+                    name: "api.development.push.apple.com:443".into(),
+                    route: "direct to api.development.push.apple.com:443".into(),
+                    connections: 0,
+                    streams_in_flight: 0,
+                    state: DestinationState::Connecting {
+                        failures: 2,
+                        last_failure: Some(Failure {
+                            hop: "tcp".into(),
+                            error: "TCP connect failed".into(),
+                        }),
                     },
                 },
             ],
@@ -369,7 +414,10 @@ mod tests {
             "<td class=\"good\">up</td>",
             "backing off since 2026-12-01 20:00:00 UTC",
             "3 failed connects in a row; next attempt in 4 s",
-            "proxy answered 407 Proxy Authentication Required",
+            "connecting again after 2 failed connects",
+            "<b>tcp</b><br>TCP connect failed",
+            "<b>proxy answered 407 Proxy Authentication Required</b><br>proxy 127.0.0.1:3128 \
+             refused CONNECT &lt;host&gt;",
             "<td>RelayProxyAuthenticationRequired</td>",
             "⚠ 5 days (under 30)",
             "proxy: http://relay:***@proxy:3128",
@@ -390,9 +438,10 @@ mod tests {
         assert_eq!(v["destinations"][0]["state"], "up");
         assert_eq!(v["destinations"][1]["state"], "backing_off");
         assert_eq!(
-            v["destinations"][1]["last_failure"],
+            v["destinations"][1]["last_failure"]["hop"],
             "proxy answered 407 Proxy Authentication Required"
         );
+        assert_eq!(v["destinations"][1]["retry_in_seconds"], 4);
         assert_eq!(v["destinations"][1]["last_5m"]["errors"], 1);
         assert_eq!(v["listeners"][0]["last_5m"]["requests"], 2);
         assert_eq!(v["certificates"][0]["expiring_soon"], true);
