@@ -1,7 +1,7 @@
 //! The admin listener: `/healthz` (the process answers), `/readyz` (listeners bound and
 //! configuration loaded; never depends on Apple being reachable, so a proxy outage does not make
 //! every replica unready at once), `/metrics` (Prometheus text), and the status page: `/` (HTML)
-//! and `/status.json`, one `status::Snapshot` gathered per request from what the relay recorded
+//! and `/status.json`, one `recent::Snapshot` gathered per request from what the relay recorded
 //! and what the listeners and the pool hold now. Plain HTTP/1.1, GET only.
 //! Bounded like the front doors: a head must arrive within a timeout, and connections beyond a
 //! small cap are closed at once, so a stray client cannot hold the probes' listener.
@@ -21,14 +21,15 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::recent::{self, DestinationLive, DestinationState, Live};
 use crate::relay::Relay;
 use crate::relay::body::RelayBody;
-use crate::status::{self, DestinationLive, DestinationState, Live};
+use crate::status;
 use crate::upstream::connect::{Connector, Route};
 
 /// What the status page reads besides the relay's own records.
 pub struct StatusSources {
-    pub about: status::About,
+    pub about: recent::About,
     /// Each listener's connection limit, by name: connections now are the permits taken.
     pub connections: Vec<(String, Arc<Semaphore>)>,
     pub max_connections: usize,
@@ -87,7 +88,7 @@ impl StatusSources {
         }
     }
 
-    fn snapshot(&self, relay: &Relay) -> status::Snapshot {
+    fn snapshot(&self, relay: &Relay) -> recent::Snapshot {
         relay
             .metrics()
             .status()
@@ -155,12 +156,12 @@ fn answer(
         "/" => text(
             StatusCode::OK,
             "text/html; charset=utf-8",
-            status::page::html(&sources.snapshot(relay)),
+            status::html(&sources.snapshot(relay)),
         ),
         "/status.json" => text(
             StatusCode::OK,
             "application/json",
-            status::page::json(&sources.snapshot(relay)),
+            status::json(&sources.snapshot(relay)),
         ),
         _ => text(
             StatusCode::NOT_FOUND,

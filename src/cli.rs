@@ -473,7 +473,7 @@ fn files_fingerprint(file: Option<&Path>, config: &Config) -> u64 {
 async fn watch_for_reload(
     file: Option<PathBuf>,
     reloader: std::sync::Arc<crate::reload::Reloader>,
-    status: std::sync::Arc<crate::status::Book>,
+    status: std::sync::Arc<crate::metrics::recent::Book>,
     mut seen: u64,
     every: std::time::Duration,
 ) {

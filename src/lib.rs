@@ -8,15 +8,15 @@
 //! - `config`: YAML + `PUSHRELAY_` env into typed, validated configuration, before any bind.
 //! - `admin`: /healthz, /readyz, /metrics and the status page on the admin listener.
 //! - `log`: the log sink (one writer thread, lines batched).
-//! - `metrics`: Prometheus metrics with stable names.
+//! - `metrics`: Prometheus metrics with stable names; `metrics::recent`, the status page's hour of
+//!   history.
 //! - `listen`: accept loop, connection limit, source allowlist before any TLS work.
 //! - `policy`: pure allowlists (source CIDRs, destination host:port).
 //! - `tls`: server certificates by SNI, the upstream client config, the private CA.
 //! - `relay`: the shared request pipeline, header rewriting, one file per front door; `listen`
 //!   and `reload` know a door only as a `relay::door::DoorHandle`.
 //! - `reload`: swaps certificates and allowlists into a running relay (each door reloads its own).
-//! - `status`: the status page's data (recent traffic, expiries, reloads) and its HTML / JSON (a
-//!   leaf: metrics feeds it).
+//! - `status`: the status page as HTML and JSON, from a `metrics::recent::Snapshot`.
 //! - `swap`: the cell a reloadable value lives in (a leaf: everything may use it).
 //! - `upstream`: CONNECT tunnel, connections, the shared HTTP/2 pool, safe resend.
 //! - `error`: the one place an error becomes an HTTP answer.
@@ -171,7 +171,7 @@ impl App {
 
     /// What the status page has recorded, and where the configuration came from
     /// (`status().config_origin`).
-    pub fn status(&self) -> &Arc<status::Book> {
+    pub fn status(&self) -> &Arc<metrics::recent::Book> {
         self.relay.metrics().status()
     }
 
@@ -314,7 +314,7 @@ impl App {
                         }
                     }
                 };
-                status::ListenerAbout {
+                metrics::recent::ListenerAbout {
                     name: l.name.clone(),
                     mode: match l.mode {
                         Mode::PreProxy => "pre-proxy",
@@ -329,7 +329,7 @@ impl App {
             })
             .collect();
         admin::StatusSources {
-            about: status::About {
+            about: metrics::recent::About {
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 workers: self.workers,
                 listeners,

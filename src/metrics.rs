@@ -1,7 +1,7 @@
 //! Prometheus metrics with stable names (the Grafana dashboard in deploy/grafana reads them). One
 //! explicit registry, so tests render it. Gauges about the pool are refreshed when scraped, from
 //! the pool's own accounting, so they can never drift from it. The status page's recent history
-//! (`status::Book`) is fed from the same calls.
+//! (`recent::Book`) is fed from the same calls.
 
 use std::cell::RefCell;
 use std::fmt::Write;
@@ -16,7 +16,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::status::{self, Book};
+pub mod recent;
+
+use recent::Book;
 
 /// A certificate a listener serves or mints from, for expiry monitoring.
 #[derive(Debug, Clone)]
@@ -90,7 +92,7 @@ struct RequestHandles {
     status_class: &'static str,
     count: Counter,
     duration: Histogram,
-    recent: status::Traffic,
+    recent: recent::Traffic,
 }
 
 const RECENT_HANDLES: usize = 8;

@@ -1,9 +1,9 @@
-//! The status snapshot as a page a person reads (HTML rendered here: no script, no external asset,
+//! The status page: the snapshot `metrics::recent` gathers, as a page a person reads (HTML rendered here: no script, no external asset,
 //! readable as text; it refreshes itself every 10 s) and as JSON for scripts.
 
 use std::fmt::Write;
 
-use super::{
+use crate::metrics::recent::{
     Certificate, Counts, DestinationState, DestinationStatus, EXPIRY_WARNING_DAYS, Failure,
     HISTORY_MINUTES, ListenerStatus, RECENT_MINUTES, Snapshot,
 };
@@ -324,8 +324,9 @@ pub fn html(s: &Snapshot) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::super::*;
     use super::*;
+    use crate::metrics::recent::*;
+    use std::time::SystemTime;
 
     fn snapshot() -> Snapshot {
         let book = Book::new();

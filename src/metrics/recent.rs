@@ -1,13 +1,12 @@
 //! The status page's data: what the relay did over the last minutes (requests, errors and latency
 //! per listener and destination, relay errors by reason), certificate expiries and the
-//! configuration's load history, kept from events the metrics already see; and the `Snapshot` the
-//! admin listener renders as HTML (`page`) or JSON. A leaf: it knows none of the relay's types,
-//! and a request costs it a few atomic adds on counters the worker already holds.
+//! configuration's load history, kept from the events metrics already see; and the `Snapshot` the
+//! admin listener renders (`crate::status`) as HTML or JSON. Part of `metrics`, a leaf: it knows
+//! none of the relay's types, and a request costs it a few atomic adds on counters the worker
+//! already holds.
 //!
 //! Counts live in one slot per minute for the last hour. A slot is reset by the first event of a
 //! new minute; an event racing that reset may be lost, which a status page can afford.
-
-pub mod page;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -128,7 +127,7 @@ fn minute_of(at: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs() / 60)
 }
 
-fn unix_seconds(at: SystemTime) -> i64 {
+pub fn unix_seconds(at: SystemTime) -> i64 {
     at.duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64)
 }
