@@ -6,6 +6,7 @@
 //! Bounded like the front doors: a head must arrive within a timeout, and connections beyond a
 //! small cap are closed at once, so a stray client cannot hold the probes' listener.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,11 +22,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::recent::{self, DestinationLive, DestinationState, Live};
+use crate::metrics::recent::{self, DestinationLive, DestinationState, Failure, Live};
 use crate::relay::Relay;
 use crate::relay::body::RelayBody;
 use crate::status;
-use crate::upstream::connect::{Connector, Route};
+use crate::upstream::connect::{ConnectError, Connector, Route};
+use crate::upstream::pool::DestHealth;
+use crate::upstream::tunnel::TunnelError;
 
 /// What the status page reads besides the relay's own records.
 pub struct StatusSources {
@@ -49,11 +52,25 @@ impl StatusSources {
                 (name.clone(), used)
             })
             .collect();
-        let mut pool: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+        let mut pool: BTreeMap<String, (usize, usize)> = BTreeMap::new();
         for (key, stats) in relay.pool().stats() {
             let e = pool.entry(key.dest.to_string()).or_default();
             e.0 += stats.open_connections;
             e.1 += stats.streams_in_flight;
+        }
+        // One destination may have several identities; the one down the longest speaks for it.
+        let mut health: BTreeMap<String, DestHealth> = BTreeMap::new();
+        for (key, h) in relay.pool().health() {
+            let e = health
+                .entry(key.dest.to_string())
+                .or_insert_with(|| h.clone());
+            e.connecting |= h.connecting;
+            if h.failures > 0 && (e.failures == 0 || h.down_since < e.down_since) {
+                *e = DestHealth {
+                    connecting: e.connecting,
+                    ..h
+                };
+            }
         }
         let destinations = relay
             .destinations()
@@ -68,11 +85,7 @@ impl StatusSources {
                         format!("via proxy {proxy} (CONNECT {target})")
                     }
                 };
-                let state = if connections > 0 {
-                    DestinationState::Up
-                } else {
-                    DestinationState::Idle
-                };
+                let state = state_of(connections, health.get(&name));
                 DestinationLive {
                     name,
                     route,
@@ -118,6 +131,47 @@ impl Readiness {
 
     pub fn get(&self) -> bool {
         self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Up with a connection open; otherwise as the pool's health says.
+fn state_of(open: usize, health: Option<&DestHealth>) -> DestinationState {
+    let Some(h) = health.filter(|_| open == 0) else {
+        return match open {
+            0 => DestinationState::Idle,
+            _ => DestinationState::Up,
+        };
+    };
+    let last_failure = h.last_error.as_deref().map(failure);
+    match (h.connecting, last_failure) {
+        (true, last_failure) => DestinationState::Connecting {
+            failures: h.failures,
+            last_failure,
+        },
+        (false, Some(last_failure)) if h.failures > 0 => DestinationState::BackingOff {
+            since: h
+                .down_since
+                .map_or_else(|| "–".to_owned(), |t| recent::utc(recent::unix_seconds(t))),
+            failures: h.failures,
+            retry_in_seconds: h.retry_in.map_or(0, |d| d.as_secs_f64().ceil() as u64),
+            last_failure,
+        },
+        _ => DestinationState::Idle,
+    }
+}
+
+/// The hop that failed, in the other side's words where it gave some (`proxy answered 407 …`).
+fn failure(e: &ConnectError) -> Failure {
+    let hop = match e {
+        ConnectError::Tunnel(TunnelError::Refused { status, reason, .. }) => {
+            format!("proxy answered {status} {reason}")
+        }
+        e if e.is_timeout() => format!("{} timed out", e.hop()),
+        e => format!("{} failed", e.hop()),
+    };
+    Failure {
+        hop,
+        error: e.to_string(),
     }
 }
 
@@ -219,5 +273,102 @@ pub async fn serve(
                 tracing::debug!(client.addr = %peer, error = %e, "admin connection ended with an error");
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn refused_407() -> Arc<ConnectError> {
+        Arc::new(ConnectError::Tunnel(TunnelError::Refused {
+            proxy: "http://relay:***@127.0.0.1:3128".into(),
+            target: "api.push.apple.com:443".into(),
+            status: 407,
+            reason: "Proxy Authentication Required".into(),
+            headers: vec![],
+        }))
+    }
+
+    fn down(connecting: bool, retry_in: Duration) -> DestHealth {
+        DestHealth {
+            connecting,
+            failures: 2,
+            down_since: Some(std::time::UNIX_EPOCH + Duration::from_secs(1_796_155_509)),
+            retry_in: Some(retry_in),
+            last_error: Some(refused_407()),
+        }
+    }
+
+    /// An open connection means up whatever came before; otherwise the pool's health decides.
+    #[test]
+    fn destination_state_follows_the_pool() {
+        assert_eq!(
+            state_of(1, Some(&down(false, Duration::ZERO))),
+            DestinationState::Up
+        );
+        assert_eq!(state_of(0, None), DestinationState::Idle);
+        let healthy = DestHealth {
+            connecting: false,
+            failures: 0,
+            down_since: None,
+            retry_in: None,
+            last_error: None,
+        };
+        assert_eq!(state_of(0, Some(&healthy)), DestinationState::Idle);
+        let first = DestHealth {
+            connecting: true,
+            ..healthy
+        };
+        assert_eq!(
+            state_of(0, Some(&first)),
+            DestinationState::Connecting {
+                failures: 0,
+                last_failure: None
+            }
+        );
+        match state_of(0, Some(&down(false, Duration::from_millis(1500)))) {
+            DestinationState::BackingOff {
+                since,
+                failures,
+                retry_in_seconds,
+                last_failure,
+            } => {
+                assert_eq!(since, "2026-12-01 20:05:09 UTC");
+                assert_eq!((failures, retry_in_seconds), (2, 2));
+                assert_eq!(
+                    last_failure.hop,
+                    "proxy answered 407 Proxy Authentication Required"
+                );
+                assert!(
+                    last_failure.error.contains("refused CONNECT"),
+                    "{last_failure:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            state_of(0, Some(&down(true, Duration::ZERO))),
+            DestinationState::Connecting {
+                failures: 2,
+                last_failure: Some(_)
+            }
+        ));
+    }
+
+    #[test]
+    fn failures_name_the_hop() {
+        let tcp = ConnectError::TcpTimeout {
+            addr: "127.0.0.1:1".into(),
+            after: Duration::from_secs(2),
+        };
+        assert_eq!(failure(&tcp).hop, "tcp timed out");
+        let tls = ConnectError::NoH2 {
+            host: "api.push.apple.com".into(),
+            alpn: "http/1.1".into(),
+        };
+        assert_eq!(failure(&tls).hop, "tls failed");
     }
 }

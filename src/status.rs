@@ -58,7 +58,8 @@ const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#1
 h1{font-size:1.4em;margin-bottom:.2em}h2{font-size:1.1em;margin-top:1.6em}\
 table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;\
 vertical-align:top}th{background:#f3f3f3}td.n{text-align:right}\
-.bad{color:#a00;font-weight:600}.good{color:#070}.warn{color:#a60;font-weight:600}\
+.bad{color:#a00}.good{color:#070}.warn{color:#a60}.bad b,.warn b{font-weight:700}\
+td.wide{min-width:15em}small{display:block;color:#444;font-size:.85em;max-width:32em;overflow-wrap:anywhere}\
 pre{background:#f7f7f7;border:1px solid #ddd;padding:.8em;overflow:auto}\
 p.meta{color:#555;margin-top:0}";
 
@@ -116,7 +117,7 @@ fn listener_row(l: &ListenerStatus) -> Vec<String> {
 
 fn failure(f: &Failure) -> String {
     format!(
-        "<td class=\"bad\"><b>{}</b><br>{}</td>",
+        "<td class=\"bad wide\"><b>{}</b><small>{}</small></td>",
         escape(&f.hop),
         escape(&f.error)
     )
@@ -133,7 +134,8 @@ fn destination_row(d: &DestinationStatus) -> Vec<String> {
             match failures {
                 0 => td("connecting"),
                 n => format!(
-                    "<td class=\"warn\">connecting again after {n} failed connect{}</td>",
+                    "<td class=\"warn wide\"><b>connecting</b><small>again, after {n} failed \
+                     connect{}</small></td>",
                     plural(*n)
                 ),
             },
@@ -146,8 +148,8 @@ fn destination_row(d: &DestinationStatus) -> Vec<String> {
             last_failure,
         } => (
             format!(
-                "<td class=\"bad\">backing off since {}<br>{failures} failed connect{} in a \
-                 row; {}</td>",
+                "<td class=\"bad wide\"><b>backing off</b><small>since {}; {failures} failed \
+                 connect{} in a row; {}</small></td>",
                 escape(since),
                 plural(*failures),
                 match retry_in_seconds {
@@ -241,8 +243,8 @@ pub fn html(s: &Snapshot) -> String {
         }
     }
 
-    let recent = format!("last {RECENT_MINUTES} min");
-    let hour = format!("last {HISTORY_MINUTES} min");
+    let recent = format!("{RECENT_MINUTES} min");
+    let hour = format!("{HISTORY_MINUTES} min");
     out.push_str("<h2>Listeners</h2>\n");
     let rows: Vec<Vec<String>> = s.listeners.iter().map(listener_row).collect();
     table(
@@ -254,15 +256,18 @@ pub fn html(s: &Snapshot) -> String {
             "TLS",
             "certificate expires",
             "client connections",
-            &format!("requests, {recent}"),
-            &format!("errors, {recent}"),
-            &format!("requests, {hour}"),
-            &format!("errors, {hour}"),
+            &format!("requests {recent}"),
+            &format!("errors {recent}"),
+            &format!("requests {hour}"),
+            &format!("errors {hour}"),
         ],
         &rows,
         "No listener.",
     );
-    out.push_str("<p class=\"meta\">Errors: answers with a 4xx or 5xx status, pushrelay's own and the origin's.</p>\n");
+    out.push_str(
+        "<p class=\"meta\">Over the last 5 and 60 minutes; errors are answers with a 4xx or 5xx \
+         status, pushrelay's own and the origin's.</p>\n",
+    );
 
     out.push_str("<h2>Destinations</h2>\n");
     let rows: Vec<Vec<String>> = s.destinations.iter().map(destination_row).collect();
@@ -275,10 +280,10 @@ pub fn html(s: &Snapshot) -> String {
             "last failure",
             "upstream connections",
             "streams in flight",
-            &format!("requests, {recent}"),
-            &format!("errors, {recent}"),
-            &format!("latency p50, {recent}"),
-            &format!("latency p99, {recent}"),
+            &format!("requests {recent}"),
+            &format!("errors {recent}"),
+            &format!("latency p50 {recent}"),
+            &format!("latency p99 {recent}"),
         ],
         &rows,
         "No destination is allowed: every request is refused.",
@@ -295,7 +300,7 @@ pub fn html(s: &Snapshot) -> String {
         .collect();
     table(
         &mut out,
-        &["reason", &recent, &hour],
+        &["reason", &format!("last {recent}"), &format!("last {hour}")],
         &rows,
         &format!("None in the {hour}."),
     );
@@ -413,12 +418,12 @@ mod tests {
             "<td>pre-proxy</td>",
             "<td>minted from CA certs/ca.pem</td>",
             "<td class=\"good\">up</td>",
-            "backing off since 2026-12-01 20:00:00 UTC",
-            "3 failed connects in a row; next attempt in 4 s",
-            "connecting again after 2 failed connects",
-            "<b>tcp</b><br>TCP connect failed",
-            "<b>proxy answered 407 Proxy Authentication Required</b><br>proxy 127.0.0.1:3128 \
-             refused CONNECT &lt;host&gt;",
+            "<b>backing off</b><small>since 2026-12-01 20:00:00 UTC; 3 failed connects in a row; \
+             next attempt in 4 s</small>",
+            "<b>connecting</b><small>again, after 2 failed connects</small>",
+            "<b>tcp</b><small>TCP connect failed</small>",
+            "<b>proxy answered 407 Proxy Authentication Required</b><small>proxy 127.0.0.1:3128 \
+             refused CONNECT &lt;host&gt;</small>",
             "<td>RelayProxyAuthenticationRequired</td>",
             "⚠ 5 days (under 30)",
             "proxy: http://relay:***@proxy:3128",

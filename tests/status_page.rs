@@ -226,6 +226,14 @@ async fn status_page_shows_a_working_and_a_failing_destination() {
         &format!("api.sandbox.push.apple.com:{port} via proxy"),
     );
     assert!(failing.contains("via proxy http://relay:***@"), "{failing}");
+    assert!(
+        failing.contains("backing off since 20") && failing.contains(" failed connect"),
+        "the destination is backing off, since when and after how many failures: {failing}"
+    );
+    assert!(
+        failing.contains("proxy answered 407 Proxy Authentication Required"),
+        "the hop that failed, in the proxy's words: {failing}"
+    );
     // Requests in the last 5 minutes: 3, all errors.
     assert!(
         failing.contains(" 3 3 "),
@@ -280,7 +288,13 @@ async fn status_page_shows_a_working_and_a_failing_destination() {
         by_name(&format!("api.push.apple.com:{port}"))["state"],
         "up"
     );
-    assert_eq!(by_name(&sandbox)["last_5m"]["errors"], 3);
+    let failing = by_name(&sandbox);
+    assert_eq!(failing["last_5m"]["errors"], 3);
+    assert_eq!(failing["state"], "backing_off", "{failing}");
+    assert_eq!(
+        failing["last_failure"]["hop"],
+        "proxy answered 407 Proxy Authentication Required"
+    );
     assert!(!String::from_utf8_lossy(&json.body).contains(PROXY_PASSWORD));
     relay.stop().await;
 }

@@ -13,7 +13,7 @@ use std::hash::{BuildHasher, Hasher};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use h2::client::ResponseFuture;
@@ -173,6 +173,8 @@ struct Health {
     last_error: Option<Arc<ConnectError>>,
     /// A worker is making the attempt that tells whether the destination is back.
     probing: bool,
+    /// When the first of the `failures` in a row happened (for the status page).
+    down_since: Option<SystemTime>,
 }
 
 #[derive(Default)]
@@ -353,6 +355,19 @@ pub struct DestStats {
     pub streams_in_flight: usize,
 }
 
+/// Whether one destination (for one identity) is reachable, as the status page shows it.
+#[derive(Debug, Clone)]
+pub struct DestHealth {
+    /// A connect is under way in some shard.
+    pub connecting: bool,
+    /// Failed connects in a row (0: none since the last success).
+    pub failures: u32,
+    pub down_since: Option<SystemTime>,
+    /// Until the next attempt may start; zero once it is due.
+    pub retry_in: Option<Duration>,
+    pub last_error: Option<Arc<ConnectError>>,
+}
+
 impl PoolGauges for Pool {
     fn gauges(&self) -> Vec<DestinationGauges> {
         self.stats()
@@ -516,6 +531,29 @@ impl Pool {
         by_key.into_iter().collect()
     }
 
+    /// Each key's reachability, read without changing anything (for the status page).
+    pub fn health(&self) -> Vec<(PoolKey, DestHealth)> {
+        let now = Instant::now();
+        let mut by_key: HashMap<PoolKey, DestHealth> = HashMap::new();
+        for shard in &self.inner.dests {
+            let dests = shard.lock().unwrap_or_else(|p| p.into_inner());
+            for d in dests.values() {
+                // `state` before `health`, as everywhere.
+                let connecting = d.lock().connecting;
+                let h = d.health();
+                let e = by_key.entry(d.key.clone()).or_insert_with(|| DestHealth {
+                    connecting: false,
+                    failures: h.failures,
+                    down_since: h.down_since,
+                    retry_in: h.retry_at.map(|at| at.saturating_duration_since(now)),
+                    last_error: h.last_error.clone(),
+                });
+                e.connecting |= connecting;
+            }
+        }
+        by_key.into_iter().collect()
+    }
+
     /// A stream slot towards `key`, opening a connection when every open one is full. Waits (bounded
     /// by the queue size and `deadline`) when the destination has all the connections it may have.
     pub async fn checkout(&self, key: &PoolKey, deadline: Instant) -> Result<Lease, PoolError> {
@@ -641,6 +679,7 @@ impl Pool {
             }
             Err(e) => {
                 health.failures = health.failures.saturating_add(1);
+                health.down_since.get_or_insert_with(SystemTime::now);
                 let delay = backoff_delay(&self.inner.settings, health.failures, random_jitter());
                 health.retry_at = Some(Instant::now() + delay);
                 match &e {
