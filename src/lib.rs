@@ -316,11 +316,11 @@ impl App {
                 };
                 metrics::recent::ListenerAbout {
                     name: l.name.clone(),
-                    mode: match l.mode {
-                        Mode::PreProxy => "pre-proxy",
-                        Mode::PostProxy => "post-proxy",
-                    }
-                    .to_owned(),
+                    // As the configuration spells it (`pre-proxy`, …), for every mode there is.
+                    mode: serde_json::to_value(l.mode)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default(),
                     bind: socket
                         .local_addr()
                         .map_or_else(|_| l.bind.to_string(), |a| a.to_string()),

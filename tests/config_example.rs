@@ -233,90 +233,54 @@ fn element<T: ?Sized + Serialize>(at: &KeyRecorder, value: &T) -> Result<(), Rec
     }
 }
 
-impl ser::SerializeSeq for KeyRecorder {
-    type Ok = ();
-    type Error = RecordError;
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), RecordError> {
-        element(self, value)
-    }
-    fn end(self) -> Result<(), RecordError> {
-        Ok(())
-    }
+/// Lists and tuples: each element is walked at the list's `[]` path.
+macro_rules! elements {
+    ($($trait:ident :: $method:ident),*) => {$(
+        impl ser::$trait for KeyRecorder {
+            type Ok = ();
+            type Error = RecordError;
+            fn $method<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), RecordError> {
+                element(self, value)
+            }
+            fn end(self) -> Result<(), RecordError> {
+                Ok(())
+            }
+        }
+    )*};
 }
+elements!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field
+);
 
-impl ser::SerializeTuple for KeyRecorder {
-    type Ok = ();
-    type Error = RecordError;
-    fn serialize_element<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), RecordError> {
-        element(self, value)
-    }
-    fn end(self) -> Result<(), RecordError> {
-        Ok(())
-    }
+/// Structs: each field is a key, walked further; a field left out because it is unset
+/// (`skip_serializing_if`) is still a key.
+macro_rules! fields {
+    ($($trait:ident),*) => {$(
+        impl ser::$trait for KeyRecorder {
+            type Ok = ();
+            type Error = RecordError;
+            fn serialize_field<T: ?Sized + Serialize>(
+                &mut self,
+                key: &'static str,
+                value: &T,
+            ) -> Result<(), RecordError> {
+                let child = self.field(key);
+                element(&child, value)
+            }
+            fn skip_field(&mut self, key: &'static str) -> Result<(), RecordError> {
+                self.field(key);
+                Ok(())
+            }
+            fn end(self) -> Result<(), RecordError> {
+                Ok(())
+            }
+        }
+    )*};
 }
-
-impl ser::SerializeTupleStruct for KeyRecorder {
-    type Ok = ();
-    type Error = RecordError;
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), RecordError> {
-        element(self, value)
-    }
-    fn end(self) -> Result<(), RecordError> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeTupleVariant for KeyRecorder {
-    type Ok = ();
-    type Error = RecordError;
-    fn serialize_field<T: ?Sized + Serialize>(&mut self, value: &T) -> Result<(), RecordError> {
-        element(self, value)
-    }
-    fn end(self) -> Result<(), RecordError> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStruct for KeyRecorder {
-    type Ok = ();
-    type Error = RecordError;
-    fn serialize_field<T: ?Sized + Serialize>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), RecordError> {
-        let child = self.field(key);
-        element(&child, value)
-    }
-    /// A field left out because it is unset (`skip_serializing_if`) is still a key.
-    fn skip_field(&mut self, key: &'static str) -> Result<(), RecordError> {
-        self.field(key);
-        Ok(())
-    }
-    fn end(self) -> Result<(), RecordError> {
-        Ok(())
-    }
-}
-
-impl ser::SerializeStructVariant for KeyRecorder {
-    type Ok = ();
-    type Error = RecordError;
-    fn serialize_field<T: ?Sized + Serialize>(
-        &mut self,
-        key: &'static str,
-        value: &T,
-    ) -> Result<(), RecordError> {
-        let child = self.field(key);
-        element(&child, value)
-    }
-    fn skip_field(&mut self, key: &'static str) -> Result<(), RecordError> {
-        self.field(key);
-        Ok(())
-    }
-    fn end(self) -> Result<(), RecordError> {
-        Ok(())
-    }
-}
+fields!(SerializeStruct, SerializeStructVariant);
 
 fn accepted_keys(config: &Config) -> BTreeSet<String> {
     let recorder = KeyRecorder {

@@ -18,6 +18,7 @@ use support::client::{Connect, H2Client, push_request};
 use support::origin::FakeApns;
 use support::pki::TestPki;
 use support::proxy::{Behaviour, TestProxy};
+use support::relay::Via;
 use support::{http1, relay, token, within};
 
 const PAYLOAD: &str = r#"{"aps":{"alert":"hi"}}"#;
@@ -113,27 +114,16 @@ fn rows(dom: &str) -> Vec<String> {
 fn yaml(pki: &TestPki, origin: &FakeApns, proxy: &TestProxy) -> String {
     let port = origin.port();
     let (cert, key) = pki.write_client_cert("com.example.other");
+    let through_proxy = relay::pre_proxy_yaml(
+        pki,
+        origin,
+        Via::Proxy(proxy.url_with("relay", PROXY_PASSWORD)),
+    );
+    // `upstream:` is the last section: these keys join it.
     format!(
-        r#"listeners:
-  - name: apns
-    mode: pre-proxy
-    bind: "127.0.0.1:0"
-    upstream_port: {port}
-    tls:
-      ca_cert: "{ca_cert}"
-      ca_key: "{ca_key}"
-    allow_sources: ["127.0.0.1/32"]
-destinations:
-  - "api.push.apple.com:{port}"
-  - "api.sandbox.push.apple.com:{port}"
-upstream:
-  proxy: "{proxy}"
-  no_proxy: ["api.push.apple.com"]
+        r#"{through_proxy}  no_proxy: ["api.push.apple.com"]
   connect_to:
     "api.push.apple.com:{port}": "127.0.0.1:{port}"
-  extra_roots: ["{ca_cert}"]
-  connect_timeout: 2s
-  request_timeout: 5s
   identities:
     - topic: com.example.other
       cert: "{cert}"
@@ -141,9 +131,6 @@ upstream:
 "#,
         cert = cert.display(),
         key = key.display(),
-        ca_cert = pki.ca_cert.display(),
-        ca_key = pki.ca_key.display(),
-        proxy = proxy.url_with("relay", PROXY_PASSWORD),
     )
 }
 
