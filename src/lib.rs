@@ -285,9 +285,9 @@ impl App {
 }
 
 impl App {
-    /// What the status page reads besides the relay's records: the listeners as bound, their
-    /// connection limits, the routes.
-    fn status_sources(&self, sockets: &[TcpListener]) -> admin::StatusSources {
+    /// What the status page reads besides the relay's records: the listeners as bound on
+    /// `sockets` (in order), their connection limits, the routes.
+    pub fn status_sources(&self, sockets: &[TcpListener]) -> admin::StatusSources {
         let listeners = self
             .config
             .listeners

@@ -467,6 +467,7 @@ async fn admin_with(limits: pushrelay::admin::Limits) -> (SocketAddr, TestPki) {
         app.relay().clone(),
         ready,
         limits,
+        Arc::new(app.status_sources(&[])),
         tokio_util::sync::CancellationToken::new(),
     ));
     (addr, pki)
