@@ -29,13 +29,13 @@ use pushrelay::tls::pki::{CA_CERT_FILE, CA_KEY_FILE, Ca};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 
-/// Names on the origin's certificate: the APNs hosts, plus loopback names for proxies that verify.
-const NAMES: [&str; 5] = [
+/// Names on the origin's certificate: the APNs hosts only, since `pushrelay ca init` makes a CA
+/// name-constrained to them (a leaf naming localhost or an IP address would fail verification);
+/// proxies in front of it verify it by SNI.
+const NAMES: [&str; 3] = [
     "api.push.apple.com",
     "api.sandbox.push.apple.com",
     "api.development.push.apple.com",
-    "localhost",
-    "127.0.0.1",
 ];
 
 /// Streams a client may open at once on one connection, as APNs allows.
