@@ -51,15 +51,15 @@ fn uptime(seconds: u64) -> String {
 }
 
 fn ms(value: Option<f64>) -> String {
-    value.map_or("–".into(), |v| format!("≤ {v} ms"))
+    value.map_or("–".into(), |v| format!("≤{v} ms"))
 }
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:1.5em;color:#111}\
 h1{font-size:1.4em;margin-bottom:.2em}h2{font-size:1.1em;margin-top:1.6em}\
-table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;\
+table{border-collapse:collapse;font-size:.95em}th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left;\
 vertical-align:top}th{background:#f3f3f3}td.n{text-align:right}\
 .bad{color:#a00}.good{color:#070}.warn{color:#a60}.bad b,.warn b{font-weight:700}\
-td.wide{min-width:15em}small{display:block;color:#444;font-size:.85em;max-width:32em;overflow-wrap:anywhere}\
+td.wide{min-width:11em}small{display:block;color:#444;font-size:.85em;max-width:22em;overflow-wrap:anywhere}\
 pre{background:#f7f7f7;border:1px solid #ddd;padding:.8em;overflow:auto}\
 p.meta{color:#555;margin-top:0}";
 
@@ -167,10 +167,18 @@ fn destination_row(d: &DestinationStatus) -> Vec<String> {
         last_failure,
         num(d.connections),
         num(d.streams_in_flight),
-        num(d.last_5m.requests),
-        errors(&d.last_5m),
-        num(ms(d.latency_ms_p50)),
-        num(ms(d.latency_ms_p99)),
+        match d.last_5m.errors {
+            0 => num(format!("{} / 0", d.last_5m.requests)),
+            e => format!(
+                "<td class=\"n\">{} / <span class=\"bad\">{e}</span></td>",
+                d.last_5m.requests
+            ),
+        },
+        num(format!(
+            "{} / {}",
+            ms(d.latency_ms_p50),
+            ms(d.latency_ms_p99)
+        )),
     ]
 }
 
@@ -280,10 +288,8 @@ pub fn html(s: &Snapshot) -> String {
             "last failure",
             "upstream connections",
             "streams in flight",
-            &format!("requests {recent}"),
-            &format!("errors {recent}"),
-            &format!("latency p50 {recent}"),
-            &format!("latency p99 {recent}"),
+            &format!("requests / errors {recent}"),
+            &format!("latency p50 / p99 {recent}"),
         ],
         &rows,
         "No destination is allowed: every request is refused.",

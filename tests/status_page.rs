@@ -223,7 +223,7 @@ async fn status_page_shows_a_working_and_a_failing_destination() {
     );
     // Requests in the last 5 minutes: 3, all errors.
     assert!(
-        failing.contains(" 3 3 "),
+        failing.contains(" 0 0 3 / 3 "),
         "three requests, three errors: {failing}"
     );
     let listener = row_with(&rows, "pre-proxy");
