@@ -48,6 +48,16 @@ pub enum RelayError {
     IdentityNotAllowed(#[from] IdentityRefused),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    #[error("proxy credentials missing or wrong")]
+    ProxyCredentials,
+    #[error("this client has {0} tunnels open already")]
+    TooManyTunnels(usize),
+    #[error("tunnel to {dest}: {source}")]
+    Tunnel {
+        dest: Authority,
+        #[source]
+        source: Box<ConnectError>,
+    },
 }
 
 impl RelayError {
@@ -75,6 +85,15 @@ impl RelayError {
                 (S::FORBIDDEN, "RelayIdentityNotAllowed", Fault::Policy)
             }
             RelayError::Upstream(e) => classify_upstream(e),
+            RelayError::ProxyCredentials => (
+                S::PROXY_AUTHENTICATION_REQUIRED,
+                "RelayProxyCredentialsRequired",
+                Fault::Client,
+            ),
+            RelayError::TooManyTunnels(_) => {
+                (S::TOO_MANY_REQUESTS, "RelayTooManyTunnels", Fault::Client)
+            }
+            RelayError::Tunnel { source, .. } => classify_connect(source),
         }
     }
 
@@ -217,6 +236,13 @@ pub fn hop_of(e: &RelayError) -> (&'static str, Option<u16>) {
             (source.hop(), status)
         }
         RelayError::Upstream(UpstreamError::Pool(_)) => ("pool", None),
+        RelayError::Tunnel { source, .. } => {
+            let status = match source.as_ref() {
+                ConnectError::Tunnel(t) => t.proxy_status(),
+                _ => None,
+            };
+            (source.hop(), status)
+        }
         RelayError::Upstream(UpstreamError::Timeout { .. } | UpstreamError::Stream { .. }) => {
             ("origin", None)
         }

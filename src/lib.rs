@@ -70,6 +70,7 @@ use listen::Listener;
 use policy::SourcePolicy;
 use relay::Relay;
 use relay::door::DoorHandle;
+use relay::forward_proxy::ForwardProxy;
 use relay::post_proxy::PostProxy;
 use relay::pre_proxy::PreProxy;
 use reload::Reloader;
@@ -143,6 +144,7 @@ impl App {
             let door: DoorHandle = match l.mode {
                 Mode::PreProxy => Arc::new(PreProxy::new(i, l, &config, relay.clone())?),
                 Mode::PostProxy => Arc::new(PostProxy::new(i, l, &config, relay.clone())?),
+                Mode::ForwardProxy => Arc::new(ForwardProxy::new(i, l, &config, relay.clone())?),
             };
             listeners.push(Listener {
                 name: l.name.as_str().into(),

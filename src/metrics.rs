@@ -80,6 +80,24 @@ struct CertLabels {
     name: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectLabels {
+    listener: Arc<str>,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelLabels {
+    listener: Arc<str>,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TunnelBytesLabels {
+    listener: Arc<str>,
+    direction: &'static str,
+}
+
 type HistogramFamily = Family<ListenerLabels, Histogram, fn() -> Histogram>;
 
 /// A request's counter and histogram, as looked up for its labels. A family lookup hashes every
@@ -121,6 +139,9 @@ pub struct Metrics {
     goaways: Family<DestinationLabels, Counter>,
     cert_expiry: Family<CertLabels, Gauge<i64, AtomicI64>>,
     status: Arc<Book>,
+    connects: Family<ConnectLabels, Counter>,
+    tunnels_open: Family<TunnelLabels, Gauge>,
+    tunnel_bytes: Family<TunnelBytesLabels, Counter>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -150,6 +171,9 @@ impl Metrics {
             goaways: Family::default(),
             cert_expiry: Family::default(),
             status: Arc::default(),
+            connects: Family::default(),
+            tunnels_open: Family::default(),
+            tunnel_bytes: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -196,6 +220,21 @@ impl Metrics {
             "certificate_expiry_timestamp_seconds",
             "Not-after of each served and CA certificate (Unix time)",
             m.cert_expiry.clone(),
+        );
+        registry.register(
+            "forward_proxy_connects",
+            "CONNECT requests to a forward-proxy listener, by outcome (intercepted, tunnelled, or the Relay reason of the refusal)",
+            m.connects.clone(),
+        );
+        registry.register(
+            "forward_proxy_tunnels_open",
+            "CONNECT tunnels open, by kind (intercept, blind)",
+            m.tunnels_open.clone(),
+        );
+        registry.register(
+            "forward_proxy_tunnel_bytes",
+            "Bytes copied through blind tunnels, by direction (to_upstream, to_client)",
+            m.tunnel_bytes.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -294,6 +333,36 @@ impl Metrics {
                 destination: destination.to_owned(),
             })
             .inc();
+    }
+
+    /// A CONNECT answered: `outcome` is `intercepted`, `tunnelled` or a `Relay…` reason.
+    pub fn connect(&self, listener: &Arc<str>, outcome: &'static str) {
+        self.connects
+            .get_or_create(&ConnectLabels {
+                listener: listener.clone(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// The open-tunnels gauge for `kind` (`intercept` or `blind`), to move up and down.
+    pub fn tunnels_open(&self, listener: &Arc<str>, kind: &'static str) -> Gauge {
+        self.tunnels_open
+            .get_or_create(&TunnelLabels {
+                listener: listener.clone(),
+                kind,
+            })
+            .clone()
+    }
+
+    /// The blind-tunnel byte counter for `direction` (`to_upstream` or `to_client`).
+    pub fn tunnel_bytes(&self, listener: &Arc<str>, direction: &'static str) -> Counter {
+        self.tunnel_bytes
+            .get_or_create(&TunnelBytesLabels {
+                listener: listener.clone(),
+                direction,
+            })
+            .clone()
     }
 
     /// The expiry of an upstream identity's certificate (`listener="upstream"`, `kind="identity"`,

@@ -258,6 +258,15 @@ impl DestinationPolicy {
         hosts.sort();
         hosts
     }
+
+    /// Every allowed host name, on any port, sorted and once each: what a forward-proxy listener
+    /// presents certificates for.
+    pub fn hosts(&self) -> Vec<String> {
+        let mut hosts: Vec<String> = self.allowed.iter().map(|a| a.host().to_owned()).collect();
+        hosts.sort();
+        hosts.dedup();
+        hosts
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,10 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     /// The only `host:port` pairs pushrelay ever connects to. Default: the APNs hosts on 443.
     pub destinations: Vec<Authority>,
+    /// `host:port` pairs a forward-proxy listener tunnels blindly (no TLS termination), e.g.
+    /// `fcm.googleapis.com:443`. Never also a destination. Default: none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tunnels: Vec<Authority>,
     pub upstream: UpstreamConfig,
     pub limits: Limits,
     pub log: LogConfig,
@@ -64,6 +68,9 @@ pub enum Mode {
     PreProxy,
     /// HTTP/1.1 from a legacy corporate proxy, relayed as HTTP/2.
     PostProxy,
+    /// The push server's HTTPS_PROXY: CONNECT to a destination is intercepted (TLS, then the
+    /// pipeline), CONNECT to a `tunnels` entry is a blind tunnel, anything else is refused.
+    ForwardProxy,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -83,6 +90,26 @@ pub struct ListenerConfig {
     /// Client networks allowed to connect. Empty or missing: nobody (with a startup warning).
     #[serde(default, deserialize_with = "text::list")]
     pub allow_sources: Vec<IpNet>,
+    /// forward-proxy only: Basic credentials every CONNECT must carry. Absent: only
+    /// `allow_sources` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_auth: Option<ProxyAuthConfig>,
+}
+
+/// forward-proxy client authentication (`listeners[].proxy_auth`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyAuthConfig {
+    /// One `user:password` per line (`#` starts a comment). A secret: keep it mode 0600. Read
+    /// at start-up; a change needs a restart.
+    pub users_file: PathBuf,
+    /// Sent in `Proxy-Authenticate`. Default `pushrelay`.
+    #[serde(default = "default_realm")]
+    pub realm: String,
+}
+
+fn default_realm() -> String {
+    "pushrelay".into()
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -221,6 +248,11 @@ pub struct Limits {
     /// with no stream open (GOAWAY first).
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
+    /// forward-proxy: CONNECT tunnels (intercepted or blind) one client address may hold open.
+    pub max_tunnels_per_source: usize,
+    /// forward-proxy: a blind tunnel with no byte either way for this long is closed.
+    #[serde(with = "duration")]
+    pub tunnel_idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,11 +297,13 @@ impl Default for Config {
                     v6 => v6,
                 })
                 .collect(),
+                proxy_auth: None,
             }],
             destinations: APNS_HOSTS
                 .iter()
                 .filter_map(|h| Authority::new(h, 443).ok())
                 .collect(),
+            tunnels: Vec::new(),
             upstream: UpstreamConfig::default(),
             limits: Limits::default(),
             log: LogConfig::default(),
@@ -308,6 +342,8 @@ impl Default for Limits {
             max_request_body: 64 * 1024,
             max_header_bytes: 16 * 1024,
             idle_timeout: Duration::from_secs(300),
+            max_tunnels_per_source: 256,
+            tunnel_idle_timeout: Duration::from_secs(300),
         }
     }
 }

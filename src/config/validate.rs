@@ -10,6 +10,7 @@ use figment::Figment;
 
 use super::load::{Problem, origin_of};
 use super::shape::{Config, ListenerConfig, Mode, ServerTls};
+use super::values::read_proxy_users;
 use crate::policy::Authority;
 
 /// A configuration that passed validation, with each listener's TLS source settled. Reads as a
@@ -93,6 +94,7 @@ pub(super) fn validate(
     destinations(&config, &mut report);
     upstream(&config, &mut report);
     limits(&config, &mut report);
+    forward_proxy(&config, &mut report);
     process(&config, &mut report);
     durations(&config, &mut report);
     let warnings = report.warnings;
@@ -165,12 +167,15 @@ fn listeners(
 /// `listeners[i].tls`: required for pre-proxy, one certificate source, every file readable.
 fn listener_tls(l: &ListenerConfig, idx: &str, report: &mut Report<'_>) -> Option<ServerTls> {
     let Some(tls) = &l.tls else {
-        if l.mode == Mode::PreProxy {
-            report.problem(
-                &["listeners", idx, "tls"],
-                "a pre-proxy listener needs tls (ca_cert + ca_key, or cert + key)".into(),
-            );
-        }
+        let mode = match l.mode {
+            Mode::PreProxy => "pre-proxy",
+            Mode::ForwardProxy => "forward-proxy",
+            Mode::PostProxy => return None,
+        };
+        report.problem(
+            &["listeners", idx, "tls"],
+            format!("a {mode} listener needs tls (ca_cert + ca_key, or cert + key)"),
+        );
         return None;
     };
     let settled = tls.server_tls();
@@ -332,6 +337,7 @@ fn durations(config: &Config, report: &mut Report<'_>) {
         (&["upstream", "keepalive_timeout"], up.keepalive_timeout),
         (&["limits", "handshake_timeout"], l.handshake_timeout),
         (&["limits", "idle_timeout"], l.idle_timeout),
+        (&["limits", "tunnel_idle_timeout"], l.tunnel_idle_timeout),
         (&["shutdown_grace"], config.shutdown_grace),
         (&["reload_poll_interval"], config.reload_poll_interval),
     ];
@@ -345,6 +351,64 @@ fn durations(config: &Config, report: &mut Report<'_>) {
                 ),
             );
         }
+    }
+}
+
+/// The forward-proxy keys: `tunnels` apart from `destinations` and each once, `proxy_auth` only
+/// on a forward-proxy listener and its users file readable, the tunnel limits.
+fn forward_proxy(config: &Config, report: &mut Report<'_>) {
+    let mut seen = HashSet::new();
+    for (i, t) in config.tunnels.iter().enumerate() {
+        let idx = i.to_string();
+        if config.destinations.contains(t) {
+            report.problem(
+                &["tunnels", idx.as_str()],
+                format!("{t} is also in destinations: a host is either intercepted or tunnelled"),
+            );
+        }
+        if !seen.insert(t) {
+            report.problem(&["tunnels", idx.as_str()], format!("{t} is listed twice"));
+        }
+    }
+    let doors = config
+        .listeners
+        .iter()
+        .filter(|l| l.mode == Mode::ForwardProxy);
+    if doors.count() == 0 && !config.tunnels.is_empty() {
+        report.warn("tunnels is set but no listener has mode forward-proxy".into());
+    }
+    for (i, l) in config.listeners.iter().enumerate() {
+        let idx = i.to_string();
+        let Some(auth) = &l.proxy_auth else { continue };
+        if l.mode != Mode::ForwardProxy {
+            report.problem(
+                &["listeners", idx.as_str(), "proxy_auth"],
+                "only a forward-proxy listener takes proxy_auth".into(),
+            );
+        } else if let Err(e) = read_proxy_users(&auth.users_file) {
+            report.problem(&["listeners", idx.as_str(), "proxy_auth", "users_file"], e);
+        }
+        if auth.realm.is_empty() || auth.realm.contains(['"', '\\', '\r', '\n']) {
+            report.problem(
+                &["listeners", idx.as_str(), "proxy_auth", "realm"],
+                format!(
+                    "invalid realm {:?}: no quotes, backslashes or line breaks",
+                    auth.realm
+                ),
+            );
+        }
+    }
+    if config.limits.max_tunnels_per_source == 0 {
+        report.problem(
+            &["limits", "max_tunnels_per_source"],
+            "must be at least 1".into(),
+        );
+    }
+    if config.limits.tunnel_idle_timeout.is_zero() {
+        report.problem(
+            &["limits", "tunnel_idle_timeout"],
+            "must be more than 0".into(),
+        );
     }
 }
 

@@ -24,6 +24,36 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// The users of a forward-proxy `proxy_auth.users_file`: one `user:password` per line, `#`
+/// comments. Errors say where, never what: a line may hold a password.
+pub fn read_proxy_users(path: &std::path::Path) -> Result<Vec<(String, Secret)>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut users = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        match line.split_once(':') {
+            Some((user, pass)) if !user.is_empty() && !pass.is_empty() => {
+                users.push((user.to_owned(), Secret(pass.to_owned())));
+            }
+            _ => {
+                return Err(format!(
+                    "{} line {}: expected user:password",
+                    path.display(),
+                    n + 1
+                ));
+            }
+        }
+    }
+    if users.is_empty() {
+        return Err(format!("{} has no user:password line", path.display()));
+    }
+    Ok(users)
+}
+
 /// An HTTP CONNECT proxy: `http://[user[:password]@]host:port`. Displays with the password masked.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ProxyUrl {

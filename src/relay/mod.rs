@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod door;
+pub mod forward_proxy;
 pub mod h2_server;
 pub mod headers;
 pub mod http1;

@@ -3,6 +3,10 @@
 //! the SNI names the destination; the request's own host must agree (else 421). HTTP/2 is served
 //! with ALPN h2 and also without ALPN (pushy and aioapns start HTTP/2 straight away; the preface
 //! tells them apart), by `h2_server`; HTTP/1.1 (ALPN http/1.1, or no ALPN and no preface) by hyper.
+//!
+//! The TLS accept (`PreProxy`) and the serving of an accepted TLS stream (`TlsServer`) are apart:
+//! the forward-proxy door accepts TLS its own way, inside a CONNECT tunnel, and then serves it
+//! with the same `TlsServer`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,6 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use super::body::{H2Body, RelayBody};
@@ -40,6 +45,16 @@ pub struct PreProxy {
     name: Arc<str>,
     acceptor: Arc<Swap<TlsAcceptor>>,
     upstream_port: u16,
+    relay: Arc<Relay>,
+    server: Arc<TlsServer>,
+    handshake_timeout: Duration,
+}
+
+/// Serves APNs requests on a client TLS connection that is already accepted: by ALPN (or, with
+/// none, by the HTTP/2 preface) as HTTP/2 or HTTP/1.1, every request checked against the
+/// connection's `Target` and handed to the pipeline. Pre-proxy and forward-proxy share it.
+pub struct TlsServer {
+    name: Arc<str>,
     relay: Arc<Relay>,
     http: auto::Builder<TokioExecutor>,
     h2: h2_server::Settings,
@@ -90,19 +105,8 @@ impl PreProxy {
         destinations: &DestinationPolicy,
         relay: &Relay,
     ) -> Result<TlsAcceptor, TlsSetupError> {
-        let key = format!("listeners[{index}].tls");
         let hosts = destinations.hosts_on_port(listener.upstream_port);
-        let Some(tls_config) = tls else {
-            return Err(TlsSetupError::new(
-                &key,
-                std::path::Path::new("-"),
-                "pre-proxy needs tls",
-            ));
-        };
-        let (server_config, expiries) =
-            tls::server::build(tls_config, tls::server::Names::Only(&hosts), &key)?;
-        relay.metrics().certificates(&listener.name, &expiries);
-        Ok(TlsAcceptor::from(server_config))
+        tls_for_hosts(index, listener, tls, &hosts, relay).map(TlsAcceptor::from)
     }
 
     pub fn new(
@@ -118,13 +122,8 @@ impl PreProxy {
             name: listener.name.as_str().into(),
             acceptor: Arc::new(Swap::new(acceptor)),
             upstream_port: listener.upstream_port,
+            server: Arc::new(TlsServer::new(listener, config, relay.clone())),
             relay,
-            http: http_builder(config),
-            h2: h2_server::Settings {
-                max_header_list_size: config.limits.max_header_bytes as u32,
-                handshake_timeout: config.limits.handshake_timeout,
-                idle_timeout: config.limits.idle_timeout,
-            },
             handshake_timeout: config.limits.handshake_timeout,
         })
     }
@@ -159,25 +158,78 @@ impl PreProxy {
             return;
         };
         let target = match Target::new(sni, self.upstream_port) {
-            Ok(t) => Arc::new(t),
+            Ok(t) => t,
             Err(e) => {
                 tracing::info!(listener = %self.name, client.addr = %peer, error = %e, "no destination for this SNI");
                 return;
             }
         };
+        self.server.serve(tls_stream, peer, target, &shutdown).await;
+    }
+}
+
+/// A TLS server config with a certificate for each of `hosts` (minted or fixed, from the
+/// listener's validated `tls`), its expiries recorded in the metrics.
+pub fn tls_for_hosts(
+    index: usize,
+    listener: &ListenerConfig,
+    tls: Option<&ServerTls>,
+    hosts: &[String],
+    relay: &Relay,
+) -> Result<Arc<rustls::ServerConfig>, TlsSetupError> {
+    let key = format!("listeners[{index}].tls");
+    let Some(tls_config) = tls else {
+        return Err(TlsSetupError::new(
+            &key,
+            std::path::Path::new("-"),
+            "this listener needs tls",
+        ));
+    };
+    let (server_config, expiries) =
+        tls::server::build(tls_config, tls::server::Names::Only(hosts), &key)?;
+    relay.metrics().certificates(&listener.name, &expiries);
+    Ok(server_config)
+}
+
+impl TlsServer {
+    pub fn new(listener: &ListenerConfig, config: &Config, relay: Arc<Relay>) -> Self {
+        TlsServer {
+            name: listener.name.as_str().into(),
+            relay,
+            http: http_builder(config),
+            h2: h2_server::Settings {
+                max_header_list_size: config.limits.max_header_bytes as u32,
+                handshake_timeout: config.limits.handshake_timeout,
+                idle_timeout: config.limits.idle_timeout,
+            },
+            handshake_timeout: config.limits.handshake_timeout,
+        }
+    }
+
+    /// Serves `tls_stream` until it ends, every request for `target`.
+    pub async fn serve<IO>(
+        self: &Arc<Self>,
+        tls_stream: TlsStream<IO>,
+        peer: SocketAddr,
+        target: Target,
+        shutdown: &CancellationToken,
+    ) where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let target = Arc::new(target);
         let ctx = Ctx {
             listener: self.name.clone(),
             client: peer,
             client_subject: tls::client_subject(tls_stream.get_ref().1),
         };
         let served = match tls_stream.get_ref().1.alpn_protocol() {
-            Some(b"h2") => self.serve_h2(tls_stream, &ctx, &target, &shutdown).await,
-            Some(_) => self.serve_http1(tls_stream, &ctx, target, &shutdown).await,
+            Some(b"h2") => self.serve_h2(tls_stream, &ctx, &target, shutdown).await,
+            Some(_) => self.serve_http1(tls_stream, &ctx, target, shutdown).await,
             // No ALPN: pushy and aioapns start HTTP/2 straight away; anything else is HTTP/1.1.
             None => {
                 match timeout(self.handshake_timeout, h2_server::sniff_preface(tls_stream)).await {
-                    Ok(Ok((true, io))) => self.serve_h2(io, &ctx, &target, &shutdown).await,
-                    Ok(Ok((false, io))) => self.serve_http1(io, &ctx, target, &shutdown).await,
+                    Ok(Ok((true, io))) => self.serve_h2(io, &ctx, &target, shutdown).await,
+                    Ok(Ok((false, io))) => self.serve_http1(io, &ctx, target, shutdown).await,
                     Ok(Err(e)) => Err(e.into()),
                     Err(_) => Err("no request within the handshake timeout".into()),
                 }
@@ -267,8 +319,8 @@ impl PreProxy {
     }
 }
 
-/// Where a client connection's requests go, worked out once from its SNI.
-struct Target {
+/// Where a client connection's requests go, worked out once from its SNI (or CONNECT host).
+pub struct Target {
     sni: String,
     dest: Authority,
     /// `:authority` upstream when the client wrote a port, and when it did not.
@@ -277,7 +329,7 @@ struct Target {
 }
 
 impl Target {
-    fn new(sni: String, upstream_port: u16) -> Result<Self, BoxError> {
+    pub fn new(sni: String, upstream_port: u16) -> Result<Self, BoxError> {
         let dest = Authority::new(&sni, upstream_port)?;
         Ok(Target {
             with_port: http::uri::Authority::try_from(dest.to_string())?,

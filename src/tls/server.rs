@@ -157,5 +157,9 @@ pub fn build(
     };
     let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()];
+    // Stateless session tickets: a client that reconnects (MPNS opens tunnels by the dozen)
+    // resumes without a full handshake. The ticket key is new per build, so a reload ends them.
+    config.ticketer = rustls::crypto::ring::Ticketer::new()
+        .map_err(|e| TlsSetupError::new(key_prefix, std::path::Path::new("-"), e))?;
     Ok((Arc::new(config), expiries))
 }

@@ -88,7 +88,15 @@ impl H2Client {
         let name = ServerName::try_from(c.sni.to_owned()).map_err(std::io::Error::other)?;
         let tls = TlsConnector::from(config).connect(name, tcp).await?;
         let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
-        let (send, conn) = h2::client::handshake(tls)
+        Self::over(tls, alpn).await
+    }
+
+    /// HTTP/2 over an established stream (e.g. TLS inside a CONNECT tunnel).
+    pub async fn over<IO>(io: IO, alpn: Option<Vec<u8>>) -> std::io::Result<Self>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (send, conn) = h2::client::handshake(io)
             .await
             .map_err(std::io::Error::other)?;
         let task = tokio::spawn(async move {

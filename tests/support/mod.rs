@@ -4,12 +4,14 @@
 #![allow(dead_code)]
 
 pub mod client;
+pub mod forward;
 pub mod http1;
 pub mod logs;
 pub mod origin;
 pub mod pki;
 pub mod proxy;
 pub mod relay;
+pub mod tls_echo;
 
 use std::future::Future;
 use std::time::Duration;

@@ -148,6 +148,43 @@ pub fn pre_proxy_yaml_on(pki: &TestPki, port: u16, via: Via) -> String {
     )
 }
 
+/// A forward-proxy relay: the APNs hosts on the origin's port are intercepted, `listener_extra`
+/// goes into the listener (e.g. `proxy_auth:`, indented four spaces), `extra` at the top level
+/// (e.g. `tunnels:`, `limits:`).
+pub fn forward_proxy_yaml(
+    pki: &TestPki,
+    origin: &FakeApns,
+    via: Via,
+    listener_extra: &str,
+    extra: &str,
+) -> String {
+    let port = origin.port();
+    format!(
+        r#"listeners:
+  - name: fwd
+    mode: forward-proxy
+    bind: "127.0.0.1:0"
+    tls:
+      ca_cert: "{ca_cert}"
+      ca_key: "{ca_key}"
+    allow_sources: ["127.0.0.1/32"]
+{listener_extra}{rest}{extra}"#,
+        ca_cert = pki.ca_cert.display(),
+        ca_key = pki.ca_key.display(),
+        rest = destinations_and_upstream(pki, port, via),
+    )
+}
+
+/// `proxy_auth` for a forward-proxy listener, with one user written to a file in the PKI dir.
+pub fn proxy_auth_yaml(pki: &TestPki, user: &str, pass: &str) -> String {
+    let path = pki.path("proxy-users");
+    std::fs::write(&path, format!("# test users\n{user}:{pass}\n")).unwrap();
+    format!(
+        "    proxy_auth:\n      users_file: \"{}\"\n",
+        path.display()
+    )
+}
+
 /// A post-proxy relay (plain HTTP/1.1 front door) for the APNs hosts on the origin's port;
 /// `extra` is appended (top-level keys such as `limits:`).
 pub fn post_proxy_yaml(pki: &TestPki, origin: &FakeApns, extra: &str) -> String {
