@@ -11,7 +11,6 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use http::{Request, StatusCode};
 use rustls::client::{ClientSessionMemoryCache, Resumption};
-use rustls::pki_types::ServerName;
 use support::client::{H2Client, push_request};
 use support::forward::{Tunnel, connect_head, h2_through};
 use support::http1::RawConn;
@@ -19,7 +18,7 @@ use support::origin::{FakeApns, OriginOptions};
 use support::pki::TestPki;
 use support::proxy::{Behaviour, TestProxy};
 use support::relay::{self, Via, forward_proxy_yaml, proxy_auth_yaml};
-use support::tls_echo::{FCM_HOST, TlsEcho};
+use support::tls_echo::TlsEcho;
 use support::{token, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -375,7 +374,7 @@ async fn blind_tunnel_reaches_the_fcm_server_through_the_upstream_proxy_untouche
     );
     let relay = relay::start(&yaml).await;
 
-    let sent = blind_exchange(relay.addr(), &fcm).await;
+    let sent = fcm.exchange_through(relay.addr()).await;
     assert_eq!(fcm.connection_count(), 1);
     assert_eq!(proxy.tunnel_count(), 1);
     let heads = proxy.heads.lock().unwrap().clone();
@@ -420,47 +419,6 @@ async fn blind_tunnel_reaches_the_fcm_server_through_the_upstream_proxy_untouche
         "{metrics}"
     );
     relay.stop().await;
-}
-
-/// Opens a blind tunnel to `fcm` through the relay, checks the certificate is `fcm`'s own and
-/// that every byte value comes back unaltered; returns how many bytes went each way.
-pub async fn blind_exchange(relay: std::net::SocketAddr, fcm: &TlsEcho) -> usize {
-    let tunnel = Tunnel::open(relay, &fcm.target(), None).await;
-    assert_eq!(tunnel.status, 200, "{}", tunnel.head);
-    // Trusting only the FCM stand-in's CA: a certificate from pushrelay's CA would fail here.
-    let mut tls = within(
-        10,
-        "TLS with the FCM stand-in",
-        tunnel.tls(FCM_HOST, fcm.pki.client_config(&[b"h2", b"http/1.1"])),
-    )
-    .await
-    .unwrap();
-    let served = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
-    let issued_by_fcm_ca = rustls::client::WebPkiServerVerifier::builder_with_provider(
-        Arc::new(fcm.pki.roots()),
-        Arc::new(rustls::crypto::ring::default_provider()),
-    )
-    .build()
-    .unwrap();
-    use rustls::client::danger::ServerCertVerifier;
-    assert!(
-        issued_by_fcm_ca
-            .verify_server_cert(
-                &served,
-                &[],
-                &ServerName::try_from(FCM_HOST).unwrap(),
-                &[],
-                rustls::pki_types::UnixTime::now(),
-            )
-            .is_ok()
-    );
-    let data: Vec<u8> = (0..4096u32).map(|i| (i % 256) as u8).collect();
-    tls.write_all(&data).await.unwrap();
-    let mut back = vec![0u8; data.len()];
-    within(10, "echo", tls.read_exact(&mut back)).await.unwrap();
-    assert_eq!(back, data);
-    drop(tls);
-    data.len()
 }
 
 /// A CONNECT to a host in neither list is 403 with a Relay reason; nothing is contacted, the

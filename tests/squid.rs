@@ -28,6 +28,7 @@ use support::client::{Answer, H2Client, push_request};
 use support::origin::{APNS_HOSTS, FakeApns};
 use support::pki::TestPki;
 use support::relay::{self, Via};
+use support::tls_echo::TlsEcho;
 use support::{token, within};
 use tokio::runtime::Runtime;
 
@@ -606,4 +607,39 @@ fn post_proxy_behind_squid_refuses_a_destination_outside_the_allowlist() {
         "not via the parent: {line}"
     );
     path.stop();
+}
+
+/// The forward-proxy door's blind tunnel through a real Squid: the FCM stand-in's own certificate
+/// (another CA) reaches the client, bytes come back unaltered, and Squid logs the tunnel.
+#[test]
+fn blind_tunnel_through_real_squid_reaches_the_fcm_server_untouched() {
+    let Some(squid_bin) = host_tools::require("squid", "squid") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let pki = TestPki::new();
+    let fcm = runtime.block_on(TlsEcho::start());
+    let origin = runtime.block_on(FakeApns::start(&pki));
+    let squid = Squid::start(
+        &squid_bin,
+        &SquidOptions {
+            forward: Forward::Tunnel(fcm.port()),
+            basic_auth: None,
+        },
+    );
+    runtime.block_on(async {
+        let extra = format!("tunnels:\n  - \"{}\"\n", fcm.target());
+        let yaml = relay::forward_proxy_yaml(&pki, &origin, Via::Proxy(squid.url()), "", &extra);
+        let relay = relay::start(&yaml).await;
+        fcm.exchange_through(relay.addr()).await;
+        relay.stop().await;
+    });
+    assert_eq!(fcm.connection_count(), 1, "{}", squid.logs());
+    let connect = format!("CONNECT {}", fcm.target());
+    let line = squid.wait_for_access_line("the blind tunnel", |l| l.contains(&connect));
+    assert!(line.contains("TCP_TUNNEL/200"), "{line}");
 }
