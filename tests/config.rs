@@ -352,3 +352,91 @@ fn identity_bindings_are_validated() {
         }
     }
 }
+
+/// forward-proxy mistakes stop start-up naming the key: a tunnel that is also a destination, a
+/// tunnel without a port, proxy_auth on another door or with an unreadable or malformed users
+/// file, a forward-proxy listener without tls; and `check` shows the door, never a password.
+#[test]
+fn forward_proxy_config_mistakes_are_named_and_check_shows_the_door() {
+    let dir = dir_with_ca();
+    std::fs::write(dir.path().join("users"), "mpns:pa55word\n").unwrap();
+    std::fs::write(dir.path().join("bad-users"), "mpns:pa55word\njust-a-name\n").unwrap();
+    let door = |extra: &str| {
+        format!(
+            "listeners:\n  - {{name: f, mode: forward-proxy, bind: 127.0.0.1:1, tls: {{ca_cert: certs/ca.pem, ca_key: certs/ca.key}}, allow_sources: [127.0.0.1/32]{extra}}}\n"
+        )
+    };
+    let table = [
+        (
+            format!("{}tunnels: [api.push.apple.com:443]\n", door("")),
+            "tunnels[0]",
+            "also in destinations",
+        ),
+        (
+            format!("{}tunnels: [fcm.googleapis.com]\n", door("")),
+            "tunnels",
+            "has no port",
+        ),
+        (
+            format!(
+                "{}tunnels: [fcm.googleapis.com:443, fcm.googleapis.com:443]\n",
+                door("")
+            ),
+            "tunnels[1]",
+            "listed twice",
+        ),
+        (
+            door(", proxy_auth: {users_file: nothere}"),
+            "listeners[0].proxy_auth.users_file",
+            "nothere",
+        ),
+        (
+            door(", proxy_auth: {users_file: bad-users}"),
+            "listeners[0].proxy_auth.users_file",
+            "line 2: expected user:password",
+        ),
+        (
+            "listeners:\n  - {name: p, mode: post-proxy, bind: 127.0.0.1:1, proxy_auth: {users_file: users}}\n".into(),
+            "listeners[0].proxy_auth",
+            "only a forward-proxy listener",
+        ),
+        (
+            "listeners:\n  - {name: f, mode: forward-proxy, bind: 127.0.0.1:1}\n".into(),
+            "listeners[0].tls",
+            "forward-proxy listener needs tls",
+        ),
+        (
+            format!("{}limits: {{max_tunnels_per_source: 0}}\n", door("")),
+            "limits.max_tunnels_per_source",
+            "at least 1",
+        ),
+    ];
+    for (yaml, key, message) in table {
+        std::fs::write(dir.path().join("bad.yaml"), &yaml).unwrap();
+        let out = pushrelay(dir.path(), &["check", "--config", "bad.yaml"], &[]);
+        let (_, stderr) = text(&out);
+        assert_eq!(out.status.code(), Some(2), "{yaml}: {stderr}");
+        assert!(stderr.contains(key), "{yaml}: key {key} not in: {stderr}");
+        assert!(
+            stderr.contains(message),
+            "{yaml}: {message:?} not in: {stderr}"
+        );
+        assert!(
+            !stderr.contains("pa55word"),
+            "{yaml}: password leaked: {stderr}"
+        );
+    }
+
+    let good = format!(
+        "{}tunnels: [fcm.googleapis.com:443]\n",
+        door(", proxy_auth: {users_file: users}")
+    );
+    std::fs::write(dir.path().join("good.yaml"), good).unwrap();
+    let out = pushrelay(dir.path(), &["check", "--config", "good.yaml"], &[]);
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("mode: forward-proxy"), "{stdout}");
+    assert!(stdout.contains("fcm.googleapis.com:443"), "{stdout}");
+    assert!(stdout.contains("users_file: users"), "{stdout}");
+    assert!(!stdout.contains("pa55word") && !stderr.contains("pa55word"));
+}
