@@ -131,6 +131,13 @@ async fn mpns_like_client_sends_200_pushes_that_arrive_byte_identical() {
         }
     }
     assert_eq!(origin.connection_count(), 1);
+    let metrics = relay.relay.metrics().render(relay.relay.pool());
+    assert!(
+        metrics.contains(
+            "pushrelay_forward_proxy_connects_total{listener=\"fwd\",outcome=\"intercepted\"} 1"
+        ),
+        "{metrics}"
+    );
     relay.stop().await;
 }
 
@@ -449,6 +456,13 @@ async fn connect_to_a_host_in_neither_list_is_403_and_nothing_is_contacted() {
         "the proxy was contacted"
     );
     assert_eq!(origin.connection_count(), 0);
+    let metrics = relay.relay.metrics().render(relay.relay.pool());
+    assert!(
+        metrics.contains(
+            "pushrelay_forward_proxy_connects_total{listener=\"fwd\",outcome=\"RelayDestinationNotAllowed\"} 2"
+        ),
+        "{metrics}"
+    );
     relay.stop().await;
 }
 
@@ -598,5 +612,124 @@ async fn malformed_or_non_connect_requests_get_4xx_and_close() {
         assert!(conn.closed().await, "{request:?}");
     }
     assert_eq!(origin.connection_count(), 0);
+    relay.stop().await;
+}
+
+/// One client address may hold `limits.max_tunnels_per_source` tunnels; one more gets 429, and a
+/// closed tunnel gives its place back.
+#[tokio::test]
+async fn tunnels_per_source_are_capped_with_429() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let yaml = forward_proxy_yaml(
+        &pki,
+        &origin,
+        Via::Direct,
+        "",
+        "limits:\n  max_tunnels_per_source: 2\n",
+    );
+    let relay = relay::start(&yaml).await;
+    let target = apns_target(&origin);
+    let first = h2_through(relay.addr(), &target, None, go_tls(&pki)).await;
+    let second = h2_through(relay.addr(), &target, None, go_tls(&pki)).await;
+    let mut third = Tunnel::open(relay.addr(), &target, None).await;
+    assert_eq!(third.status, 429, "{}", third.head);
+    assert_eq!(
+        third.body_until_close().await,
+        br#"{"reason":"RelayTooManyTunnels"}"#
+    );
+    assert_eq!(second.push(&token(1), PAYLOAD).await.status, StatusCode::OK);
+    drop(first);
+    let reopened = within(10, "a place freed", async {
+        loop {
+            let t = Tunnel::open(relay.addr(), &target, None).await;
+            if t.status == 200 {
+                break t;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    drop(reopened);
+    let metrics = relay.relay.metrics().render(relay.relay.pool());
+    assert!(
+        metrics.contains(
+            "pushrelay_forward_proxy_connects_total{listener=\"fwd\",outcome=\"RelayTooManyTunnels\"}"
+        ),
+        "{metrics}"
+    );
+    relay.stop().await;
+}
+
+/// The CONNECT head and the TLS handshake share one `handshake_timeout`, counted from the
+/// accept: a client that is slow to send its head has that much less time for TLS.
+#[tokio::test]
+async fn connect_head_and_tls_share_one_handshake_timeout_from_accept() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let yaml = forward_proxy_yaml(
+        &pki,
+        &origin,
+        Via::Direct,
+        "",
+        "limits:\n  handshake_timeout: 2s\n",
+    );
+    let relay = relay::start(&yaml).await;
+    let started = std::time::Instant::now();
+    let mut tcp = tokio::net::TcpStream::connect(relay.addr()).await.unwrap();
+    // The stimulus, not a synchronisation: the head arrives 1.2 s into the 2 s.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    tcp.write_all(connect_head(&apns_target(&origin), None).as_bytes())
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    within(10, "close", tcp.read_to_end(&mut buf))
+        .await
+        .unwrap();
+    let elapsed = started.elapsed();
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200 "),
+        "{buf:?}"
+    );
+    // Counted from the head it would end at 3.2 s.
+    assert!(
+        elapsed >= std::time::Duration::from_millis(1900)
+            && elapsed < std::time::Duration::from_millis(2800),
+        "closed after {elapsed:?}"
+    );
+    // No head at all: 408 at the timeout.
+    let mut conn = RawConn::connect(relay.addr()).await;
+    let answer = conn.read_answer().await.unwrap();
+    assert_eq!(answer.status, 408);
+    assert_eq!(answer.reason().as_deref(), Some("RelayRequestTimeout"));
+    relay.stop().await;
+}
+
+/// A blind tunnel with no byte either way for `tunnel_idle_timeout` is closed.
+#[tokio::test]
+async fn idle_blind_tunnel_is_closed_after_its_idle_timeout() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let fcm = TlsEcho::start().await;
+    let proxy = TestProxy::start(Behaviour::Open).await;
+    let extra = format!(
+        "tunnels:\n  - \"{}\"\nlimits:\n  tunnel_idle_timeout: 300ms\n",
+        fcm.target()
+    );
+    let yaml = forward_proxy_yaml(&pki, &origin, Via::Proxy(proxy.url()), "", &extra);
+    let relay = relay::start(&yaml).await;
+    let tunnel = Tunnel::open(relay.addr(), &fcm.target(), None).await;
+    let mut tls = tunnel
+        .tls(support::tls_echo::FCM_HOST, fcm.pki.client_config(&[]))
+        .await
+        .unwrap();
+    tls.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    tls.read_exact(&mut back).await.unwrap();
+    let idle_from = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = within(10, "idle close", tls.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty());
+    assert!(idle_from.elapsed() >= std::time::Duration::from_millis(250));
     relay.stop().await;
 }
