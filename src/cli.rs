@@ -404,11 +404,12 @@ fn ca_warnings(config: &Config) -> Vec<String> {
                 "{key}: the CA has no name constraints, so its key can sign for any host; \
                  re-create it with `pushrelay ca init --force` (see README, Security notes)"
             )),
-            Some(permitted) if l.mode == Mode::PreProxy => {
+            // Pre-proxy mints for the destinations on its port, forward-proxy for all of them.
+            Some(permitted) if l.mode != Mode::PostProxy => {
                 for d in config
                     .destinations
                     .iter()
-                    .filter(|d| d.port() == l.upstream_port)
+                    .filter(|d| l.mode == Mode::ForwardProxy || d.port() == l.upstream_port)
                 {
                     if !pki::permits(&permitted, d.host()) {
                         warnings.push(format!(
@@ -426,10 +427,32 @@ fn ca_warnings(config: &Config) -> Vec<String> {
     warnings
 }
 
-/// Tells the admin what the push server needs: which CA to trust and the /etc/hosts line.
+/// Tells the admin what the push server needs: which CA to trust and the /etc/hosts line (or,
+/// for a forward-proxy listener, the HTTPS_PROXY value).
 fn announce(config: &Config) {
     for w in ca_warnings(config) {
         tracing::warn!("{w}");
+    }
+    for l in config
+        .listeners
+        .iter()
+        .filter(|l| l.mode == Mode::ForwardProxy)
+    {
+        let addr = if l.bind.ip().is_unspecified() {
+            format!("<this-relay's-address>:{}", l.bind.port())
+        } else {
+            l.bind.to_string()
+        };
+        let user = if l.proxy_auth.is_some() {
+            "<user>:<password>@"
+        } else {
+            ""
+        };
+        if let Some(CertSource::Mint { ca_cert, .. }) = l.tls.as_ref().and_then(|t| t.cert_source())
+        {
+            tracing::info!(listener = %l.name, ca = %ca_cert.display(), "push server must trust this CA certificate");
+        }
+        tracing::info!(listener = %l.name, "push server environment: HTTPS_PROXY=http://{user}{addr}");
     }
     for l in config.listeners.iter().filter(|l| l.mode == Mode::PreProxy) {
         let hosts: Vec<String> = config

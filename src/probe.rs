@@ -25,11 +25,18 @@ use crate::policy::Authority;
 use crate::upstream::connect::{ConnectError, Connector, H2Send, Route};
 use crate::upstream::tunnel::{self, TunnelError};
 
-/// Runs the probe for `only` (a `host:port` from destinations, or a host alone) or every
-/// destination. Exit 0 when every probed destination is reachable, 1 when one is not, 2 when
-/// `only` is not a destination.
+/// Runs the probe for `only` (a `host:port` from destinations or tunnels, or a host alone) or
+/// every destination and tunnel. A tunnel is walked up to TLS: what lies inside is the client's.
+/// Exit 0 when every probed destination is reachable, 1 when one is not, 2 when `only` is not a
+/// destination or tunnel.
 pub fn run(config: &Config, only: Option<&str>) -> ExitCode {
-    let dests = match select(&config.destinations, only) {
+    let known: Vec<Authority> = config
+        .destinations
+        .iter()
+        .chain(&config.tunnels)
+        .cloned()
+        .collect();
+    let dests = match select(&known, only) {
         Ok(d) => d,
         Err(message) => return fail_early(&message, 2),
     };
@@ -49,7 +56,8 @@ pub fn run(config: &Config, only: Option<&str>) -> ExitCode {
     };
     let mut all_ok = true;
     for dest in &dests {
-        all_ok &= runtime.block_on(probe(config, dest, &tls, &mut report));
+        let tunnel = config.tunnels.contains(dest);
+        all_ok &= runtime.block_on(probe(config, dest, tunnel, &tls, &mut report));
     }
     if all_ok {
         ExitCode::SUCCESS
@@ -66,7 +74,7 @@ fn fail_early(message: &str, code: u8) -> ExitCode {
 /// The destinations to probe: all, or those matching `only` (a host alone matches every port).
 fn select(destinations: &[Authority], only: Option<&str>) -> Result<Vec<Authority>, String> {
     if destinations.is_empty() {
-        return Err("destinations is empty: nothing to probe".into());
+        return Err("destinations and tunnels are empty: nothing to probe".into());
     }
     let Some(only) = only else {
         return Ok(destinations.to_vec());
@@ -82,7 +90,7 @@ fn select(destinations: &[Authority], only: Option<&str>) -> Result<Vec<Authorit
     if chosen.is_empty() {
         let allowed: Vec<String> = destinations.iter().map(ToString::to_string).collect();
         return Err(format!(
-            "{only:?} is not in destinations; probe one of: {}",
+            "{only:?} is not in destinations or tunnels; probe one of: {}",
             allowed.join(", ")
         ));
     }
@@ -93,11 +101,16 @@ fn select(destinations: &[Authority], only: Option<&str>) -> Result<Vec<Authorit
 async fn probe<W: Write>(
     config: &Config,
     dest: &Authority,
+    tunnel: bool,
     tls: &Arc<ClientConfig>,
     report: &mut Report<W>,
 ) -> bool {
-    let _ = writeln!(report.out, "{dest}");
-    let verdict = walk(config, dest, tls, report).await;
+    if tunnel {
+        let _ = writeln!(report.out, "{dest} (tunnel: TCP, CONNECT, TLS)");
+    } else {
+        let _ = writeln!(report.out, "{dest}");
+    }
+    let verdict = walk(config, dest, tunnel, tls, report).await;
     match verdict {
         Ok(()) => report.line("verdict", "OK", None),
         Err(step) => report.line("verdict", &format!("FAILED at {step}"), None),
@@ -106,10 +119,12 @@ async fn probe<W: Write>(
     verdict.is_ok()
 }
 
-/// The steps in order; the first failure ends the walk with the step's name.
+/// The steps in order; the first failure ends the walk with the step's name. A tunnel ends at
+/// TLS.
 async fn walk<W: Write>(
     config: &Config,
     dest: &Authority,
+    tunnel: bool,
     tls: &Arc<ClientConfig>,
     report: &mut Report<W>,
 ) -> Result<(), &'static str> {
@@ -135,6 +150,9 @@ async fn walk<W: Write>(
     let tls_stream = report
         .step("tls", handshake_tls(&connector, tcp, dest, tls))
         .await?;
+    if tunnel {
+        return Ok(());
+    }
     let mut session = report.step("http2", http2(tls_stream, wait)).await?;
     report.step("ping", ping(&mut session, wait)).await?;
     session.close().await;

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 use support::origin::FakeApns;
 use support::pki::TestPki;
 use support::proxy::{Behaviour, TestProxy};
-use support::relay::{Via, pre_proxy_yaml};
+use support::relay::{Via, forward_proxy_yaml, pre_proxy_yaml};
+use support::tls_echo::TlsEcho;
 use support::within;
 
 /// What a probe run printed and how it ended.
@@ -308,4 +309,44 @@ async fn unknown_destination_names_the_allowed_ones() {
     );
     assert!(run.stdout.is_empty(), "{}", run.stdout);
     assert_eq!(origin.connection_count(), 0);
+}
+
+/// A `tunnels` entry is walked through the proxy up to TLS (its certificate shown), with no
+/// HTTP/2 step: what runs inside a blind tunnel is the client's business.
+#[tokio::test]
+async fn tunnel_is_walked_through_the_proxy_up_to_tls() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let fcm = TlsEcho::start().await;
+    let proxy = TestProxy::start(Behaviour::Open).await;
+    let roots = format!("extra_roots: [\"{}\"]", pki.ca_cert.display());
+    let both = format!(
+        "extra_roots: [\"{}\", \"{}\"]",
+        pki.ca_cert.display(),
+        fcm.pki.ca_cert.display()
+    );
+    let tunnels = format!("tunnels:\n  - \"{}\"\n", fcm.target());
+    let yaml = forward_proxy_yaml(&pki, &origin, Via::Proxy(proxy.url()), "", &tunnels)
+        .replace(&roots, &both);
+    let target = fcm.target();
+    let run = probe(&yaml, &[&target], &[]).await;
+    let out = &run.stdout;
+    assert_eq!(run.code, Some(0), "{}", run.all());
+    assert!(
+        out.contains(&format!("{target} (tunnel: TCP, CONNECT, TLS)\n")),
+        "{out}"
+    );
+    assert!(
+        out.contains("proxy answered 200 Connection established"),
+        "{out}"
+    );
+    assert!(out.contains("subject CN=fcm.googleapis.com"), "{out}");
+    assert!(!out.contains("round-trip"), "{out}");
+    assert!(out.contains("verdict   OK"), "{out}");
+    assert_eq!(fcm.connection_count(), 1);
+    let heads = proxy.heads.lock().unwrap().clone();
+    assert!(
+        heads[0].starts_with(&format!("CONNECT {target} ")),
+        "{heads:?}"
+    );
 }
