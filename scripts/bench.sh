@@ -24,6 +24,14 @@ per round, the order rotated each round):
   post: nghttpx     the same through nghttpx (plain HTTP/1.1 frontend)                [if installed]
   post: haproxy     the same through HAProxy (plain http frontend)                    [if installed]
 
+The forward-proxy door (h2load cannot CONNECT) is driven by examples/connect_load.rs, which does
+what MPNS does with HTTPS_PROXY, in rounds of its own after the h2load rounds:
+
+  door: pre         connect_load -> pushrelay pre-proxy (TLS + HTTP/2 straight away): the baseline
+  door: forward     connect_load -> CONNECT -> pushrelay forward-proxy (TLS + HTTP/2 in the tunnel)
+  tunnel: full      new tunnels (CONNECT + full TLS handshake + an HTTP/2 PING), one after another
+  tunnel: resumed   the same with TLS session resumption (tickets)
+
 Each request is a POST /3/device/<64 hex> with apns-topic and a 300-byte JSON body. After the rounds
 at full load, more rounds run every case at half of pushrelay's measured peak in that role
 (h2load --rps) to show the p99 each proxy adds over direct at a moderate load. A last round counts
@@ -44,6 +52,8 @@ Options:
   --no-syscalls     skip the syscall-count round (it needs perf with syscall tracepoints; Debian:
                     apt-get install linux-perf, and root or kernel.perf_event_paranoid <= 1)
   --no-peers        benchmark pushrelay only, even if nghttpx / HAProxy are installed
+  --no-forward      skip the forward-proxy door rounds
+  --tunnels N       new tunnels per tunnel run (default 2000)
   --jwt             every push also carries "authorization: bearer <JWT>" (a made-up ES256-shaped
                     token, the same for every push), as token-auth APNs clients send
   --no-build        use the binaries already in target/release
@@ -70,6 +80,8 @@ HALF_LOAD=1
 HALF_ROUNDS=""
 SYSCALLS=1
 PEERS=1
+FORWARD=1
+TUNNELS=2000
 JWT=0
 BUILD=1
 PUSHRELAY=""
@@ -102,6 +114,8 @@ while [[ $# -gt 0 ]]; do
     --no-half-load) HALF_LOAD=0; shift ;;
     --no-syscalls) SYSCALLS=0; shift ;;
     --no-peers) PEERS=0; shift ;;
+    --no-forward) FORWARD=0; shift ;;
+    --tunnels) need_value "$@"; positive "$1" "$2"; TUNNELS="$2"; shift 2 ;;
     --jwt) JWT=1; shift ;;
     --no-build) BUILD=0; shift ;;
     --pushrelay) need_value "$@"; PUSHRELAY="$2"; shift 2 ;;
@@ -164,10 +178,12 @@ fi
 
 if [[ $BUILD -eq 1 ]]; then
   echo "bench.sh: building (release)" >&2
-  cargo build --release --locked --bin pushrelay --example fake_apns >&2
+  cargo build --release --locked --bin pushrelay --example fake_apns --example connect_load >&2
 fi
 PUSHRELAY="${PUSHRELAY:-$ROOT/target/release/pushrelay}"
 FAKE_APNS="$ROOT/target/release/examples/fake_apns"
+CONNECT_LOAD="$ROOT/target/release/examples/connect_load"
+[[ $FORWARD -eq 0 || -x "$CONNECT_LOAD" ]] || die "$CONNECT_LOAD is missing (build it, drop --no-build, or --no-forward)"
 [[ -x "$PUSHRELAY" ]] || die "$PUSHRELAY is missing (build it, or drop --no-build)"
 [[ -x "$FAKE_APNS" ]] || die "$FAKE_APNS is missing (build it, or drop --no-build)"
 
@@ -269,6 +285,7 @@ AUTHORITY="$HOST:$ORIGIN_PORT"
 
 RELAY_PRE="$(free_port)"
 RELAY_POST="$(free_port)"
+RELAY_FWD="$(free_port)"
 cat >"$WORK/pushrelay.yaml" <<EOF
 listeners:
   - name: bench-pre
@@ -283,6 +300,13 @@ listeners:
     mode: post-proxy
     bind: "127.0.0.1:$RELAY_POST"
     upstream_port: $ORIGIN_PORT
+    allow_sources: ["127.0.0.0/8"]
+  - name: bench-fwd
+    mode: forward-proxy
+    bind: "127.0.0.1:$RELAY_FWD"
+    tls:
+      ca_cert: "$WORK/ca/ca.pem"
+      ca_key: "$WORK/ca/ca.key"
     allow_sources: ["127.0.0.0/8"]
 destinations:
   - "$AUTHORITY"
@@ -300,6 +324,7 @@ RELAY_PID=$!
 PIDS+=("$RELAY_PID")
 wait_port "$RELAY_PID" "$RELAY_PRE" pushrelay
 wait_port "$RELAY_PID" "$RELAY_POST" pushrelay
+wait_port "$RELAY_PID" "$RELAY_FWD" pushrelay
 
 declare -A PROXY_PID=([pushrelay]="$RELAY_PID")
 declare -A PRE_PORT=([pushrelay]="$RELAY_PRE")
@@ -534,6 +559,64 @@ if [[ $SYSCALLS -eq 1 ]]; then
   SYS_ROUND=""
 fi
 
+# --- forward-proxy door (connect_load) -------------------------------------------------------------
+
+# Results, one line per run: case round per_s cpu_us_per_unit ok failed resumed
+DOOR_RESULTS="$WORK/door.tsv"
+: >"$DOOR_RESULTS"
+
+# connect_load arguments for a door case.
+door_args() {
+  case "$1" in
+    door:pre) echo "pushes --relay 127.0.0.1:$RELAY_PRE --requests $REQUESTS --connections $CLIENTS --streams $STREAMS" ;;
+    door:forward) echo "pushes --relay 127.0.0.1:$RELAY_FWD --connect $AUTHORITY --requests $REQUESTS --connections $CLIENTS --streams $STREAMS" ;;
+    tunnel:full) echo "tunnels --relay 127.0.0.1:$RELAY_FWD --connect $AUTHORITY --requests $TUNNELS --connections 4" ;;
+    tunnel:resumed) echo "tunnels --relay 127.0.0.1:$RELAY_FWD --connect $AUTHORITY --requests $TUNNELS --connections 4 --resume" ;;
+    *) die "unknown door case $1" ;;
+  esac
+}
+
+# run_door CASE ROUND: pushrelay's CPU per push (or per tunnel) over one connect_load run.
+run_door() {
+  local c=$1 round=$2 out before after ok failed per_s resumed cpu
+  out="$WORK/connect_load.${c/:/-}.$round.out"
+  before="$(cpu_ticks "$RELAY_PID")"
+  # shellcheck disable=SC2046 # door_args is split on purpose
+  if ! "$CONNECT_LOAD" $(door_args "$c") --ca "$WORK/ca/ca.pem" --payload "$PAYLOAD" \
+    --timeout "$RUN_TIMEOUT" >"$out" 2>&1; then
+    echo "bench.sh: connect_load failed for $c (round $round); see $out" >&2
+  fi
+  after="$(cpu_ticks "$RELAY_PID")"
+  ok="$(sed -n 's/.*ok=\([0-9]*\).*/\1/p' "$out" | head -n1)"
+  failed="$(sed -n 's/.*failed=\([0-9]*\).*/\1/p' "$out" | head -n1)"
+  per_s="$(sed -n 's/.*per_s=\([0-9]*\).*/\1/p' "$out" | head -n1)"
+  resumed="$(sed -n 's/.*resumed=\([0-9]*\).*/\1/p' "$out" | head -n1)"
+  cpu="$(awk -v d=$((after - before)) -v n="${ok:-0}" -v hz="$CLK_TCK" \
+    'BEGIN { if (n > 0) printf "%.1f", d * 1e6 / hz / n; else print "NA" }')"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$round" "${per_s:-NA}" "$cpu" "${ok:-0}" \
+    "${failed:-NA}" "${resumed:-0}" >>"$DOOR_RESULTS"
+  printf 'bench.sh: %-16s round %-5s %10s /s  cpu %8s us each  ok %s  resumed %s\n' \
+    "$c" "$round" "${per_s:-NA}" "$cpu" "${ok:-0}" "${resumed:-0}" >&2
+}
+
+DOOR_CASES=(door:pre door:forward tunnel:full tunnel:resumed)
+if [[ $FORWARD -eq 1 ]]; then
+  run_door door:pre warmup
+  run_door door:forward warmup
+  for ((r = 1; r <= ROUNDS; r++)); do
+    for ((k = 0; k < ${#DOOR_CASES[@]}; k++)); do
+      run_door "${DOOR_CASES[$(((k + r - 1) % ${#DOOR_CASES[@]}))]}" "$r"
+    done
+  done
+fi
+
+door_median() {
+  awk -F'\t' -v c="$1" -v col="$2" '$1 == c && $2 ~ /^[0-9]+$/ && $col != "NA" { print $col }' \
+    "$DOOR_RESULTS" | sort -g | awk '{ v[NR] = $1 } END {
+      if (NR == 0) { print "NA"; exit }
+      if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
 # Syscalls per 2xx answer for a case: total, writes, reads, epoll waits, futex.
 syscalls_per_request() {
   local c=$1 ok
@@ -666,6 +749,33 @@ report() {
     done
   else
     echo "No syscall counts: ${SYSCALLS_WHY:-skipped with --no-syscalls}."
+  fi
+  if [[ $FORWARD -eq 1 ]]; then
+    echo
+    echo "#### Forward-proxy door (examples/connect_load.rs; median of $ROUNDS interleaved rounds)"
+    echo
+    echo "Pushes: $REQUESTS per run over $CLIENTS connections × $STREAMS streams, the same client for both"
+    echo "doors. Tunnels: $TUNNELS new tunnels per run from 4 tasks, each CONNECT + TLS + an HTTP/2 PING"
+    echo "round trip, then closed. CPU is pushrelay's utime+stime over the run ÷ pushes (or tunnels)."
+    echo
+    echo "| case | per second | pushrelay CPU µs each | ÷ door: pre | failed (all rounds) |"
+    echo "| --- | ---: | ---: | ---: | ---: |"
+    local base_cpu full_cpu label
+    base_cpu="$(door_median door:pre 4)"
+    full_cpu="$(door_median tunnel:full 4)"
+    for c in "${DOOR_CASES[@]}"; do
+      case "$c" in
+        door:pre) label="push via pre-proxy (baseline)" ;;
+        door:forward) label="push via forward-proxy (CONNECT tunnel)" ;;
+        tunnel:full) label="new tunnel, full TLS handshake" ;;
+        tunnel:resumed) label="new tunnel, resumed TLS session" ;;
+      esac
+      printf '| %s | %s | %s | %s | %s |\n' "$label" "$(door_median "$c" 3)" "$(door_median "$c" 4)" \
+        "$(if [[ $c == door:* ]]; then ratio "$(door_median "$c" 4)" "$base_cpu"; else echo "–"; fi)" \
+        "$(awk -F'\t' -v c="$c" '$1 == c && $2 ~ /^[0-9]+$/ { s += $6 } END { print s + 0 }' "$DOOR_RESULTS")"
+    done
+    echo
+    echo "A resumed tunnel costs $(ratio "$(door_median tunnel:resumed 4)" "$full_cpu") of a full one."
   fi
   if [[ $PEERS -eq 1 && ($HAVE_NGHTTPX -eq 0 || $HAVE_HAPROXY -eq 0) ]]; then
     echo
