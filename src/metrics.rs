@@ -223,7 +223,7 @@ impl Metrics {
         );
         registry.register(
             "forward_proxy_connects",
-            "CONNECT requests to a forward-proxy listener, by outcome (intercepted, tunnelled, or the Relay reason of the refusal)",
+            "CONNECT requests to a forward-proxy listener, by outcome: intercepted, tunnelled, tls_failed, tls_timeout, sni_mismatch, or the Relay reason of the refusal",
             m.connects.clone(),
         );
         registry.register(

@@ -16,19 +16,16 @@
 //! `limits.handshake_timeout` of the accept.
 
 use std::collections::HashMap;
-use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use base64::Engine;
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode, header};
 use prometheus_client::metrics::gauge::Gauge;
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_rustls::LazyConfigAcceptor;
@@ -36,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Relay;
 use super::door::{Commit, Door, Serving, listener_at};
+use super::h2_server::Rewind;
 use super::http1::{self, Framing, Http1Error, RequestHead};
 use super::pre_proxy::{Target, TlsServer, tls_for_hosts};
 use crate::config::{ListenerConfig, Secret, ServerTls, ValidConfig, read_proxy_users};
@@ -298,32 +296,49 @@ impl ForwardProxy {
         if stream.write_all(ESTABLISHED).await.is_err() {
             return;
         }
-        let tls_failed = |why: &'static str, error: String| {
+        // `outcome` is the metric label, `what` the log message.
+        let tls_failed = |outcome: &'static str, what: &str, error: String| {
             self.relay.metrics().tls_failure("client");
-            self.relay.metrics().connect(&self.name, why);
-            tracing::info!(listener = %self.name, client.addr = %peer, connect.target = %dest, error, "{why}");
+            self.relay.metrics().connect(&self.name, outcome);
+            tracing::info!(listener = %self.name, client.addr = %peer, connect.target = %dest, error, "{what}");
         };
         let acceptor = LazyConfigAcceptor::new(
             rustls::server::Acceptor::default(),
-            Prefixed::new(rest, stream),
+            Rewind::new(rest, stream),
         );
         let start = match timeout_at(deadline, acceptor).await {
             Ok(Ok(start)) => start,
-            Ok(Err(e)) => return tls_failed("client TLS handshake failed", e.to_string()),
-            Err(_) => return tls_failed("client TLS handshake timed out", String::new()),
+            Ok(Err(e)) => {
+                return tls_failed("tls_failed", "client TLS handshake failed", e.to_string());
+            }
+            Err(_) => {
+                return tls_failed(
+                    "tls_timeout",
+                    "client TLS handshake timed out",
+                    String::new(),
+                );
+            }
         };
         let sni = start.client_hello().server_name().and_then(normalize_host);
         if sni.as_deref() != Some(dest.host()) {
             // Refused before any certificate is chosen: a name other than the CONNECT host would
             // let a client reach one destination through another's tunnel.
             let error = format!("SNI {sni:?} is not the CONNECT host");
-            return tls_failed("client TLS refused", error);
+            return tls_failed("sni_mismatch", "client TLS refused", error);
         }
         let config = Arc::clone(&*self.tls.load());
         let tls = match timeout_at(deadline, start.into_stream(config)).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => return tls_failed("client TLS handshake failed", e.to_string()),
-            Err(_) => return tls_failed("client TLS handshake timed out", String::new()),
+            Ok(Err(e)) => {
+                return tls_failed("tls_failed", "client TLS handshake failed", e.to_string());
+            }
+            Err(_) => {
+                return tls_failed(
+                    "tls_timeout",
+                    "client TLS handshake timed out",
+                    String::new(),
+                );
+            }
         };
         self.relay.metrics().connect(&self.name, "intercepted");
         let _open = OpenGauge::new(self.relay.metrics().tunnels_open(&self.name, "intercept"));
@@ -526,64 +541,6 @@ impl OpenGauge {
 impl Drop for OpenGauge {
     fn drop(&mut self) {
         self.0.dec();
-    }
-}
-
-/// A stream with some bytes already read from it put back in front.
-struct Prefixed<IO> {
-    prefix: Bytes,
-    io: IO,
-}
-
-impl<IO> Prefixed<IO> {
-    fn new(prefix: Bytes, io: IO) -> Self {
-        Prefixed { prefix, io }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Prefixed<IO> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Prefixed<IO> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

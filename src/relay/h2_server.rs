@@ -199,6 +199,11 @@ pub struct Rewind<IO> {
 }
 
 impl<IO> Rewind<IO> {
+    /// `io` with `prefix` (bytes already read from it) served first.
+    pub fn new(prefix: Bytes, io: IO) -> Self {
+        Rewind { prefix, io }
+    }
+
     pub fn get_ref(&self) -> &IO {
         &self.io
     }
