@@ -61,6 +61,11 @@ fn mpns_push(i: usize) -> Request<()> {
     req.body(()).unwrap()
 }
 
+/// A forward-proxy relay with no proxy_auth and no tunnels, reaching the origin directly.
+async fn door(pki: &TestPki, origin: &FakeApns) -> relay::RunningRelay {
+    relay::start(&forward_proxy_yaml(pki, origin, Via::Direct, "", "")).await
+}
+
 /// How many CONNECTs the relay counted with `outcome`.
 fn connects(relay: &relay::RunningRelay, outcome: &str) -> u64 {
     let metrics = relay.relay.metrics().render(relay.relay.pool());
@@ -152,24 +157,14 @@ async fn mpns_like_client_sends_200_pushes_that_arrive_byte_identical() {
 async fn http11_only_client_in_the_tunnel_is_relayed_as_http2() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
-    let relay = relay::start(&forward_proxy_yaml(&pki, &origin, Via::Direct, "", "")).await;
+    let relay = door(&pki, &origin).await;
     let tunnel = Tunnel::open(relay.addr(), &apns_target(&origin), None).await;
-    let mut tls = tunnel
+    let tls = tunnel
         .tls("api.push.apple.com", pki.client_config(&[b"http/1.1"]))
         .await
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let request = format!(
-        "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: com.example.app\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{PAYLOAD}",
-        token(3),
-        PAYLOAD.len()
-    );
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    within(10, "answer", tls.read_to_string(&mut answer))
-        .await
-        .unwrap();
+    let answer = support::http1::push_over(tls, &token(3), PAYLOAD).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert_eq!(origin.received()[0].body, PAYLOAD.as_bytes());
     relay.stop().await;
@@ -180,7 +175,7 @@ async fn http11_only_client_in_the_tunnel_is_relayed_as_http2() {
 async fn client_without_alpn_in_the_tunnel_is_served_http2() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
-    let relay = relay::start(&forward_proxy_yaml(&pki, &origin, Via::Direct, "", "")).await;
+    let relay = door(&pki, &origin).await;
     let client = h2_through(
         relay.addr(),
         &apns_target(&origin),
@@ -200,7 +195,7 @@ async fn client_without_alpn_in_the_tunnel_is_served_http2() {
 async fn burst_of_50_tunnels_then_1000_pushes_needs_one_upstream_connection() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
-    let relay = relay::start(&forward_proxy_yaml(&pki, &origin, Via::Direct, "", "")).await;
+    let relay = door(&pki, &origin).await;
     let target = apns_target(&origin);
     let config = go_tls(&pki);
     let mut clients = within(
@@ -258,7 +253,7 @@ async fn burst_of_50_tunnels_then_1000_pushes_needs_one_upstream_connection() {
 async fn second_tunnel_from_the_same_client_resumes_its_tls_session() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
-    let relay = relay::start(&forward_proxy_yaml(&pki, &origin, Via::Direct, "", "")).await;
+    let relay = door(&pki, &origin).await;
     let mut config = (*go_tls(&pki)).clone();
     config.resumption = Resumption::store(Arc::new(ClientSessionMemoryCache::new(8)));
     let config = Arc::new(config);
@@ -295,7 +290,7 @@ async fn upstream_goaway_during_load_never_reaches_the_client_connection() {
         },
     )
     .await;
-    let relay = relay::start(&forward_proxy_yaml(&pki, &origin, Via::Direct, "", "")).await;
+    let relay = door(&pki, &origin).await;
     let client = h2_through(relay.addr(), &apns_target(&origin), None, go_tls(&pki)).await;
     for batch in 0..10 {
         let answers = within(
@@ -332,7 +327,7 @@ async fn upstream_goaway_during_load_never_reaches_the_client_connection() {
 async fn sni_other_than_the_connect_host_is_refused() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
-    let relay = relay::start(&forward_proxy_yaml(&pki, &origin, Via::Direct, "", "")).await;
+    let relay = door(&pki, &origin).await;
     let tunnel = Tunnel::open(relay.addr(), &apns_target(&origin), None).await;
     let result = within(
         10,
@@ -352,7 +347,7 @@ async fn sni_other_than_the_connect_host_is_refused() {
 async fn authority_other_than_the_connect_host_is_misdirected() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
-    let relay = relay::start(&forward_proxy_yaml(&pki, &origin, Via::Direct, "", "")).await;
+    let relay = door(&pki, &origin).await;
     let client = h2_through(relay.addr(), &apns_target(&origin), None, go_tls(&pki)).await;
     let answer = client
         .send(
@@ -468,7 +463,7 @@ async fn connect_to_a_host_in_neither_list_is_403_and_nothing_is_contacted() {
 async fn bytes_after_a_refused_connect_are_never_relayed() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
-    let relay = relay::start(&forward_proxy_yaml(&pki, &origin, Via::Direct, "", "")).await;
+    let relay = door(&pki, &origin).await;
     let smuggled = format!(
         "{}{}",
         connect_head("www.example.com:443", None),
@@ -562,7 +557,7 @@ async fn source_outside_allow_sources_is_closed_without_an_answer() {
 async fn malformed_or_non_connect_requests_get_4xx_and_close() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
-    let relay = relay::start(&forward_proxy_yaml(&pki, &origin, Via::Direct, "", "")).await;
+    let relay = door(&pki, &origin).await;
     let port = origin.port();
     let cases: Vec<(String, u16, &str)> = vec![
         (

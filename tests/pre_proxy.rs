@@ -520,28 +520,17 @@ async fn request_with_host_header_and_no_authority_is_relayed() {
 /// With ALPN http/1.1 the pre-proxy door serves HTTP/1.1 and still relays over HTTP/2.
 #[tokio::test]
 async fn http11_client_over_tls_is_relayed() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
     let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
     let tcp = tokio::net::TcpStream::connect(relay.addr()).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("api.push.apple.com").unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(&[b"http/1.1"]))
+    let tls = tokio_rustls::TlsConnector::from(pki.client_config(&[b"http/1.1"]))
         .connect(name, tcp)
         .await
         .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let request = format!(
-        "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: com.example.app\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{PAYLOAD}",
-        token(91),
-        PAYLOAD.len()
-    );
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    within(10, "answer", tls.read_to_string(&mut answer))
-        .await
-        .unwrap();
+    let answer = support::http1::push_over(tls, &token(91), PAYLOAD).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.to_ascii_lowercase().contains("apns-id:"), "{answer}");
     assert_eq!(origin.received()[0].body, PAYLOAD.as_bytes());

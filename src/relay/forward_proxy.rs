@@ -23,9 +23,10 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode, header};
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rustls::ServerConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_rustls::LazyConfigAcceptor;
@@ -466,7 +467,7 @@ async fn pipe(
     client: &mut TcpStream,
     upstream: &mut TcpStream,
     idle: Duration,
-    counters: &[prometheus_client::metrics::counter::Counter; 2],
+    counters: &[Counter; 2],
 ) -> (u64, u64, bool) {
     let (mut cr, mut cw) = client.split();
     let (mut ur, mut uw) = upstream.split();
@@ -476,38 +477,59 @@ async fn pipe(
     let timer = sleep(idle);
     tokio::pin!(timer);
     while client_open || upstream_open {
-        tokio::select! {
-            r = cr.read(&mut cbuf), if client_open => match r {
-                Ok(n) if n > 0 => {
-                    if uw.write_all(&cbuf[..n]).await.is_err() {
-                        break;
-                    }
-                    up += n as u64;
-                    counters[0].inc_by(n as u64);
-                }
-                _ => {
-                    client_open = false;
-                    let _ = uw.shutdown().await;
-                }
-            },
-            r = ur.read(&mut ubuf), if upstream_open => match r {
-                Ok(n) if n > 0 => {
-                    if cw.write_all(&ubuf[..n]).await.is_err() {
-                        break;
-                    }
-                    down += n as u64;
-                    counters[1].inc_by(n as u64);
-                }
-                _ => {
-                    upstream_open = false;
-                    let _ = cw.shutdown().await;
-                }
-            },
+        let step = tokio::select! {
+            r = cr.read(&mut cbuf), if client_open => {
+                let step = pass_on(r, &cbuf, &mut uw, &mut up, &counters[0]).await;
+                client_open &= step == Step::Moved;
+                step
+            }
+            r = ur.read(&mut ubuf), if upstream_open => {
+                let step = pass_on(r, &ubuf, &mut cw, &mut down, &counters[1]).await;
+                upstream_open &= step == Step::Moved;
+                step
+            }
             _ = timer.as_mut() => return (up, down, true),
+        };
+        if step == Step::Failed {
+            break;
         }
         timer.as_mut().reset(Instant::now() + idle);
     }
     (up, down, false)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Moved,
+    /// The reading side finished; its end was passed on.
+    Ended,
+    /// The writing side failed: the tunnel is over.
+    Failed,
+}
+
+/// Writes what one read gave to `to`, counting it; at the end of the reading side, shuts `to`'s
+/// write half so the other side sees it.
+async fn pass_on<W: AsyncWrite + Unpin>(
+    read: std::io::Result<usize>,
+    buf: &[u8],
+    to: &mut W,
+    total: &mut u64,
+    counter: &Counter,
+) -> Step {
+    match read {
+        Ok(n) if n > 0 => {
+            if to.write_all(&buf[..n]).await.is_err() {
+                return Step::Failed;
+            }
+            *total += n as u64;
+            counter.inc_by(n as u64);
+            Step::Moved
+        }
+        _ => {
+            let _ = to.shutdown().await;
+            Step::Ended
+        }
+    }
 }
 
 /// One of a source's tunnels, counted while it lives.

@@ -149,3 +149,23 @@ pub async fn exchange(addr: SocketAddr, bytes: &[u8]) -> RawAnswer {
     conn.send(bytes).await;
     conn.read_answer().await.expect("an answer before close")
 }
+
+/// One push as HTTP/1.1 on `io` (e.g. TLS with ALPN http/1.1), with `Connection: close`; the
+/// whole answer as text, read until the relay closes.
+pub async fn push_over<IO>(mut io: IO, token: &str, payload: &str) -> String
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let request = format!(
+        "POST /3/device/{token} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: com.example.app\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+        payload.len()
+    );
+    io.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), io.read_to_string(&mut answer))
+        .await
+        .expect("an answer within 10s")
+        .unwrap();
+    answer
+}
