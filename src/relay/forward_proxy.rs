@@ -297,48 +297,38 @@ impl ForwardProxy {
         if stream.write_all(ESTABLISHED).await.is_err() {
             return;
         }
-        // `outcome` is the metric label, `what` the log message.
-        let tls_failed = |outcome: &'static str, what: &str, error: String| {
-            self.relay.metrics().tls_failure("client");
-            self.relay.metrics().connect(&self.name, outcome);
-            tracing::info!(listener = %self.name, client.addr = %peer, connect.target = %dest, error, "{what}");
-        };
         let acceptor = LazyConfigAcceptor::new(
             rustls::server::Acceptor::default(),
             Rewind::new(rest, stream),
         );
-        let start = match timeout_at(deadline, acceptor).await {
-            Ok(Ok(start)) => start,
-            Ok(Err(e)) => {
-                return tls_failed("tls_failed", "client TLS handshake failed", e.to_string());
+        // An error is the outcome's metric label and what went wrong.
+        let handshake = async {
+            let start = acceptor.await.map_err(|e| ("tls_failed", e.to_string()))?;
+            let sni = start.client_hello().server_name().and_then(normalize_host);
+            if sni.as_deref() != Some(dest.host()) {
+                // Refused before any certificate is chosen: a name other than the CONNECT host
+                // would let a client reach one destination through another's tunnel.
+                return Err((
+                    "sni_mismatch",
+                    format!("SNI {sni:?} is not the CONNECT host"),
+                ));
             }
-            Err(_) => {
-                return tls_failed(
-                    "tls_timeout",
-                    "client TLS handshake timed out",
-                    String::new(),
-                );
-            }
+            let config = Arc::clone(&*self.tls.load());
+            start
+                .into_stream(config)
+                .await
+                .map_err(|e| ("tls_failed", e.to_string()))
         };
-        let sni = start.client_hello().server_name().and_then(normalize_host);
-        if sni.as_deref() != Some(dest.host()) {
-            // Refused before any certificate is chosen: a name other than the CONNECT host would
-            // let a client reach one destination through another's tunnel.
-            let error = format!("SNI {sni:?} is not the CONNECT host");
-            return tls_failed("sni_mismatch", "client TLS refused", error);
-        }
-        let config = Arc::clone(&*self.tls.load());
-        let tls = match timeout_at(deadline, start.into_stream(config)).await {
+        let tls = match timeout_at(deadline, handshake).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err(e)) => {
-                return tls_failed("tls_failed", "client TLS handshake failed", e.to_string());
+            Ok(Err((outcome, error))) => {
+                self.tls_failed(peer, &dest, outcome, error);
+                return;
             }
             Err(_) => {
-                return tls_failed(
-                    "tls_timeout",
-                    "client TLS handshake timed out",
-                    String::new(),
-                );
+                let error = format!("not done within {:?} of the accept", self.handshake_timeout);
+                self.tls_failed(peer, &dest, "tls_timeout", error);
+                return;
             }
         };
         self.relay.metrics().connect(&self.name, "intercepted");
@@ -351,6 +341,12 @@ impl ForwardProxy {
             }
         };
         self.server.serve(tls, peer, target, &shutdown).await;
+    }
+
+    fn tls_failed(&self, peer: SocketAddr, dest: &Authority, outcome: &'static str, error: String) {
+        self.relay.metrics().tls_failure("client");
+        self.relay.metrics().connect(&self.name, outcome);
+        tracing::info!(listener = %self.name, client.addr = %peer, connect.target = %dest, outcome, error, "client TLS handshake failed");
     }
 
     async fn tunnel(&self, mut stream: TcpStream, rest: Bytes, peer: SocketAddr, dest: Authority) {
