@@ -148,8 +148,12 @@ fn tls_config(args: &Args) -> Result<Arc<rustls::ClientConfig>, Error> {
     for cert in CertificateDer::pem_file_iter(&args.ca)? {
         roots.add(cert?)?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut provider = rustls::crypto::ring::default_provider();
+    // Go's crypto/tls (MPNS) puts AES-128-GCM-SHA256 first on machines with AES instructions.
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
