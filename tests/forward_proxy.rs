@@ -196,8 +196,36 @@ async fn burst_of_50_tunnels_then_1000_pushes_needs_one_upstream_connection() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
     let relay = door(&pki, &origin).await;
-    let target = apns_target(&origin);
-    let config = go_tls(&pki);
+    burst_then_load(&pki, &origin, &relay).await;
+    assert_eq!(
+        origin.connection_count(),
+        1,
+        "50 tunnels must share the pool's one upstream connection"
+    );
+    relay.stop().await;
+}
+
+/// The same burst served on two worker threads (as `serve` runs): at most one upstream
+/// connection per worker.
+#[tokio::test]
+async fn burst_of_50_tunnels_on_two_workers_needs_one_upstream_connection_per_worker() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let yaml = forward_proxy_yaml(&pki, &origin, Via::Direct, "", "");
+    let relay = relay::start_on_workers(&yaml, 2).await;
+    burst_then_load(&pki, &origin, &relay).await;
+    assert!(
+        (1..=2).contains(&origin.connection_count()),
+        "{} upstream connections for 50 tunnels on 2 workers",
+        origin.connection_count()
+    );
+    relay.stop().await;
+}
+
+/// 50 tunnels at once with a push each, 49 closed, 1000 pushes on the last: all 200.
+async fn burst_then_load(pki: &TestPki, origin: &FakeApns, relay: &relay::RunningRelay) {
+    let target = apns_target(origin);
+    let config = go_tls(pki);
     let mut clients = within(
         20,
         "50 tunnels",
@@ -239,12 +267,6 @@ async fn burst_of_50_tunnels_then_1000_pushes_needs_one_upstream_connection() {
         );
     }
     assert_eq!(origin.received().len(), 1050);
-    assert_eq!(
-        origin.connection_count(),
-        1,
-        "50 tunnels must share the pool's one upstream connection"
-    );
-    relay.stop().await;
 }
 
 /// A second connection from the same client resumes its TLS session (session tickets), so the
