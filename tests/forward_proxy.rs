@@ -740,3 +740,28 @@ async fn idle_blind_tunnel_is_closed_after_its_idle_timeout() {
     assert!(idle_from.elapsed() >= std::time::Duration::from_millis(250));
     relay.stop().await;
 }
+
+/// A tunnel whose host `upstream.no_proxy` names goes direct (to its `connect_to` address here),
+/// never through the proxy.
+#[tokio::test]
+async fn blind_tunnel_for_a_no_proxy_host_goes_direct() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let fcm = TlsEcho::start().await;
+    let proxy = TestProxy::start(Behaviour::Open).await;
+    // Indented: these keys continue the `upstream:` section the builder ends with.
+    let extra = format!(
+        "  no_proxy: [\".googleapis.com\"]\n  connect_to:\n    \"{target}\": \"127.0.0.1:{port}\"\ntunnels:\n  - \"{target}\"\n",
+        target = fcm.target(),
+        port = fcm.port()
+    );
+    let yaml = forward_proxy_yaml(&pki, &origin, Via::Proxy(proxy.url()), "", &extra);
+    let relay = relay::start(&yaml).await;
+    fcm.exchange_through(relay.addr()).await;
+    assert_eq!(fcm.connection_count(), 1);
+    assert!(
+        proxy.heads.lock().unwrap().is_empty(),
+        "no_proxy must bypass the proxy"
+    );
+    relay.stop().await;
+}
