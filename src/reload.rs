@@ -134,20 +134,16 @@ impl Reloader {
         if current.upstream != new.upstream {
             tracing::warn!("upstream settings changed: they take effect after a restart");
         }
-        let auth = |c: &Config| {
-            c.listeners
-                .iter()
-                .map(|l| format!("{:?}", l.proxy_auth))
-                .collect::<Vec<_>>()
-        };
-        if current.tunnels != new.tunnels || auth(&current) != auth(&new) {
-            tracing::warn!("tunnels or proxy_auth changed: they take effect after a restart");
+        if current.tunnels != new.tunnels {
+            tracing::warn!("tunnels changed: that takes effect after a restart");
         }
         if current.workers != new.workers {
             tracing::warn!("workers changed: that takes effect after a restart");
         }
         *current = new;
-        tracing::info!("configuration reloaded: certificates, allow_sources and destinations");
+        tracing::info!(
+            "configuration reloaded: certificates, proxy users, allow_sources and destinations"
+        );
         Ok(())
     }
 }

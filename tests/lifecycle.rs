@@ -533,3 +533,32 @@ async fn admin_listener_caps_its_connections() {
     }
     assert!(served, "the listener serves again below the cap");
 }
+
+/// A forward-proxy users file replaced on disk is picked up without a restart: the old password
+/// gets 407, the new one opens the tunnel.
+#[tokio::test]
+async fn replaced_proxy_users_file_is_picked_up_without_a_restart() {
+    use support::forward::Tunnel;
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let yaml = format!(
+        "{}reload_poll_interval: 200ms\n",
+        support::relay::forward_proxy_yaml(
+            &pki,
+            &origin,
+            Via::Direct,
+            &support::relay::proxy_auth_yaml(&pki, "mpns", "old-pw"),
+            "",
+        )
+    );
+    let relay = Relay::start(pki.dir.path(), &yaml);
+    let target = format!("api.push.apple.com:{}", origin.port());
+    let open = |pass: &'static str| Tunnel::open(relay.addr, &target, Some(("mpns", pass)));
+    assert_eq!(open("old-pw").await.status, 200);
+
+    std::fs::write(pki.path("proxy-users"), "mpns:new-pw\n").unwrap();
+    relay.wait_for("changed on disk");
+    relay.wait_for("configuration reloaded");
+    assert_eq!(open("old-pw").await.status, 407);
+    assert_eq!(open("new-pw").await.status, 200);
+}

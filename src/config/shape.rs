@@ -100,8 +100,8 @@ pub struct ListenerConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProxyAuthConfig {
-    /// One `user:password` per line (`#` starts a comment). A secret: keep it mode 0600. Read
-    /// at start-up; a change needs a restart.
+    /// One `user:password` per line (`#` starts a comment). A secret: keep it mode 0600.
+    /// Reloaded like the certificates (SIGHUP, or a change on disk).
     pub users_file: PathBuf,
     /// Sent in `Proxy-Authenticate`. Default `pushrelay`.
     #[serde(default = "default_realm")]
@@ -364,7 +364,8 @@ impl Config {
             .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 
-    /// Every certificate and key file the configuration names (watched for replacement).
+    /// Every certificate and key file the configuration names, and forward-proxy users files
+    /// (watched for replacement).
     pub fn tls_files(&self) -> Vec<PathBuf> {
         let mut files = Vec::new();
         for l in &self.listeners {
@@ -377,6 +378,12 @@ impl Config {
                 );
             }
         }
+        files.extend(
+            self.listeners
+                .iter()
+                .filter_map(|l| l.proxy_auth.as_ref())
+                .map(|a| a.users_file.clone()),
+        );
         files.extend(self.upstream.extra_roots.iter().cloned());
         for id in &self.upstream.identities {
             files.extend([id.cert.clone(), id.key.clone()]);

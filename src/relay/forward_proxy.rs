@@ -110,7 +110,8 @@ pub struct ForwardProxy {
     relay: Arc<Relay>,
     tunnels: DestinationPolicy,
     connector: Connector,
-    auth: Option<ProxyAuth>,
+    /// Replaced on reload, as the certificates are.
+    auth: Arc<Swap<Option<ProxyAuth>>>,
     handshake_timeout: Duration,
     max_header_bytes: usize,
     tunnel_idle_timeout: Duration,
@@ -139,8 +140,12 @@ impl Door for ForwardProxy {
         let destinations = DestinationPolicy::new(config.destinations.iter().cloned());
         let tls = config.listener_tls(self.index);
         let server_config = Self::tls_for(self.index, listener, tls, &destinations, &self.relay)?;
-        let swap = self.tls.clone();
-        Ok(Box::new(move || swap.store(server_config)))
+        let auth = Self::auth_for(self.index, listener)?;
+        let (tls_swap, auth_swap) = (self.tls.clone(), self.auth.clone());
+        Ok(Box::new(move || {
+            tls_swap.store(server_config);
+            auth_swap.store(auth);
+        }))
     }
 }
 
@@ -156,6 +161,24 @@ impl ForwardProxy {
         tls_for_hosts(index, listener, tls, &destinations.hosts(), relay)
     }
 
+    /// The listener's `proxy_auth`, its users file read now.
+    fn auth_for(
+        index: usize,
+        listener: &ListenerConfig,
+    ) -> Result<Option<ProxyAuth>, TlsSetupError> {
+        let Some(a) = &listener.proxy_auth else {
+            return Ok(None);
+        };
+        let users = read_proxy_users(&a.users_file).map_err(|e| {
+            let key = format!("listeners[{index}].proxy_auth.users_file");
+            TlsSetupError::new(&key, &a.users_file, e)
+        })?;
+        Ok(Some(ProxyAuth {
+            users,
+            challenge: format!("Basic realm=\"{}\"", a.realm),
+        }))
+    }
+
     pub fn new(
         index: usize,
         listener: &ListenerConfig,
@@ -164,19 +187,7 @@ impl ForwardProxy {
     ) -> Result<Self, TlsSetupError> {
         let tls_config = config.listener_tls(index);
         let tls = Self::tls_for(index, listener, tls_config, &relay.destinations(), &relay)?;
-        let auth = match &listener.proxy_auth {
-            None => None,
-            Some(a) => Some(ProxyAuth {
-                users: read_proxy_users(&a.users_file).map_err(|e| {
-                    TlsSetupError::new(
-                        &format!("listeners[{index}].proxy_auth.users_file"),
-                        &a.users_file,
-                        e,
-                    )
-                })?,
-                challenge: format!("Basic realm=\"{}\"", a.realm),
-            }),
-        };
+        let auth = Self::auth_for(index, listener)?;
         Ok(ForwardProxy {
             index,
             name: listener.name.as_str().into(),
@@ -185,7 +196,7 @@ impl ForwardProxy {
             relay,
             tunnels: DestinationPolicy::new(config.tunnels.iter().cloned()),
             connector: Connector::new(&config.upstream),
-            auth,
+            auth: Arc::new(Swap::new(auth)),
             handshake_timeout: config.limits.handshake_timeout,
             max_header_bytes: config.limits.max_header_bytes,
             tunnel_idle_timeout: config.limits.tunnel_idle_timeout,
@@ -252,7 +263,7 @@ impl ForwardProxy {
                 "a CONNECT request has no body".into(),
             ));
         }
-        if let Some(auth) = &self.auth
+        if let Some(auth) = self.auth.load().as_ref()
             && !auth.allows(&head.headers)
         {
             return Err(RelayError::ProxyCredentials);
@@ -412,7 +423,7 @@ impl ForwardProxy {
             body.len()
         );
         if status == StatusCode::PROXY_AUTHENTICATION_REQUIRED
-            && let Some(auth) = &self.auth
+            && let Some(auth) = self.auth.load().as_ref()
         {
             head.push_str("Proxy-Authenticate: ");
             head.push_str(&auth.challenge);
