@@ -1,10 +1,11 @@
 //! What a running relay can change without a restart: certificates (fixed files, the CA that
-//! mints, and the upstream identities' certificates), `allow_sources` and `destinations`. A reload
-//! builds everything new first and swaps only when all of it built, so a bad new configuration
-//! leaves the running one untouched. Existing connections keep going (upstream ones keep the
-//! identity certificate they presented until they drain). Listener and other upstream changes need
-//! a restart and are refused / reported. Minted leaves are minted again by every reload, and at the
-//! latest `REMINT_AFTER` after the last one, well before they expire.
+//! mints, and the upstream identities' certificates), forward-proxy users files and `tunnels`,
+//! `allow_sources` and `destinations`. A reload builds everything new first and swaps only when
+//! all of it built, so a bad new configuration leaves the running one untouched. Existing
+//! connections keep going (upstream ones keep the identity certificate they presented until they
+//! drain). Listener and other upstream changes need a restart and are refused / reported. Minted
+//! leaves are minted again by every reload, and at the latest `REMINT_AFTER` after the last one,
+//! well before they expire.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -134,15 +135,12 @@ impl Reloader {
         if current.upstream != new.upstream {
             tracing::warn!("upstream settings changed: they take effect after a restart");
         }
-        if current.tunnels != new.tunnels {
-            tracing::warn!("tunnels changed: that takes effect after a restart");
-        }
         if current.workers != new.workers {
             tracing::warn!("workers changed: that takes effect after a restart");
         }
         *current = new;
         tracing::info!(
-            "configuration reloaded: certificates, proxy users, allow_sources and destinations"
+            "configuration reloaded: certificates, proxy users, allow_sources, destinations and tunnels"
         );
         Ok(())
     }

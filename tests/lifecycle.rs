@@ -562,3 +562,38 @@ async fn replaced_proxy_users_file_is_picked_up_without_a_restart() {
     assert_eq!(open("old-pw").await.status, 407);
     assert_eq!(open("new-pw").await.status, 200);
 }
+
+/// SIGHUP applies a new `tunnels` list to a running forward-proxy listener: a host refused
+/// before is tunnelled after, to its own server.
+#[tokio::test]
+async fn sighup_adds_a_tunnel_without_a_restart() {
+    use support::forward::Tunnel;
+    use support::tls_echo::TlsEcho;
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let fcm = TlsEcho::start().await;
+    // The route is in place from the start (upstream changes need a restart); the list is not.
+    let yaml = support::relay::forward_proxy_yaml(&pki, &origin, Via::Direct, "", "").replace(
+        "  connect_to:\n",
+        &format!(
+            "  connect_to:\n    \"{}\": \"127.0.0.1:{}\"\n",
+            fcm.target(),
+            fcm.port()
+        ),
+    );
+    let relay = Relay::start(pki.dir.path(), &yaml);
+    assert_eq!(
+        Tunnel::open(relay.addr, &fcm.target(), None).await.status,
+        403
+    );
+
+    let with_tunnel = format!(
+        "{yaml}tunnels:\n  - \"{}\"\nadmin:\n  bind: \"127.0.0.1:0\"\nlog:\n  format: json\n  level: info\n",
+        fcm.target()
+    );
+    std::fs::write(&relay.config, with_tunnel).unwrap();
+    relay.signal("-HUP");
+    relay.wait_for("configuration reloaded");
+    fcm.exchange_through(relay.addr).await;
+    assert_eq!(fcm.connection_count(), 1);
+}

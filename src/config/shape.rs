@@ -28,7 +28,7 @@ pub struct Config {
     /// The only `host:port` pairs pushrelay ever connects to. Default: the APNs hosts on 443.
     pub destinations: Vec<Authority>,
     /// `host:port` pairs a forward-proxy listener tunnels blindly (no TLS termination), e.g.
-    /// `fcm.googleapis.com:443`. Never also a destination. Default: none.
+    /// `fcm.googleapis.com:443`. Never also a destination. Reloadable. Default: none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tunnels: Vec<Authority>,
     pub upstream: UpstreamConfig,

@@ -108,7 +108,7 @@ pub struct ForwardProxy {
     tls: Arc<Swap<Arc<ServerConfig>>>,
     server: Arc<TlsServer>,
     relay: Arc<Relay>,
-    tunnels: DestinationPolicy,
+    tunnels: Arc<Swap<DestinationPolicy>>,
     connector: Connector,
     /// Replaced on reload, as the certificates are.
     auth: Arc<Swap<Option<ProxyAuth>>>,
@@ -141,10 +141,12 @@ impl Door for ForwardProxy {
         let tls = config.listener_tls(self.index);
         let server_config = Self::tls_for(self.index, listener, tls, &destinations, &self.relay)?;
         let auth = Self::auth_for(self.index, listener)?;
-        let (tls_swap, auth_swap) = (self.tls.clone(), self.auth.clone());
+        let tunnels = DestinationPolicy::new(config.tunnels.iter().cloned());
+        let swaps = (self.tls.clone(), self.auth.clone(), self.tunnels.clone());
         Ok(Box::new(move || {
-            tls_swap.store(server_config);
-            auth_swap.store(auth);
+            swaps.0.store(server_config);
+            swaps.1.store(auth);
+            swaps.2.store(tunnels);
         }))
     }
 }
@@ -194,7 +196,9 @@ impl ForwardProxy {
             tls: Arc::new(Swap::new(tls)),
             server: Arc::new(TlsServer::new(listener, config, relay.clone())),
             relay,
-            tunnels: DestinationPolicy::new(config.tunnels.iter().cloned()),
+            tunnels: Arc::new(Swap::new(DestinationPolicy::new(
+                config.tunnels.iter().cloned(),
+            ))),
             connector: Connector::new(&config.upstream),
             auth: Arc::new(Swap::new(auth)),
             handshake_timeout: config.limits.handshake_timeout,
@@ -274,7 +278,7 @@ impl ForwardProxy {
             .map_err(|e| RelayError::BadRequest(format!("CONNECT target: {e}")))?;
         if self.relay.destinations().allows(&dest) {
             Ok(Verdict::Intercept(dest))
-        } else if self.tunnels.allows(&dest) {
+        } else if self.tunnels.load().allows(&dest) {
             Ok(Verdict::Tunnel(dest))
         } else {
             Err(RelayError::DestinationNotAllowed(dest))
