@@ -45,7 +45,7 @@ pub mod config;
 mod error;
 mod fasthash;
 mod listen;
-mod log;
+pub mod log;
 pub mod metrics;
 pub mod policy;
 mod probe;
@@ -149,6 +149,8 @@ impl App {
                 sources: Arc::new(Swap::new(SourcePolicy::new(l.allow_sources.clone()))),
                 door,
                 connections: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+                connections_limit: config.limits.max_connections,
+                metrics: relay.metrics_handle(),
             });
         }
         let reloader = Arc::new(Reloader::new(

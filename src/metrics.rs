@@ -69,6 +69,12 @@ struct ProxyStatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    listener: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SideLabels {
     side: &'static str,
 }
@@ -121,6 +127,9 @@ pub struct Metrics {
     goaways: Family<DestinationLabels, Counter>,
     cert_expiry: Family<CertLabels, Gauge<i64, AtomicI64>>,
     status: Arc<Book>,
+    connections_refused: Family<RefusedLabels, Counter>,
+    log_dropped: Counter,
+    log_sync: std::sync::Mutex<()>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -150,6 +159,9 @@ impl Metrics {
             goaways: Family::default(),
             cert_expiry: Family::default(),
             status: Arc::default(),
+            connections_refused: Family::default(),
+            log_dropped: Counter::default(),
+            log_sync: std::sync::Mutex::new(()),
             registry: Registry::default(),
         };
         registry.register(
@@ -196,6 +208,16 @@ impl Metrics {
             "certificate_expiry_timestamp_seconds",
             "Not-after of each served and CA certificate (Unix time)",
             m.cert_expiry.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections closed right after accept, by listener and reason",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log writer fell behind",
+            m.log_dropped.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -283,6 +305,27 @@ impl Metrics {
             .inc();
     }
 
+    /// Log lines dropped so far (`log::dropped_lines`, counted process-wide by the log sink):
+    /// the counter catches up, one caller at a time.
+    pub fn log_lines_dropped(&self, total: u64) {
+        if let Ok(_one) = self.log_sync.lock() {
+            let seen = self.log_dropped.get();
+            if total > seen {
+                self.log_dropped.inc_by(total - seen);
+            }
+        }
+    }
+
+    /// A client connection closed right after accept: `max_connections` or `source_not_allowed`.
+    pub fn connection_refused(&self, listener: &str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels {
+                listener: listener.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
     /// `side` is `client` (towards pushrelay) or `upstream` (towards the origin).
     pub fn tls_failure(&self, side: &'static str) {
         self.tls_failures.get_or_create(&SideLabels { side }).inc();
@@ -364,6 +407,20 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(line.as_str()))
             .map_or(0, |n| n.parse().unwrap())
+    }
+
+    /// The dropped-lines counter follows the sink's process-wide total and never goes back.
+    #[test]
+    fn log_lines_dropped_follow_the_sinks_total() {
+        let m = Metrics::new();
+        for total in [5, 3, 9] {
+            m.log_lines_dropped(total);
+        }
+        assert!(
+            m.encode().contains("pushrelay_log_lines_dropped_total 9\n"),
+            "{}",
+            m.encode()
+        );
     }
 
     /// The handles kept per thread never mix registries or labels up, and every request counts.
