@@ -4,7 +4,8 @@
 //! swap as leaves), and tests/architecture.rs fails on any import cycle.
 //!
 //! - `cli`: the command line (serve, check, ca init, ca issue, probe).
-//! - `coalesce`: write coalescing so a burst of pushes shares TLS records and syscalls.
+//! - `coalesce`: write coalescing so a burst of pushes shares TLS records and syscalls; a
+//!   deadline on client writes that make no progress.
 //! - `config`: YAML + `PUSHRELAY_` env into typed, validated configuration, before any bind.
 //! - `admin`: /healthz, /readyz, /metrics and the status page on the admin listener.
 //! - `log`: the log sink (one writer thread, lines batched).
