@@ -205,7 +205,12 @@ fn answer(
         "/metrics" => text(
             StatusCode::OK,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            relay.metrics().render(relay.pool()),
+            {
+                relay
+                    .metrics()
+                    .log_lines_dropped(crate::log::dropped_lines());
+                relay.metrics().render(relay.pool())
+            },
         ),
         "/" => text(
             StatusCode::OK,

@@ -32,6 +32,17 @@ pub enum Fault {
     Relay,
 }
 
+/// Why a body (the client's request, or the origin's answer) could not be read whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("body larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("body not complete within {after:?}")]
+    Timeout { after: std::time::Duration },
+    #[error("body broke off: {0}")]
+    Broken(#[source] crate::upstream::BoxError),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
     #[error("bad request: {0}")]
@@ -58,6 +69,16 @@ pub enum RelayError {
         #[source]
         source: Box<ConnectError>,
     },
+    #[error("client's request body: {0}")]
+    RequestBody(#[source] ReadError),
+    #[error("origin's answer on connection {conn}: {source}")]
+    AnswerBody {
+        conn: u64,
+        #[source]
+        source: ReadError,
+    },
+    #[error("this client connection already has {limit} requests upstream")]
+    ConnectionBusy { limit: usize },
 }
 
 impl RelayError {
@@ -94,13 +115,37 @@ impl RelayError {
                 (S::TOO_MANY_REQUESTS, "RelayTooManyTunnels", Fault::Client)
             }
             RelayError::Tunnel { source, .. } => classify_connect(source),
+            RelayError::RequestBody(e) => match e {
+                ReadError::TooLarge { .. } => {
+                    (S::PAYLOAD_TOO_LARGE, "RelayRequestTooLarge", Fault::Client)
+                }
+                ReadError::Timeout { .. } => {
+                    (S::REQUEST_TIMEOUT, "RelayRequestTimeout", Fault::Client)
+                }
+                ReadError::Broken(_) => (S::BAD_REQUEST, "RelayClientBodyFailed", Fault::Client),
+            },
+            RelayError::AnswerBody { source, .. } => match source {
+                ReadError::TooLarge { .. } => (
+                    S::BAD_GATEWAY,
+                    "RelayUpstreamAnswerTooLarge",
+                    Fault::Upstream,
+                ),
+                ReadError::Timeout { .. } => {
+                    (S::GATEWAY_TIMEOUT, "RelayUpstreamTimeout", Fault::Upstream)
+                }
+                ReadError::Broken(_) => (S::BAD_GATEWAY, "RelayUpstreamReset", Fault::Upstream),
+            },
+            RelayError::ConnectionBusy { .. } => {
+                (S::SERVICE_UNAVAILABLE, "RelayOverloaded", Fault::Client)
+            }
         }
     }
 
-    /// pushrelay's answer for this error, in whatever body type the door answers with.
-    pub fn to_response<B: From<String>>(&self) -> Response<B> {
+    /// pushrelay's answer for this error, in whatever body type the door answers with,
+    /// carrying the client's `apns-id` when it sent one.
+    pub fn to_response<B: From<String>>(&self, apns_id: Option<&HeaderValue>) -> Response<B> {
         let (status, reason, _) = self.classify();
-        relay_response(status, reason)
+        relay_response(status, reason, apns_id)
     }
 }
 
@@ -141,15 +186,20 @@ impl Refusal {
         }
     }
 
-    /// pushrelay's answer for this refusal.
+    /// pushrelay's answer for this refusal (with a new `apns-id`: no request was read).
     pub fn to_response<B: From<String>>(self) -> Response<B> {
         let (status, reason, _) = self.classify();
-        relay_response(status, reason)
+        relay_response(status, reason, None)
     }
 }
 
-/// A JSON answer `{"reason":"…"}` with `status`.
-pub fn relay_response<B: From<String>>(status: StatusCode, reason: &str) -> Response<B> {
+/// A JSON answer `{"reason":"…"}` with `status` and an `apns-id`: the client's, else a new one,
+/// as Apple always sends one and APNs clients (aioapns) fail on an answer without it.
+pub fn relay_response<B: From<String>>(
+    status: StatusCode,
+    reason: &str,
+    apns_id: Option<&HeaderValue>,
+) -> Response<B> {
     let body = format!("{{\"reason\":\"{reason}\"}}");
     let length = HeaderValue::from(body.len());
     let mut response = Response::new(B::from(body));
@@ -160,7 +210,38 @@ pub fn relay_response<B: From<String>>(status: StatusCode, reason: &str) -> Resp
         HeaderValue::from_static("application/json"),
     );
     headers.insert(header::CONTENT_LENGTH, length);
+    let id = apns_id.cloned().unwrap_or_else(new_apns_id);
+    headers.insert(APNS_ID, id);
     response
+}
+
+const APNS_ID: header::HeaderName = header::HeaderName::from_static("apns-id");
+
+/// A random UUID (version 4, RFC 9562) in its lowercase text form, from the TLS provider's
+/// system random source.
+pub fn new_apns_id() -> HeaderValue {
+    use std::fmt::Write;
+    let mut b = [0u8; 16];
+    if rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut b)
+        .is_err()
+    {
+        // No system randomness: a unique but predictable id still lets the client correlate.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        b[8..].copy_from_slice(&n.to_be_bytes());
+    }
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let mut text = String::with_capacity(36);
+    for (i, byte) in b.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            text.push('-');
+        }
+        let _ = write!(text, "{byte:02x}");
+    }
+    HeaderValue::try_from(text).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 fn classify_upstream(e: &UpstreamError) -> (StatusCode, &'static str, Fault) {
@@ -249,6 +330,7 @@ pub fn hop_of(e: &RelayError) -> (&'static str, Option<u16>) {
         RelayError::Upstream(UpstreamError::BodyTooLarge { .. } | UpstreamError::ClientBody(_)) => {
             ("client", None)
         }
+        RelayError::AnswerBody { .. } => ("origin", None),
         _ => ("client", None),
     }
 }
@@ -280,6 +362,31 @@ mod tests {
             assert!(reason.starts_with("Relay"), "{reason}");
             assert!(!apns.contains(&reason));
         }
+    }
+
+    #[test]
+    fn relay_answers_carry_the_clients_apns_id_else_a_new_uuid_v4() {
+        let theirs = HeaderValue::from_static("7b3f1c2a-0000-4000-8000-0000000000aa");
+        let kept: Response<String> = relay_response(
+            StatusCode::BAD_GATEWAY,
+            "RelayUpstreamUnreachable",
+            Some(&theirs),
+        );
+        assert_eq!(kept.headers()["apns-id"], theirs);
+        let a: Response<String> =
+            relay_response(StatusCode::BAD_GATEWAY, "RelayUpstreamUnreachable", None);
+        let b: Response<String> =
+            relay_response(StatusCode::BAD_GATEWAY, "RelayUpstreamUnreachable", None);
+        let id = a.headers()["apns-id"].to_str().unwrap().to_owned();
+        assert_ne!(a.headers()["apns-id"], b.headers()["apns-id"]);
+        let groups: Vec<usize> = id.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+        assert!(
+            id.bytes()
+                .all(|c| c == b'-' || c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+        assert_eq!(&id[14..15], "4", "{id}");
+        assert!("89ab".contains(&id[19..20]), "{id}");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! swap as leaves), and tests/architecture.rs fails on any import cycle.
 //!
 //! - `cli`: the command line (serve, check, ca init, ca issue, probe).
-//! - `coalesce`: write coalescing so a burst of pushes shares TLS records and syscalls.
+//! - `coalesce`: write coalescing so a burst of pushes shares TLS records and syscalls; a
+//!   deadline on client writes that make no progress.
 //! - `config`: YAML + `PUSHRELAY_` env into typed, validated configuration, before any bind.
 //! - `admin`: /healthz, /readyz, /metrics and the status page on the admin listener.
 //! - `log`: the log sink (one writer thread, lines batched).
@@ -45,7 +46,7 @@ pub mod config;
 mod error;
 mod fasthash;
 mod listen;
-mod log;
+pub mod log;
 pub mod metrics;
 pub mod policy;
 mod probe;
@@ -151,6 +152,8 @@ impl App {
                 sources: Arc::new(Swap::new(SourcePolicy::new(l.allow_sources.clone()))),
                 door,
                 connections: Arc::new(tokio::sync::Semaphore::new(config.limits.max_connections)),
+                connections_limit: config.limits.max_connections,
+                metrics: relay.metrics_handle(),
             });
         }
         let reloader = Arc::new(Reloader::new(

@@ -1,11 +1,14 @@
 //! The log sink. Each event is formatted on its own thread into its own buffer and handed to one
 //! writer thread, which lets a burst gather for a few milliseconds and writes it in one go: one
 //! line per request would otherwise cost a write(2) each, and waking the writer per line would
-//! cost as much. The queue is bounded; when it is full the logging thread waits rather than
-//! dropping lines, and `LogGuard` flushes everything before the process exits.
+//! cost as much. The queue is bounded; when it is full (the writer fell behind: a stalled pipe, a
+//! full disk, a journal that does not read) the line is dropped and counted
+//! (`pushrelay_log_lines_dropped_total`): a worker never waits for the log. `LogGuard` flushes what
+//! is queued before the process exits.
 
 use std::io::{self, BufWriter, Write};
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 use std::thread::JoinHandle;
 
 use tracing_subscriber::fmt::MakeWriter;
@@ -14,6 +17,14 @@ use tracing_subscriber::fmt::MakeWriter;
 const QUEUE_LINES: usize = 16 * 1024;
 /// How long the writer lets lines gather after the first of a burst: the most a line waits.
 const GATHER: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Lines dropped since the process started, over every sink.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Log lines dropped because the writer fell behind.
+pub fn dropped_lines() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
 
 enum Msg {
     Line(Vec<u8>),
@@ -51,8 +62,11 @@ impl Write for EventBuf {
 
 impl Drop for EventBuf {
     fn drop(&mut self) {
-        if !self.buf.is_empty() {
-            let _ = self.tx.send(Msg::Line(std::mem::take(&mut self.buf)));
+        if !self.buf.is_empty()
+            && let Err(TrySendError::Full(_)) =
+                self.tx.try_send(Msg::Line(std::mem::take(&mut self.buf)))
+        {
+            DROPPED.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -70,7 +84,12 @@ impl<'a> MakeWriter<'a> for LogSink {
 
 /// A sink writing to `out` from a dedicated thread.
 pub fn sink<W: Write + Send + 'static>(out: W) -> (LogSink, LogGuard) {
-    let (tx, rx) = sync_channel(QUEUE_LINES);
+    sink_with_queue(out, QUEUE_LINES)
+}
+
+/// As `sink`, with room for `lines` lines waiting for the writer.
+pub fn sink_with_queue<W: Write + Send + 'static>(out: W, lines: usize) -> (LogSink, LogGuard) {
+    let (tx, rx) = sync_channel(lines);
     let thread = std::thread::Builder::new()
         .name("pushrelay-log".into())
         .spawn(move || write_lines(rx, out))
@@ -112,7 +131,8 @@ fn write_lines<W: Write>(rx: Receiver<Msg>, out: W) {
 impl Drop for LogGuard {
     fn drop(&mut self) {
         let (ack_tx, ack_rx) = sync_channel(1);
-        if self.tx.send(Msg::Flush(ack_tx)).is_ok() {
+        // Bounded as well: a stalled writer must not hold up the exit.
+        if self.tx.try_send(Msg::Flush(ack_tx)).is_ok() {
             let _ = ack_rx.recv_timeout(std::time::Duration::from_secs(5));
         }
     }
@@ -150,5 +170,44 @@ mod tests {
         assert_eq!(lines.len(), 1000);
         assert_eq!(lines[0], "line 0");
         assert_eq!(lines[999], "line 999");
+    }
+
+    /// A writer that blocks until the test lets it go: a pipe nobody reads.
+    struct Stalled(std::sync::mpsc::Receiver<()>);
+
+    impl Write for Stalled {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// With the writer stalled, logging returns at once: lines beyond the queue are dropped and
+    /// counted, never waited for.
+    #[test]
+    fn a_stalled_writer_never_blocks_the_logging_thread() {
+        let (release, stalled) = std::sync::mpsc::channel();
+        let (sink, guard) = sink_with_queue(Stalled(stalled), 8);
+        let before = dropped_lines();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for i in 0..100 {
+                let mut w = sink.make_writer();
+                writeln!(w, "line {i}").unwrap();
+            }
+            done_tx.send(()).unwrap();
+        });
+        let returned = done_rx.recv_timeout(std::time::Duration::from_secs(5));
+        assert!(returned.is_ok(), "logging blocked on a stalled writer");
+        // The writer may have taken one line and a queue-full more before it stalled.
+        assert!(
+            dropped_lines() - before >= 100 - 2 * 8 - 1,
+            "dropped lines are counted"
+        );
+        drop(release);
+        drop(guard);
     }
 }

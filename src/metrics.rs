@@ -69,6 +69,12 @@ struct ProxyStatusLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    listener: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SideLabels {
     side: &'static str,
 }
@@ -142,6 +148,9 @@ pub struct Metrics {
     connects: Family<ConnectLabels, Counter>,
     tunnels_open: Family<TunnelLabels, Gauge>,
     tunnel_bytes: Family<TunnelBytesLabels, Counter>,
+    connections_refused: Family<RefusedLabels, Counter>,
+    log_dropped: Counter,
+    log_sync: std::sync::Mutex<()>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -174,6 +183,9 @@ impl Metrics {
             connects: Family::default(),
             tunnels_open: Family::default(),
             tunnel_bytes: Family::default(),
+            connections_refused: Family::default(),
+            log_dropped: Counter::default(),
+            log_sync: std::sync::Mutex::new(()),
             registry: Registry::default(),
         };
         registry.register(
@@ -235,6 +247,16 @@ impl Metrics {
             "forward_proxy_tunnel_bytes",
             "Bytes copied through blind tunnels, by direction (to_upstream, to_client)",
             m.tunnel_bytes.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections closed right after accept, by listener and reason",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log writer fell behind",
+            m.log_dropped.clone(),
         );
         Metrics { registry, ..m }
     }
@@ -318,6 +340,27 @@ impl Metrics {
         self.proxy_failures
             .get_or_create(&ProxyStatusLabels {
                 proxy_status: status.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Log lines dropped so far (`log::dropped_lines`, counted process-wide by the log sink):
+    /// the counter catches up, one caller at a time.
+    pub fn log_lines_dropped(&self, total: u64) {
+        if let Ok(_one) = self.log_sync.lock() {
+            let seen = self.log_dropped.get();
+            if total > seen {
+                self.log_dropped.inc_by(total - seen);
+            }
+        }
+    }
+
+    /// A client connection closed right after accept: `max_connections` or `source_not_allowed`.
+    pub fn connection_refused(&self, listener: &str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels {
+                listener: listener.to_owned(),
+                reason,
             })
             .inc();
     }
@@ -433,6 +476,20 @@ mod tests {
         text.lines()
             .find_map(|l| l.strip_prefix(line.as_str()))
             .map_or(0, |n| n.parse().unwrap())
+    }
+
+    /// The dropped-lines counter follows the sink's process-wide total and never goes back.
+    #[test]
+    fn log_lines_dropped_follow_the_sinks_total() {
+        let m = Metrics::new();
+        for total in [5, 3, 9] {
+            m.log_lines_dropped(total);
+        }
+        assert!(
+            m.encode().contains("pushrelay_log_lines_dropped_total 9\n"),
+            "{}",
+            m.encode()
+        );
     }
 
     /// The handles kept per thread never mix registries or labels up, and every request counts.

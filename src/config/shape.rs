@@ -234,11 +234,22 @@ pub struct IdentityConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Client connections open at once, per listener; more wait in the kernel's backlog.
+    /// Client connections open at once, per listener; a connection above it is closed at once
+    /// (plain HTTP/1.1 listeners answer 503 first), counted and logged.
     pub max_connections: usize,
-    /// Bound on the client's TLS handshake.
+    /// Bound on the client's TLS handshake, and on a new connection's first request: a
+    /// connection that sends nothing is closed this long after accept.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
+    /// A request's body must arrive whole within this long after its head (408 otherwise); the
+    /// request goes upstream only once it is complete.
+    #[serde(with = "duration")]
+    pub request_body_timeout: Duration,
+    /// Bound on a client that does not read: an HTTP/2 answer waiting this long for flow-control
+    /// credit is reset; a connection whose socket takes nothing for this long, or an HTTP/1.1
+    /// answer not written within it, closes.
+    #[serde(with = "duration")]
+    pub client_write_timeout: Duration,
     /// Largest request body in bytes (413 above). APNs allows 4096 (5120 for VoIP), FCM 4096 of
     /// data in a message of a few KiB: 64 KiB leaves room and bounds what a request may buffer.
     pub max_request_body: usize,
@@ -339,6 +350,8 @@ impl Default for Limits {
         Limits {
             max_connections: 4096,
             handshake_timeout: Duration::from_secs(10),
+            request_body_timeout: Duration::from_secs(10),
+            client_write_timeout: Duration::from_secs(10),
             max_request_body: 64 * 1024,
             max_header_bytes: 16 * 1024,
             idle_timeout: Duration::from_secs(300),

@@ -307,6 +307,8 @@ fn limits(config: &Config, report: &mut Report<'_>) {
     let limits = [
         ("max_connections", l.max_connections == 0),
         ("handshake_timeout", l.handshake_timeout.is_zero()),
+        ("request_body_timeout", l.request_body_timeout.is_zero()),
+        ("client_write_timeout", l.client_write_timeout.is_zero()),
         ("max_request_body", l.max_request_body == 0),
         ("max_header_bytes", l.max_header_bytes < 1024),
         ("idle_timeout", l.idle_timeout.is_zero()),
@@ -338,6 +340,8 @@ fn durations(config: &Config, report: &mut Report<'_>) {
         (&["limits", "handshake_timeout"], l.handshake_timeout),
         (&["limits", "idle_timeout"], l.idle_timeout),
         (&["limits", "tunnel_idle_timeout"], l.tunnel_idle_timeout),
+        (&["limits", "request_body_timeout"], l.request_body_timeout),
+        (&["limits", "client_write_timeout"], l.client_write_timeout),
         (&["shutdown_grace"], config.shutdown_grace),
         (&["reload_poll_interval"], config.reload_poll_interval),
     ];

@@ -1,16 +1,22 @@
 //! Bodies on the way through the relay. `H2Body` reads an HTTP/2 stream (a client's request, or
-//! the origin's answer) frame by frame, returning flow-control credit as it is read. `RelayBody`
-//! is the body of an answer to a client: either pushrelay's own (a short JSON reason) or the
-//! origin's stream, whose upstream stream slot is held until the body ends or the client goes away.
+//! the origin's answer) frame by frame, returning flow-control credit as it is read. `read_whole`
+//! reads a body to its end within bounds, into a `RelayBody`: the relay holds every request and
+//! answer whole (pushes are ≤ 5 KiB), so a slow or stalled peer on one side never holds a
+//! resource on the other.
 
+use std::convert::Infallible;
+use std::future::poll_fn;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::RecvStream;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
-use crate::upstream::Lease;
+use crate::error::ReadError;
+use crate::upstream::BoxError;
 
 /// An HTTP/2 stream's body as an `http_body::Body`.
 pub struct H2Body {
@@ -67,31 +73,99 @@ impl Body for H2Body {
     }
 }
 
-pub enum RelayBody {
-    Full(Option<Bytes>),
-    Upstream {
-        body: H2Body,
-        /// Released when the body is dropped, which frees the upstream stream slot.
-        _lease: Lease,
-    },
+/// A body held whole: pushrelay's own answers, a client's request once read, an origin's answer
+/// once read. Nothing is streamed through the relay: a request reaches the upstream only when it
+/// is complete, and an upstream stream is released before the client is written to.
+#[derive(Debug, Default)]
+pub struct RelayBody {
+    data: Option<Bytes>,
+    trailers: Option<HeaderMap>,
 }
 
 impl RelayBody {
     pub fn full(bytes: impl Into<Bytes>) -> Self {
         let bytes = bytes.into();
-        RelayBody::Full((!bytes.is_empty()).then_some(bytes))
+        RelayBody {
+            data: (!bytes.is_empty()).then_some(bytes),
+            trailers: None,
+        }
     }
 
     pub fn empty() -> Self {
-        RelayBody::Full(None)
+        RelayBody::default()
     }
 
-    pub fn upstream(recv: RecvStream, lease: Lease) -> Self {
-        RelayBody::Upstream {
-            body: H2Body::new(recv),
-            _lease: lease,
-        }
+    /// The length of the data not yet taken.
+    pub fn len(&self) -> usize {
+        self.data.as_ref().map_or(0, Bytes::len)
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.data.is_none()
+    }
+
+    pub fn has_trailers(&self) -> bool {
+        self.trailers.is_some()
+    }
+
+    /// The data and trailers, taken out at once.
+    pub fn into_parts(self) -> (Option<Bytes>, Option<HeaderMap>) {
+        (self.data, self.trailers)
+    }
+}
+
+/// Reads `body` to its end, data and trailers, bounded by `limit` bytes and `timeout`.
+pub async fn read_whole<B>(
+    mut body: B,
+    limit: usize,
+    timeout: Duration,
+) -> Result<RelayBody, ReadError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let read = async {
+        let mut whole = RelayBody::empty();
+        let mut parts: Vec<Bytes> = Vec::new();
+        let mut len = 0usize;
+        while !body.is_end_stream() {
+            let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await else {
+                break;
+            };
+            // A body that knows why it failed (the HTTP/1.1 reader's chunk over the limit) says so.
+            let frame = frame.map_err(|e| match e.into().downcast::<ReadError>() {
+                Ok(known) => *known,
+                Err(other) => ReadError::Broken(other),
+            })?;
+            match frame.into_data() {
+                Ok(data) => {
+                    len += data.len();
+                    if len > limit {
+                        return Err(ReadError::TooLarge { limit });
+                    }
+                    if !data.is_empty() {
+                        parts.push(data);
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        whole.trailers = Some(trailers);
+                        break;
+                    }
+                }
+            }
+        }
+        // A push is one DATA frame: keep it without a copy.
+        whole.data = match parts.len() {
+            0 => None,
+            1 => parts.pop(),
+            _ => Some(Bytes::from(parts.concat())),
+        };
+        Ok(whole)
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .map_err(|_| ReadError::Timeout { after: timeout })?
 }
 
 /// A whole body from text: how error.rs's answers become a door's body.
@@ -103,30 +177,24 @@ impl From<String> for RelayBody {
 
 impl Body for RelayBody {
     type Data = Bytes;
-    type Error = h2::Error;
+    type Error = Infallible;
 
     fn poll_frame(
         self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        match self.get_mut() {
-            RelayBody::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
-            RelayBody::Upstream { body, .. } => Pin::new(body).poll_frame(cx),
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let this = self.get_mut();
+        if let Some(data) = this.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
+        Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }
 
     fn is_end_stream(&self) -> bool {
-        match self {
-            RelayBody::Full(bytes) => bytes.is_none(),
-            RelayBody::Upstream { body, .. } => body.is_end_stream(),
-        }
+        self.data.is_none() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self {
-            RelayBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            RelayBody::Full(None) => SizeHint::with_exact(0),
-            RelayBody::Upstream { body, .. } => body.size_hint(),
-        }
+        SizeHint::with_exact(self.len() as u64)
     }
 }

@@ -31,6 +31,12 @@ pub trait Door: Send + Sync + 'static {
     /// Builds what this door would use under `config` (its own listener in it, by index) without
     /// changing anything yet; the `Commit` swaps it in. On error the running door is untouched.
     fn reload(&self, config: &ValidConfig) -> Result<Commit, TlsSetupError>;
+
+    /// What a connection above `limits.max_connections` is told before it is closed: written
+    /// once, without waiting. None where TLS must come first (the client could not read it).
+    fn busy_answer(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// How listeners and the reloader hold a front door.

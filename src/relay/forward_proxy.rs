@@ -355,7 +355,9 @@ impl ForwardProxy {
                 return;
             }
         };
-        self.server.serve(tls, peer, target, &shutdown).await;
+        self.server
+            .serve(Box::new(tls), peer, target, &shutdown)
+            .await;
     }
 
     fn tls_failed(&self, peer: SocketAddr, dest: &Authority, outcome: &'static str, error: String) {

@@ -8,6 +8,8 @@
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -17,7 +19,6 @@ use futures_util::stream::FuturesUnordered;
 use h2::RecvStream;
 use h2::server::SendResponse;
 use http::{Request, Response};
-use http_body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, sleep, timeout};
 use tokio_util::sync::CancellationToken;
@@ -26,11 +27,20 @@ use super::body::RelayBody;
 use crate::coalesce::Coalesce;
 use crate::upstream::send_flow_controlled;
 
-/// HTTP/2 streams a client may have open at once on one connection, as APNs allows about 1000.
-pub const CLIENT_MAX_STREAMS: u32 = 1000;
+/// HTTP/2 streams a client may have open at once on one connection, announced as
+/// SETTINGS_MAX_CONCURRENT_STREAMS, and the same number of its requests upstream at once (a stream
+/// the client reset whose request already went upstream keeps its place until it finishes). As
+/// nghttpx and HAProxy (100): one connection cannot take the shared upstream's streams from the
+/// others, and the pushes of a busy client still fit a few connections.
+pub const CLIENT_MAX_STREAMS: u32 = 128;
 /// Receive windows towards clients: a push (≤ 5 KiB) never waits for credit.
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
+/// Client resets (RST_STREAM) a connection may send in a burst, and per second after that,
+/// before it is closed with GOAWAY ENHANCE_YOUR_CALM: cancelling every open stream at once is
+/// allowed, a flood of open-then-reset (CVE-2023-44487) is not.
+const RESET_BURST: f64 = CLIENT_MAX_STREAMS as f64;
+const RESETS_PER_SECOND: f64 = 10.0;
 
 /// The connection preface every HTTP/2 client sends first (RFC 9113 §3.4).
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -42,6 +52,8 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     /// A connection with no stream open for this long is closed with GOAWAY.
     pub idle_timeout: Duration,
+    /// Bound on sending one answer's body as the client's flow-control window allows.
+    pub write_timeout: Duration,
 }
 
 /// Why a connection ended early.
@@ -53,9 +65,42 @@ pub enum ServeError {
     H2(#[from] h2::Error),
 }
 
+/// How one stream ended.
+enum Ended {
+    Answered,
+    /// The client reset the stream before its answer.
+    ClientReset,
+}
+
+/// The client's reset budget: a token bucket.
+struct ResetBudget {
+    tokens: f64,
+    last: Instant,
+}
+
+impl ResetBudget {
+    fn new() -> Self {
+        ResetBudget {
+            tokens: RESET_BURST,
+            last: Instant::now(),
+        }
+    }
+
+    /// Takes one reset; `false` once the client has used up its budget.
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * RESETS_PER_SECOND;
+        self.tokens = (self.tokens + refill).min(RESET_BURST);
+        self.last = now;
+        self.tokens -= 1.0;
+        self.tokens >= 0.0
+    }
+}
+
 /// Serves one HTTP/2 connection until the client closes it, or until `shutdown` or
 /// `idle_timeout` without an open stream (then GOAWAY, and the streams in flight finish).
-/// `handle` answers each request.
+/// `handle` answers each request; a request it has marked `Committed` (sent upstream) runs to its
+/// end even when the client resets it or goes away, and its answer is dropped.
 pub async fn serve<IO, H, F>(
     io: IO,
     settings: &Settings,
@@ -78,18 +123,29 @@ where
         .map_err(|_| ServeError::HandshakeTimeout(settings.handshake_timeout))??;
     let mut streams = FuturesUnordered::new();
     let mut draining = false;
+    let mut resets = ResetBudget::new();
     // One timer, moved on only when it fires: resetting it whenever the last stream ends would
     // cost a timer-wheel update per burst of pushes. `idle_until` is the real deadline.
     let mut idle_until = Instant::now() + settings.idle_timeout;
     let mut idle = pin!(sleep(settings.idle_timeout));
-    loop {
+    let ended = loop {
         tokio::select! {
             next = conn.accept() => match next {
-                Some(Ok((request, respond))) => streams.push(Box::pin(answer(handle(request), respond))),
-                Some(Err(e)) => return Err(e.into()),
-                None => return Ok(()),
+                Some(Ok((mut request, respond))) => {
+                    let committed = Committed::default();
+                    request.extensions_mut().insert(committed.clone());
+                    let answer = answer(handle(request), respond, committed, settings.write_timeout);
+                    streams.push(Box::pin(answer));
+                }
+                Some(Err(e)) => break Err(e.into()),
+                None => break Ok(()),
             },
-            Some(()) = streams.next(), if !streams.is_empty() => {
+            Some(ended) = streams.next(), if !streams.is_empty() => {
+                if matches!(ended, Ended::ClientReset) && !resets.take() && !draining {
+                    tracing::warn!(resets_per_second = RESETS_PER_SECOND, "HTTP/2 client resets streams faster than allowed; closing with GOAWAY ENHANCE_YOUR_CALM");
+                    draining = true;
+                    conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                }
                 if streams.is_empty() {
                     idle_until = Instant::now() + settings.idle_timeout;
                 }
@@ -108,61 +164,80 @@ where
                 conn.graceful_shutdown();
             }
         }
-    }
+    };
+    // The client is gone: requests not yet upstream end at once (their bodies fail), those
+    // already upstream finish there instead of being reset towards the origin in a burst. Each
+    // is bounded by the request timeout.
+    drop(conn);
+    while streams.next().await.is_some() {}
+    ended
 }
 
-/// Waits for `handle`'s answer and sends it on the stream. A client that resets the stream stops
-/// the work: dropping `handle` cancels the upstream stream with it.
-async fn answer<F>(handle: F, mut respond: SendResponse<Bytes>)
+/// Waits for `handle`'s answer and sends it on the stream. A client that resets the stream before
+/// its request went upstream stops the work; after that, the request finishes upstream and its
+/// answer is dropped.
+async fn answer<F>(
+    handle: F,
+    mut respond: SendResponse<Bytes>,
+    committed: Committed,
+    write_timeout: Duration,
+) -> Ended
 where
     F: Future<Output = Response<RelayBody>>,
 {
     let response = {
         let mut handle = pin!(handle);
         tokio::select! {
+            biased;
+            reset = poll_fn(|cx| respond.poll_reset(cx)) => {
+                if committed.is_set() {
+                    let _ = handle.as_mut().await;
+                }
+                return match reset {
+                    Ok(_) => Ended::ClientReset,
+                    Err(_) => Ended::Answered,
+                };
+            }
             response = handle.as_mut() => response,
-            _ = poll_fn(|cx| respond.poll_reset(cx)) => return,
         }
     };
-    let (parts, mut body) = response.into_parts();
-    let end = body.is_end_stream();
+    let (parts, body) = response.into_parts();
+    let (data, trailers) = body.into_parts();
+    let end = data.is_none() && trailers.is_none();
     let Ok(mut send) = respond.send_response(Response::from_parts(parts, ()), end) else {
-        return;
+        return Ended::Answered;
     };
-    if end {
-        return;
-    }
-    loop {
-        match poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-            None => {
-                let _ = send_flow_controlled(&mut send, Bytes::new(), true).await;
-                return;
+    if let Some(data) = data {
+        let last = trailers.is_none();
+        match timeout(write_timeout, send_flow_controlled(&mut send, data, last)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Ended::Answered,
+            Err(_) => {
+                tracing::info!(write_timeout = ?write_timeout, "HTTP/2 client did not read its answer in time; resetting the stream");
+                send.send_reset(h2::Reason::CANCEL);
+                return Ended::Answered;
             }
-            Some(Err(e)) => {
-                tracing::info!(error = %e, "origin's answer body broke off; resetting the client's stream");
-                send.send_reset(h2::Reason::INTERNAL_ERROR);
-                return;
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    let last = body.is_end_stream();
-                    if (!data.is_empty() || last)
-                        && send_flow_controlled(&mut send, data, last).await.is_err()
-                    {
-                        return;
-                    }
-                    if last {
-                        return;
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        let _ = send.send_trailers(trailers);
-                        return;
-                    }
-                }
-            },
         }
+    }
+    if let Some(trailers) = trailers {
+        let _ = send.send_trailers(trailers);
+    }
+    Ended::Answered
+}
+
+/// Set on a request (an extension) once it is handed to the upstream: from then on a client that
+/// goes away no longer cancels it. The origin may have delivered it already; a cancel would not
+/// take the push back, and a burst of cancels is what Apple's abuse detection punishes.
+#[derive(Debug, Clone, Default)]
+pub struct Committed(Arc<AtomicBool>);
+
+impl Committed {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
     }
 }
 

@@ -20,26 +20,49 @@ use bytes::Bytes;
 use http::{Request, Response, header};
 use http_body::Body;
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::time::Instant;
+use tokio::sync::Semaphore;
+use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::error::ReadError;
 use crate::error::{Fault, RelayError, hop_of};
 use crate::metrics::Metrics;
 use crate::policy::{Authority, DestinationPolicy};
 use crate::swap::Swap;
 use crate::upstream::identity::{Identities, Sender};
 use crate::upstream::{self, BoxError, Pool, PoolKey, ReplayBody};
-use body::RelayBody;
+use body::{H2Body, RelayBody, read_whole};
+use h2_server::{CLIENT_MAX_STREAMS, Committed};
 
-/// Who is asking: for the log line, and for the identities a request may use.
+/// Who is asking: for the log line, for the identities a request may use, and the client
+/// connection's share of upstream streams.
 #[derive(Debug, Clone)]
 pub struct Ctx {
     pub listener: Arc<str>,
     pub client: SocketAddr,
     /// The subject common name of the client's TLS certificate, when it presented one.
     pub client_subject: Option<Arc<str>>,
+    /// Requests of this client connection upstream at once (HTTP/2 connections; HTTP/1.1 has
+    /// one at a time anyway).
+    pub upstream_slots: Option<Arc<Semaphore>>,
 }
+
+impl Ctx {
+    pub fn new(listener: Arc<str>, client: SocketAddr) -> Self {
+        Ctx {
+            listener,
+            client,
+            client_subject: None,
+            upstream_slots: None,
+        }
+    }
+}
+
+/// The largest answer body read from the origin: APNs answers are a short JSON reason, FCM's a
+/// few KiB.
+const MAX_ANSWER_BODY: usize = 64 * 1024;
+const APNS_ID: &str = "apns-id";
 
 /// The shared pipeline.
 pub struct Relay {
@@ -49,6 +72,7 @@ pub struct Relay {
     identities: Identities,
     metrics: Arc<Metrics>,
     max_request_body: usize,
+    body_timeout: Duration,
     request_timeout: Duration,
 }
 
@@ -60,12 +84,17 @@ impl Relay {
             identities: Identities::new(&config.upstream.identities),
             metrics,
             max_request_body: config.limits.max_request_body,
+            body_timeout: config.limits.request_body_timeout,
             request_timeout: config.upstream.request_timeout,
         }
     }
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    pub fn metrics_handle(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     pub fn pool(&self) -> &Pool {
@@ -81,7 +110,7 @@ impl Relay {
     }
 
     /// Relays `req` to `dest`, sending `authority` as `:authority`. Never fails: errors become
-    /// pushrelay's own JSON answers. Logs one line.
+    /// pushrelay's own JSON answers, which come only once the request was read. Logs one line.
     pub async fn forward<B>(
         &self,
         ctx: &Ctx,
@@ -95,6 +124,7 @@ impl Relay {
     {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
+        let apns_id = parts.headers.get(APNS_ID).cloned();
         let result = self.exchange(ctx, &dest, authority, &mut parts, body).await;
         let elapsed = started.elapsed();
         match result {
@@ -115,7 +145,7 @@ impl Relay {
                     status = response.status().as_u16(),
                     apns_id = response
                         .headers()
-                        .get("apns-id")
+                        .get(APNS_ID)
                         .and_then(|v| v.to_str().ok())
                         .unwrap_or(""),
                     upstream.conn = conn,
@@ -125,12 +155,29 @@ impl Relay {
                 response
             }
             Err(e) => {
-                let response = e.to_response();
+                let response = e.to_response(apns_id.as_ref());
                 let path = loggable_path(parts.uri.path());
                 self.record_failure(ctx, &parts.method, Some(&dest), &path, &e, elapsed);
                 response
             }
         }
+    }
+
+    /// Answers a request refused before it had a destination, once its body was read (bounded
+    /// as any body): an answer that overtakes the request ends its stream with a reset, which
+    /// some clients (curl 7.88) take for a failure and drop the answer.
+    pub async fn refuse<B>(&self, ctx: &Ctx, req: Request<B>, e: RelayError) -> Response<RelayBody>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        let started = Instant::now();
+        // The refusal is the answer whatever the body; a body that fails to come ends the wait.
+        let _ = read_whole(body, self.max_request_body, self.body_timeout).await;
+        let path = loggable_path(parts.uri.path());
+        self.record_failure(ctx, &parts.method, None, &path, &e, started.elapsed());
+        e.to_response(parts.headers.get(APNS_ID))
     }
 
     /// Logs and counts a request that ended in pushrelay's own answer, at a level by whose fault
@@ -182,6 +229,8 @@ impl Relay {
         }
     }
 
+    /// Reads the request whole, then sends it upstream, then reads the answer whole and gives
+    /// the upstream stream back, all before the client is written to.
     async fn exchange<B>(
         &self,
         ctx: &Ctx,
@@ -194,20 +243,34 @@ impl Relay {
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        if !self.destinations.load().allows(dest) {
-            return Err(RelayError::DestinationNotAllowed(dest.clone()));
-        }
         let declared = parts
             .headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > self.max_request_body as u64) {
-            return Err(upstream::UpstreamError::BodyTooLarge {
-                limit: self.max_request_body,
-            }
-            .into());
+        let limit = self.max_request_body;
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(RelayError::RequestBody(ReadError::TooLarge { limit }));
         }
+        let body = read_whole(body, limit, self.body_timeout)
+            .await
+            .map_err(RelayError::RequestBody)?;
+        if !self.destinations.load().allows(dest) {
+            return Err(RelayError::DestinationNotAllowed(dest.clone()));
+        }
+        let deadline = Instant::now() + self.request_timeout;
+        // This connection's share of upstream streams; held until the answer is read.
+        let _slot = match &ctx.upstream_slots {
+            None => None,
+            Some(slots) => match timeout_at(deadline, slots.acquire()).await {
+                Ok(Ok(permit)) => Some(permit),
+                _ => {
+                    return Err(RelayError::ConnectionBusy {
+                        limit: CLIENT_MAX_STREAMS as usize,
+                    });
+                }
+            },
+        };
         let sender = Sender {
             listener: &ctx.listener,
             client_subject: ctx.client_subject.as_deref(),
@@ -224,8 +287,10 @@ impl Relay {
             authority,
         )
         .map_err(|e| RelayError::BadRequest(e.to_string()))?;
-        let mut body = ReplayBody::new(body, self.max_request_body);
-        let deadline = Instant::now() + self.request_timeout;
+        if let Some(committed) = parts.extensions.get::<Committed>() {
+            committed.set();
+        }
+        let mut body = ReplayBody::new(body, limit);
         let ex = upstream::exchange(
             &self.pool,
             &key,
@@ -237,12 +302,21 @@ impl Relay {
         .await?;
         let conn = ex.lease.conn_id();
         let (mut parts, recv) = ex.response.into_parts();
+        let left = deadline.saturating_duration_since(Instant::now());
+        let answer = read_whole(H2Body::new(recv), MAX_ANSWER_BODY, left)
+            .await
+            .map_err(|e| match e {
+                ReadError::Timeout { .. } => {
+                    RelayError::Upstream(upstream::UpstreamError::Timeout {
+                        after: self.request_timeout,
+                    })
+                }
+                source => RelayError::AnswerBody { conn, source },
+            })?;
+        drop(ex.lease);
         headers::downstream_headers(&mut parts.headers);
         parts.version = http::Version::HTTP_11;
-        Ok((
-            Response::from_parts(parts, RelayBody::upstream(recv, ex.lease)),
-            conn,
-        ))
+        Ok((Response::from_parts(parts, answer), conn))
     }
 }
 

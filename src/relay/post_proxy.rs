@@ -28,11 +28,11 @@ use super::headers::named_host;
 use super::http1::{self, ChunkState, Framing, ReadError, Reader, RequestHead};
 use super::{Ctx, Relay};
 use crate::config::{ListenerConfig, ServerTls, ValidConfig};
-use crate::error::{Refusal, RelayError};
+use crate::error::{Refusal, RelayError, relay_response};
 use crate::policy::Authority;
 use crate::swap::Swap;
 use crate::tls::{self, TlsSetupError};
-use crate::upstream::{BoxError, UpstreamError};
+use crate::upstream::BoxError;
 
 /// Where a request naming `named` (its host as written, port included) goes.
 struct Route {
@@ -52,6 +52,7 @@ pub struct PostProxy {
     max_request_body: u64,
     idle_timeout: Duration,
     head_timeout: Duration,
+    write_timeout: Duration,
 }
 
 /// What is left of a connection after one exchange, and if it closes, why. Decided here alone:
@@ -121,6 +122,23 @@ impl Door for PostProxy {
         Box::pin(self.serve_connection(stream, peer, shutdown))
     }
 
+    /// A 503 for a connection above `max_connections`, on a plain listener (with TLS the client
+    /// could not read it before the handshake).
+    fn busy_answer(&self) -> Option<Vec<u8>> {
+        if self.acceptor.load().is_some() {
+            return None;
+        }
+        let (parts, body) = relay_response::<String>(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "RelayTooManyConnections",
+            None,
+        )
+        .into_parts();
+        let mut answer = http1::response_head(parts.status, &parts.headers, false, false);
+        answer.extend_from_slice(body.as_bytes());
+        Some(answer)
+    }
+
     fn reload(&self, config: &ValidConfig) -> Result<Commit, TlsSetupError> {
         let listener = listener_at(config, self.index)?;
         let tls = config.listener_tls(self.index);
@@ -168,6 +186,7 @@ impl PostProxy {
             max_request_body: config.limits.max_request_body as u64,
             idle_timeout: config.limits.idle_timeout,
             head_timeout: config.limits.handshake_timeout,
+            write_timeout: config.limits.client_write_timeout,
         })
     }
 
@@ -177,11 +196,7 @@ impl PostProxy {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
-        let mut ctx = Ctx {
-            listener: self.name.clone(),
-            client: peer,
-            client_subject: None,
-        };
+        let mut ctx = Ctx::new(self.name.clone(), peer);
         match self.acceptor.load().as_ref() {
             None => self.serve_http(stream, &ctx, &shutdown).await,
             Some(acceptor) => match timeout(self.head_timeout, acceptor.accept(stream)).await {
@@ -211,14 +226,20 @@ impl PostProxy {
         let mut cancelled = pin!(shutdown.cancelled());
         // One idle timer per connection, moved on only when it fires: a fresh timer per request
         // costs a timer-wheel insertion and removal every time.
-        let mut idle = pin!(sleep(self.idle_timeout));
+        // A new connection's first request must start within the handshake timeout: a
+        // connection that sends nothing does not hold a place for the idle timeout.
+        let mut idle = pin!(sleep(self.head_timeout));
+        let mut wait = self.head_timeout;
         let mut last_route = None;
         loop {
             if !reader.has_buffered() {
                 if writer.flush().await.is_err() {
                     return;
                 }
-                let deadline = Instant::now() + self.idle_timeout;
+                let deadline = Instant::now() + std::mem::replace(&mut wait, self.idle_timeout);
+                if idle.deadline() > deadline {
+                    idle.as_mut().reset(deadline);
+                }
                 let arrived = loop {
                     tokio::select! {
                         biased;
@@ -364,21 +385,17 @@ impl PostProxy {
     {
         let (client_keep_alive, shutting_down) = (head.keep_alive, shutdown.is_cancelled());
         let (method, version, framing) = (head.method.clone(), head.version, head.framing);
-        let (dest, authority, uri) = match self.route(&head, last_route) {
-            Ok(r) => r,
-            Err(e) => {
-                let path = super::loggable_path(head.target.as_str()).into_owned();
-                self.relay
-                    .record_failure(ctx, &method, None, &path, &e, Duration::ZERO);
-                // An unread body would be taken for the next request: close instead. So would
-                // whatever follows a refused CONNECT, which its sender takes for tunnel bytes.
-                let outcome = Outcome::of_request(
-                    client_keep_alive,
-                    shutting_down,
-                    framing == Framing::Empty,
-                )
-                .unless(method != Method::CONNECT, Why::RefusedConnect);
-                return write_response(writer, e.to_response(), &method, version, outcome).await;
+        let refused_connect = method == Method::CONNECT;
+        // A refused request is answered, as any, once its body was read.
+        let (routed, uri) = match self.route(&head, last_route) {
+            Ok((dest, authority, uri)) => (Ok((dest, authority)), uri),
+            Err(e) => (Err(e), head.target.parse().unwrap_or_default()),
+        };
+        let relay = &self.relay;
+        let respond = |request| async move {
+            match routed {
+                Ok((dest, authority)) => relay.forward(ctx, dest, authority, request).await,
+                Err(e) => relay.refuse(ctx, request, e).await,
             }
         };
         let mut request = Request::new(());
@@ -401,8 +418,7 @@ impl PostProxy {
                     left: &mut left,
                     broken: false,
                 });
-                let request = request.map(|()| body);
-                let response = self.relay.forward(ctx, dest, authority, request).await;
+                let response = respond(request.map(|()| body)).await;
                 (response, left == 0)
             }
             // Chunked, or `Expect: 100-continue` (`100 Continue` only once the relay wants the
@@ -410,7 +426,7 @@ impl PostProxy {
             None => {
                 let (tx, wanted_rx, body) = ChannelBody::new(framing);
                 let request = request.map(|()| RequestBody::<R>::Channel(body));
-                let mut forward = pin!(self.relay.forward(ctx, dest, authority, request));
+                let mut forward = pin!(respond(request));
                 let mut feed = pin!(feed_body(
                     reader,
                     writer,
@@ -436,8 +452,17 @@ impl PostProxy {
         };
         // A body not read to its end (early answer, or a broken body) leaves the connection's
         // framing unknown.
-        let outcome = Outcome::of_request(client_keep_alive, shutting_down, fed);
-        write_response(writer, response, &method, version, outcome).await
+        // After a refused CONNECT, whatever follows is taken for tunnel bytes by its sender.
+        let outcome = Outcome::of_request(client_keep_alive, shutting_down, fed)
+            .unless(!refused_connect, Why::RefusedConnect);
+        let written = write_response(writer, response, &method, version, outcome);
+        match timeout(self.write_timeout, written).await {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                tracing::info!(listener = %self.name, client.addr = %ctx.client, write_timeout = ?self.write_timeout, "client did not read its answer in time; closing");
+                Outcome::Close(Why::AnswerIncomplete)
+            }
+        }
     }
 }
 
@@ -503,7 +528,7 @@ where
             // A chunk size over the limit is the pipeline's 413, as an overlong body would be.
             let e: BoxError = match e {
                 ReadError::Http(http1::Http1Error::BodyTooLarge(limit)) => {
-                    Box::new(UpstreamError::BodyTooLarge {
+                    Box::new(crate::error::ReadError::TooLarge {
                         limit: usize::try_from(limit).unwrap_or(usize::MAX),
                     })
                 }
@@ -683,14 +708,11 @@ where
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    // Our own answers know their size even without the header.
-    if length.is_none() && !no_body && body.is_end_stream() {
-        length = Some(0);
-        headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from_static("0"));
-    }
-    if let (None, RelayBody::Full(Some(bytes))) = (length, &body) {
-        length = Some(bytes.len() as u64);
-        headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(bytes.len()));
+    // Answers are read whole: their size is known even without the header (trailers need
+    // chunked framing).
+    if length.is_none() && !no_body && !body.has_trailers() {
+        length = Some(body.len() as u64);
+        headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(body.len()));
     }
     let chunked = !no_body && length.is_none() && version == Version::HTTP_11;
     // HTTP/1.0 without a length: the end of the body is the end of the connection.

@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
 use tokio::time::timeout;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
@@ -27,10 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::{H2Body, RelayBody};
 use super::door::{Commit, Door, Serving, listener_at};
-use super::h2_server;
+use super::h2_server::{self, CLIENT_MAX_STREAMS};
 use super::headers::named_host;
 use super::{Ctx, Relay};
-use crate::coalesce::Coalesce;
+use crate::coalesce::{Coalesce, WriteDeadline};
 use crate::config::{Config, ListenerConfig, ServerTls, ValidConfig};
 use crate::error::HeadError;
 use crate::error::RelayError;
@@ -48,6 +49,8 @@ pub struct PreProxy {
     relay: Arc<Relay>,
     server: Arc<TlsServer>,
     handshake_timeout: Duration,
+    /// A client that stops reading its socket is cut off after this (`limits.client_write_timeout`).
+    write_timeout: Duration,
 }
 
 /// Serves APNs requests on a client TLS connection that is already accepted: by ALPN (or, with
@@ -124,6 +127,7 @@ impl PreProxy {
             upstream_port: listener.upstream_port,
             server: Arc::new(TlsServer::new(listener, config, relay.clone())),
             relay,
+            write_timeout: config.limits.client_write_timeout,
             handshake_timeout: config.limits.handshake_timeout,
         })
     }
@@ -134,9 +138,16 @@ impl PreProxy {
         peer: SocketAddr,
         shutdown: CancellationToken,
     ) {
+        // Each phase's state is boxed, so a connection keeps only what its current phase needs:
+        // the handshake's is freed once done, and an HTTP/2 client carries no HTTP/1.1 server.
+        // An idle connection is mostly this state, and there may be thousands.
         let acceptor = self.acceptor.load();
-        let tls_stream = match timeout(self.handshake_timeout, acceptor.accept(stream)).await {
-            Ok(Ok(s)) => s,
+        // A client that stops reading its socket is cut off, whichever protocol it speaks.
+        let stream = WriteDeadline::new(stream, self.write_timeout);
+        let accept = Box::pin(timeout(self.handshake_timeout, acceptor.accept(stream)));
+        let tls_stream = match accept.await {
+            // On the heap from here: the stream moves into the phase that serves it.
+            Ok(Ok(s)) => Box::new(s),
             Ok(Err(e)) => {
                 self.relay.metrics().tls_failure("client");
                 tracing::info!(listener = %self.name, client.addr = %peer, error = %e, "client TLS handshake failed");
@@ -201,6 +212,7 @@ impl TlsServer {
                 max_header_list_size: config.limits.max_header_bytes as u32,
                 handshake_timeout: config.limits.handshake_timeout,
                 idle_timeout: config.limits.idle_timeout,
+                write_timeout: config.limits.client_write_timeout,
             },
             handshake_timeout: config.limits.handshake_timeout,
         }
@@ -209,7 +221,7 @@ impl TlsServer {
     /// Serves `tls_stream` until it ends, every request for `target`.
     pub async fn serve<IO>(
         self: &Arc<Self>,
-        tls_stream: TlsStream<IO>,
+        tls_stream: Box<TlsStream<IO>>,
         peer: SocketAddr,
         target: Target,
         shutdown: &CancellationToken,
@@ -217,19 +229,22 @@ impl TlsServer {
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let target = Arc::new(target);
-        let ctx = Ctx {
-            listener: self.name.clone(),
-            client: peer,
-            client_subject: tls::client_subject(tls_stream.get_ref().1),
-        };
+        let mut ctx = Ctx::new(self.name.clone(), peer);
+        ctx.client_subject = tls::client_subject(tls_stream.get_ref().1);
+        // Each phase is boxed so an idle connection keeps only the state of the one it is in.
         let served = match tls_stream.get_ref().1.alpn_protocol() {
-            Some(b"h2") => self.serve_h2(tls_stream, &ctx, &target, shutdown).await,
-            Some(_) => self.serve_http1(tls_stream, &ctx, target, shutdown).await,
+            Some(b"h2") => Box::pin(self.serve_h2(tls_stream, &ctx, &target, shutdown)).await,
+            Some(_) => Box::pin(self.serve_http1(tls_stream, &ctx, target, shutdown)).await,
             // No ALPN: pushy and aioapns start HTTP/2 straight away; anything else is HTTP/1.1.
             None => {
-                match timeout(self.handshake_timeout, h2_server::sniff_preface(tls_stream)).await {
-                    Ok(Ok((true, io))) => self.serve_h2(io, &ctx, &target, shutdown).await,
-                    Ok(Ok((false, io))) => self.serve_http1(io, &ctx, target, shutdown).await,
+                let sniff = timeout(self.handshake_timeout, h2_server::sniff_preface(tls_stream));
+                match Box::pin(sniff).await {
+                    Ok(Ok((true, io))) => {
+                        Box::pin(self.serve_h2(io, &ctx, &target, shutdown)).await
+                    }
+                    Ok(Ok((false, io))) => {
+                        Box::pin(self.serve_http1(io, &ctx, target, shutdown)).await
+                    }
                     Ok(Err(e)) => Err(e.into()),
                     Err(_) => Err("no request within the handshake timeout".into()),
                 }
@@ -250,6 +265,11 @@ impl TlsServer {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
+        let ctx = Ctx {
+            upstream_slots: Some(Arc::new(Semaphore::new(CLIENT_MAX_STREAMS as usize))),
+            ..ctx.clone()
+        };
+        let ctx = &ctx;
         h2_server::serve(io, &self.h2, shutdown, |req: Request<h2::RecvStream>| {
             self.handle(ctx, target, req.map(H2Body::new))
         })
@@ -290,7 +310,7 @@ impl TlsServer {
             Ok(n) => Some(n),
             // SNI already names the host; a request without one is for it.
             Err(HeadError::NoHost) => None,
-            Err(e) => return self.refuse(ctx, &req, e.into()),
+            Err(e) => return self.relay.refuse(ctx, req, e.into()).await,
         };
         if let Some(named) = &named
             && named.host != target.sni
@@ -299,7 +319,7 @@ impl TlsServer {
                 sni: target.sni.clone(),
                 authority: named.raw.to_string(),
             };
-            return self.refuse(ctx, &req, e);
+            return self.relay.refuse(ctx, req, e).await;
         }
         // The client's port (if any) was the relay's; the origin is told its own.
         let authority = match named.and_then(|n| n.port) {
@@ -309,13 +329,6 @@ impl TlsServer {
         self.relay
             .forward(ctx, target.dest.clone(), authority, req)
             .await
-    }
-
-    fn refuse<B>(&self, ctx: &Ctx, req: &Request<B>, e: RelayError) -> Response<RelayBody> {
-        let path = super::loggable_path(req.uri().path());
-        self.relay
-            .record_failure(ctx, req.method(), None, &path, &e, Duration::ZERO);
-        e.to_response()
     }
 }
 

@@ -15,6 +15,8 @@ pub struct H2Client {
     send: h2::client::SendRequest<Bytes>,
     pub alpn: Option<Vec<u8>>,
     task: tokio::task::JoinHandle<()>,
+    /// How the connection ended, once it has: the relay's GOAWAY reason, for one.
+    pub ended: std::sync::Arc<std::sync::Mutex<Option<h2::Error>>>,
 }
 
 impl Drop for H2Client {
@@ -46,6 +48,8 @@ pub struct Connect<'a> {
     pub sni: &'a str,
     pub alpn: bool,
     pub from: Option<IpAddr>,
+    /// The client's receive window per stream; 0: a client that never reads its answers.
+    pub window: Option<u32>,
 }
 
 impl<'a> Connect<'a> {
@@ -55,6 +59,7 @@ impl<'a> Connect<'a> {
             sni: "api.push.apple.com",
             alpn: true,
             from: None,
+            window: None,
         }
     }
 }
@@ -88,7 +93,7 @@ impl H2Client {
         let name = ServerName::try_from(c.sni.to_owned()).map_err(std::io::Error::other)?;
         let tls = TlsConnector::from(config).connect(name, tcp).await?;
         let alpn = tls.get_ref().1.alpn_protocol().map(|p| p.to_vec());
-        Self::over(tls, alpn).await
+        Self::over_with(tls, alpn, c.window).await
     }
 
     /// HTTP/2 over an established stream (e.g. TLS inside a CONNECT tunnel).
@@ -96,13 +101,36 @@ impl H2Client {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let (send, conn) = h2::client::handshake(io)
-            .await
-            .map_err(std::io::Error::other)?;
+        Self::over_with(io, alpn, None).await
+    }
+
+    /// As `over`, with the client's initial stream window (`None`: h2's default).
+    async fn over_with<IO>(
+        io: IO,
+        alpn: Option<Vec<u8>>,
+        window: Option<u32>,
+    ) -> std::io::Result<Self>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut builder = h2::client::Builder::new();
+        if let Some(window) = window {
+            builder.initial_window_size(window);
+        }
+        let (send, conn) = builder.handshake(io).await.map_err(std::io::Error::other)?;
+        let ended = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let end = ended.clone();
         let task = tokio::spawn(async move {
-            let _ = conn.await;
+            if let Err(e) = conn.await {
+                *end.lock().unwrap() = Some(e);
+            }
         });
-        Ok(H2Client { send, alpn, task })
+        Ok(H2Client {
+            send,
+            alpn,
+            task,
+            ended,
+        })
     }
 
     /// Sends `req` with `body` and reads the whole answer.
@@ -112,19 +140,16 @@ impl H2Client {
         if !body.is_empty() {
             stream.send_data(body, true)?;
         }
-        let response = response.await?;
-        let (parts, mut recv) = response.into_parts();
-        let mut data = Vec::new();
-        while let Some(chunk) = recv.data().await {
-            let chunk = chunk?;
-            let _ = recv.flow_control().release_capacity(chunk.len());
-            data.extend_from_slice(&chunk);
-        }
-        Ok(Answer {
-            status: parts.status,
-            headers: parts.headers,
-            body: Bytes::from(data),
-        })
+        read_answer(response).await
+    }
+
+    /// Opens a stream with `req`'s head and no end: the test sends the body (or not) itself.
+    pub async fn open(
+        &self,
+        req: Request<()>,
+    ) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), h2::Error> {
+        let mut send = self.send.clone().ready().await?;
+        send.send_request(req, false)
     }
 
     /// Waits until the relay has closed this connection (after a GOAWAY, once no stream is open).
@@ -163,4 +188,21 @@ pub fn push_request(authority: &str, token: &str) -> Request<()> {
         )
         .body(())
         .unwrap()
+}
+
+/// Waits for the answer's head and reads its body to the end.
+pub async fn read_answer(response: h2::client::ResponseFuture) -> Result<Answer, h2::Error> {
+    let response = response.await?;
+    let (parts, mut recv) = response.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk?;
+        let _ = recv.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: Bytes::from(data),
+    })
 }

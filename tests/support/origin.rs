@@ -49,6 +49,9 @@ pub struct OriginOptions {
     pub script: Option<Arc<Script>>,
     /// Ask for client certificates (optional) and record their common name.
     pub client_auth: bool,
+    /// As Apple's abuse protection: a connection whose client resets more than this many
+    /// streams gets GOAWAY ENHANCE_YOUR_CALM.
+    pub calm_after_resets: Option<usize>,
 }
 
 impl Default for OriginOptions {
@@ -61,6 +64,7 @@ impl Default for OriginOptions {
             refuse_first: 0,
             script: None,
             client_auth: false,
+            calm_after_resets: None,
         }
     }
 }
@@ -75,6 +79,12 @@ pub struct FakeApns {
     pub first_data: Arc<Semaphore>,
     /// Streams opened towards the origin, refused ones included.
     pub streams: Arc<AtomicUsize>,
+    /// RST_STREAMs received from the client, over all connections.
+    pub resets: Arc<AtomicUsize>,
+    /// GOAWAY ENHANCE_YOUR_CALM sent (`calm_after_resets`).
+    pub calm_goaways: Arc<AtomicUsize>,
+    /// A permit per request that ended: answered, or reset by the client.
+    pub ended: Arc<Semaphore>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -104,6 +114,9 @@ impl FakeApns {
             arrived: Arc::new(Notify::new()),
             first_data: Arc::new(Semaphore::new(0)),
             refused: Arc::new(AtomicUsize::new(0)),
+            resets: Arc::new(AtomicUsize::new(0)),
+            calm_goaways: Arc::new(AtomicUsize::new(0)),
+            ended: Arc::new(Semaphore::new(0)),
             options,
         };
         let connections = Arc::new(AtomicUsize::new(0));
@@ -143,6 +156,9 @@ impl FakeApns {
             arrived: shared.arrived,
             first_data: shared.first_data,
             streams: shared.refused,
+            resets: shared.resets,
+            calm_goaways: shared.calm_goaways,
+            ended: shared.ended,
             task,
         }
     }
@@ -197,7 +213,17 @@ struct Shared {
     arrived: Arc<Notify>,
     first_data: Arc<Semaphore>,
     refused: Arc<AtomicUsize>,
+    resets: Arc<AtomicUsize>,
+    calm_goaways: Arc<AtomicUsize>,
+    ended: Arc<Semaphore>,
     options: OriginOptions,
+}
+
+/// One connection's count of client resets, and the signal to send GOAWAY ENHANCE_YOUR_CALM.
+#[derive(Default)]
+struct ConnResets {
+    count: AtomicUsize,
+    calm: Notify,
 }
 
 fn common_name(cert: &rustls::pki_types::CertificateDer<'_>) -> Option<String> {
@@ -218,7 +244,21 @@ where
         return;
     };
     let mut served = 0usize;
-    while let Some(Ok((req, mut respond))) = conn.accept().await {
+    let resets = Arc::new(ConnResets::default());
+    loop {
+        let (req, mut respond) = tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok(pair)) => pair,
+                _ => break,
+            },
+            _ = resets.calm.notified() => {
+                state.calm_goaways.fetch_add(1, Ordering::SeqCst);
+                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                // Flush the GOAWAY, then the connection ends.
+                let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+                break;
+            }
+        };
         let refused = state.refused.fetch_add(1, Ordering::SeqCst) < state.options.refuse_first;
         if refused {
             respond.send_reset(h2::Reason::REFUSED_STREAM);
@@ -231,6 +271,7 @@ where
             req,
             respond,
             state.clone(),
+            resets.clone(),
         ));
         if state.options.goaway_after == Some(served) {
             conn.graceful_shutdown();
@@ -244,6 +285,7 @@ async fn handle(
     req: Request<h2::RecvStream>,
     mut respond: SendResponse<Bytes>,
     state: Shared,
+    resets: Arc<ConnResets>,
 ) {
     let (parts, mut body) = req.into_parts();
     let mut data = Vec::new();
@@ -267,9 +309,22 @@ async fn handle(
     state.received.lock().unwrap().push(record.clone());
     state.arrived.notify_waiters();
     if let Some(hold) = &state.options.hold {
-        // Each permit releases exactly one answer.
-        if let Ok(permit) = hold.acquire().await {
-            permit.forget();
+        // Each permit releases exactly one answer; a client reset while held is counted.
+        tokio::select! {
+            permit = hold.acquire() => if let Ok(permit) = permit {
+                permit.forget();
+            },
+            reset = std::future::poll_fn(|cx| respond.poll_reset(cx)) => {
+                if reset.is_ok() {
+                    state.resets.fetch_add(1, Ordering::SeqCst);
+                    let n = resets.count.fetch_add(1, Ordering::SeqCst) + 1;
+                    if state.options.calm_after_resets.is_some_and(|max| n > max) {
+                        resets.calm.notify_one();
+                    }
+                }
+                state.ended.add_permits(1);
+                return;
+            }
         }
     }
     let (status, reason) = apple_answer(&record);
@@ -289,6 +344,7 @@ async fn handle(
     {
         response = response.header("apns-unique-id", "a7b3c2d1-0000-4000-8000-000000000001");
     }
+    state.ended.add_permits(1);
     match reason {
         None => {
             let _ = respond.send_response(response.body(()).unwrap(), true);
