@@ -247,18 +247,22 @@ pub fn new_apns_id() -> HeaderValue {
 fn classify_upstream(e: &UpstreamError) -> (StatusCode, &'static str, Fault) {
     use StatusCode as S;
     match e {
-        UpstreamError::Pool(PoolError::Connect { source, .. }) => classify_connect(source),
+        // One status per cause: a request that waited for the failed connect and one failed fast
+        // because of it get the same answer.
         UpstreamError::Pool(
-            PoolError::BackingOff { source, .. } | PoolError::Reconnecting { source, .. },
-        ) => {
-            // Failing fast while the destination is down: always 502, the reason of the last failure.
-            let (_, reason, fault) = classify_connect(source);
-            (S::BAD_GATEWAY, reason, fault)
+            PoolError::Connect { source, .. }
+            | PoolError::BackingOff { source, .. }
+            | PoolError::Reconnecting { source, .. },
+        ) => classify_connect(source),
+        UpstreamError::Pool(PoolError::Connecting { .. }) => {
+            (S::GATEWAY_TIMEOUT, "RelayUpstreamTimeout", Fault::Upstream)
         }
         UpstreamError::Pool(PoolError::QueueFull { .. } | PoolError::WaitTimeout { .. }) => {
             (S::SERVICE_UNAVAILABLE, "RelayOverloaded", Fault::Relay)
         }
-        UpstreamError::Pool(PoolError::TooManyIdentities { .. }) => (
+        UpstreamError::Pool(
+            PoolError::TooManyIdentities { .. } | PoolError::IdentityRate { .. },
+        ) => (
             S::SERVICE_UNAVAILABLE,
             "RelayTooManyIdentities",
             Fault::Relay,
@@ -296,7 +300,8 @@ fn classify_connect(e: &ConnectError) -> (StatusCode, &'static str, Fault) {
         ConnectError::Tls { .. } => (S::BAD_GATEWAY, "RelayUpstreamTlsFailed", up),
         ConnectError::NoH2 { .. } => (S::BAD_GATEWAY, "RelayUpstreamNoHttp2", up),
         ConnectError::H2 { .. } => (S::BAD_GATEWAY, "RelayUpstreamProtocolError", up),
-        ConnectError::TcpTimeout { .. }
+        ConnectError::ResolveTimeout { .. }
+        | ConnectError::TcpTimeout { .. }
         | ConnectError::TlsTimeout { .. }
         | ConnectError::H2Timeout { .. } => (S::GATEWAY_TIMEOUT, "RelayUpstreamTimeout", up),
     }

@@ -75,6 +75,11 @@ struct RefusedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HopLabels {
+    hop: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SideLabels {
     side: &'static str,
 }
@@ -142,6 +147,7 @@ pub struct Metrics {
     streams_in_flight: Family<DestinationLabels, Gauge>,
     proxy_failures: Family<ProxyStatusLabels, Counter>,
     tls_failures: Family<SideLabels, Counter>,
+    connect_failures: Family<HopLabels, Counter>,
     goaways: Family<DestinationLabels, Counter>,
     cert_expiry: Family<CertLabels, Gauge<i64, AtomicI64>>,
     status: Arc<Book>,
@@ -177,6 +183,7 @@ impl Metrics {
             streams_in_flight: Family::default(),
             proxy_failures: Family::default(),
             tls_failures: Family::default(),
+            connect_failures: Family::default(),
             goaways: Family::default(),
             cert_expiry: Family::default(),
             status: Arc::default(),
@@ -222,6 +229,11 @@ impl Metrics {
             "tls_handshake_failures",
             "Failed TLS handshakes, by side",
             m.tls_failures.clone(),
+        );
+        registry.register(
+            "upstream_connect_failures",
+            "Failed upstream connect attempts, by the hop that failed (dns, tcp, proxy, tls, h2)",
+            m.connect_failures.clone(),
         );
         registry.register(
             "upstream_goaways",
@@ -368,6 +380,12 @@ impl Metrics {
     /// `side` is `client` (towards pushrelay) or `upstream` (towards the origin).
     pub fn tls_failure(&self, side: &'static str) {
         self.tls_failures.get_or_create(&SideLabels { side }).inc();
+    }
+
+    pub fn connect_failure(&self, hop: &'static str) {
+        self.connect_failures
+            .get_or_create(&HopLabels { hop })
+            .inc();
     }
 
     pub fn goaway(&self, destination: &str) {

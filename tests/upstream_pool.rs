@@ -426,10 +426,23 @@ async fn token_identities_are_bounded_and_the_idlest_makes_room() {
 }
 
 /// A pool with `shards` worker shards towards api.push.apple.com pinned to 127.0.0.1:`port`,
-/// backing off from 1 s up to 8 s.
+/// backing off from 1 s up to 8 s, with requests failing as soon as the destination is down
+/// (`reconnect_wait` 0).
 fn backoff_pool(
     port: u16,
     shards: usize,
+) -> (
+    pushrelay::upstream::pool::Pool,
+    pushrelay::upstream::pool::PoolKey,
+) {
+    backoff_pool_with(port, shards, |_| {})
+}
+
+/// As `backoff_pool`, with `tweak` applied to the settings.
+fn backoff_pool_with(
+    port: u16,
+    shards: usize,
+    tweak: impl FnOnce(&mut pushrelay::upstream::pool::PoolSettings),
 ) -> (
     pushrelay::upstream::pool::Pool,
     pushrelay::upstream::pool::PoolKey,
@@ -445,7 +458,9 @@ fn backoff_pool(
     let mut settings = PoolSettings::from_config(&upstream);
     settings.backoff_base = Duration::from_secs(1);
     settings.backoff_max = Duration::from_secs(8);
+    settings.reconnect_wait = Duration::ZERO;
     settings.shards = shards;
+    tweak(&mut settings);
     let pool = Pool::new(
         Connector::new(&upstream),
         HashMap::from([(None, tls)]),
@@ -601,8 +616,8 @@ async fn full_queue_answers_503_relay_overloaded() {
     assert_eq!(origin.connection_count(), 1);
 }
 
-/// An origin that accepts TCP but never speaks TLS: 504 RelayUpstreamTimeout within
-/// connect_timeout (1 s here), not a hang.
+/// An origin that accepts TCP but never speaks TLS, with no ride-out (`reconnect_wait: 0s`): 504
+/// RelayUpstreamTimeout within connect_timeout (1 s here), not a hang.
 #[tokio::test]
 async fn silent_origin_tls_times_out_with_504() {
     let pki = TestPki::new();
@@ -614,8 +629,10 @@ async fn silent_origin_tls_times_out_with_504() {
             open.push(s);
         }
     });
-    let yaml = relay::pre_proxy_yaml_on(&pki, port, Via::Direct)
-        .replace("connect_timeout: 2s", "connect_timeout: 1s");
+    let yaml = relay::pre_proxy_yaml_on(&pki, port, Via::Direct).replace(
+        "connect_timeout: 2s",
+        "connect_timeout: 1s\n  reconnect_wait: 0s",
+    );
     let relay = relay::start(&yaml).await;
     let client = H2Client::connect(&pki, relay.addr()).await;
     let started = std::time::Instant::now();

@@ -188,9 +188,14 @@ pub struct UpstreamConfig {
     /// Fixed address for a destination, like curl's --connect-to: `"host:port": "addr:port"`.
     /// With a proxy, the CONNECT request names this address.
     pub connect_to: BTreeMap<Authority, String>,
-    /// Bound on each step of opening an upstream connection (TCP, CONNECT reply, TLS, HTTP/2).
+    /// Bound on a whole upstream connect attempt (DNS, TCP, CONNECT reply, TLS, HTTP/2, first
+    /// PING); a timeout names the step it cut.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
+    /// While a destination that went down reconnects, requests wait this long for it before
+    /// failing (at once for failures a retry cannot fix: proxy 407/403, certificate, DNS name).
+    #[serde(with = "duration")]
+    pub reconnect_wait: Duration,
     /// Bound on waiting for an upstream answer's head, including waiting for a connection.
     #[serde(with = "duration")]
     pub request_timeout: Duration,
@@ -200,14 +205,19 @@ pub struct UpstreamConfig {
     /// A PING unanswered for this long closes the connection.
     #[serde(with = "duration")]
     pub keepalive_timeout: Duration,
-    /// Upstream HTTP/2 connections per destination (and identity) at most.
+    /// Upstream HTTP/2 connections per destination (and identity) at most, over all workers
+    /// (a worker with none may still open one of its own).
     pub max_connections_per_destination: usize,
-    /// Requests that may wait for a free stream per destination before 503 RelayOverloaded.
+    /// Requests that may wait for a free stream per destination (over all workers) before 503
+    /// RelayOverloaded.
     pub max_queued_requests: usize,
     /// Token-auth identities (JWT issuer + key id) with connections of their own, per
     /// destination; beyond, the least recently used idle one is dropped, or with none idle the
     /// request gets 503 RelayTooManyIdentities.
     pub max_token_identities: usize,
+    /// New token identities admitted per destination per minute (also the burst): rotating
+    /// made-up JWT issuers cannot churn connections to Apple faster than this.
+    pub new_token_identities_per_minute: u32,
     /// Certificate-based APNs auth: requests whose `apns-topic` is `topic` (or it plus `.voip`,
     /// `.complication`, `.pushkit.fileprovider`) use connections that present this certificate.
     pub identities: Vec<IdentityConfig>,
@@ -334,12 +344,14 @@ impl Default for UpstreamConfig {
             extra_roots: Vec::new(),
             connect_to: BTreeMap::new(),
             connect_timeout: Duration::from_secs(10),
+            reconnect_wait: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_connections_per_destination: 8,
             max_queued_requests: 1024,
             max_token_identities: 64,
+            new_token_identities_per_minute: 60,
             identities: Vec::new(),
         }
     }

@@ -299,6 +299,12 @@ fn upstream(config: &Config, report: &mut Report<'_>) {
             "must be at least 1".into(),
         );
     }
+    if up.new_token_identities_per_minute == 0 {
+        report.problem(
+            &["upstream", "new_token_identities_per_minute"],
+            "must be at least 1".into(),
+        );
+    }
 }
 
 /// `limits`: every limit above 0, headers at least 1 KiB.

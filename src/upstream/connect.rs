@@ -1,6 +1,7 @@
 //! Opens one upstream HTTP/2 connection: the route (direct, or through the CONNECT proxy, with
 //! `connect_to` overriding the address), TLS with SNI = the destination host, then the HTTP/2
-//! handshake. Each step has its own timeout and its own error, so a failure names the hop.
+//! handshake. One budget (`connect_timeout`) bounds the whole attempt; each step has its own
+//! error, and a timeout names the step it cut, so a failure names the hop.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -11,7 +12,7 @@ use bytes::Bytes;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout_at};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -36,6 +37,8 @@ pub enum ConnectError {
         #[source]
         source: io::Error,
     },
+    #[error("resolving {host} timed out after {after:?}")]
+    ResolveTimeout { host: String, after: Duration },
     #[error("TCP connect to {addr} failed: {source}")]
     Tcp {
         addr: String,
@@ -67,11 +70,35 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// Whether a retry cannot fix it: the proxy refused us (407: credentials, 403: policy), the
+    /// name does not resolve, or the origin's certificate does not verify. Requests fail at once
+    /// on these instead of waiting for the destination to come back.
+    pub fn is_lasting(&self) -> bool {
+        match self {
+            ConnectError::Tunnel(TunnelError::Refused { status, .. }) => {
+                matches!(status, 403 | 407)
+            }
+            ConnectError::Resolve { .. } => true,
+            ConnectError::Tls { source, .. } => source
+                .get_ref()
+                .and_then(|e| e.downcast_ref::<rustls::Error>())
+                .is_some_and(|e| {
+                    matches!(
+                        e,
+                        rustls::Error::InvalidCertificate(_)
+                            | rustls::Error::NoCertificatesPresented
+                    )
+                }),
+            _ => false,
+        }
+    }
+
     /// Whether the step that failed was a timeout.
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
-            ConnectError::TcpTimeout { .. }
+            ConnectError::ResolveTimeout { .. }
+                | ConnectError::TcpTimeout { .. }
                 | ConnectError::TlsTimeout { .. }
                 | ConnectError::H2Timeout { .. }
                 | ConnectError::Tunnel(
@@ -83,7 +110,7 @@ impl ConnectError {
     /// The hop that failed, for logs and metrics.
     pub fn hop(&self) -> &'static str {
         match self {
-            ConnectError::Resolve { .. } => "dns",
+            ConnectError::Resolve { .. } | ConnectError::ResolveTimeout { .. } => "dns",
             ConnectError::Tcp { .. } | ConnectError::TcpTimeout { .. } => "tcp",
             ConnectError::Tunnel(_) => "proxy",
             ConnectError::Tls { .. }
@@ -114,7 +141,8 @@ pub struct Connector {
     proxy: Option<ProxyUrl>,
     no_proxy: Vec<String>,
     connect_to: BTreeMap<Authority, String>,
-    step_timeout: Duration,
+    /// Bounds a whole attempt (`upstream.connect_timeout`).
+    budget: Duration,
 }
 
 impl Connector {
@@ -123,7 +151,7 @@ impl Connector {
             proxy: upstream.proxy.clone(),
             no_proxy: upstream.no_proxy.clone(),
             connect_to: upstream.connect_to.clone(),
-            step_timeout: upstream.connect_timeout,
+            budget: upstream.connect_timeout,
         }
     }
 
@@ -142,28 +170,50 @@ impl Connector {
         }
     }
 
+    /// The end of an attempt starting now.
+    pub fn deadline(&self) -> Instant {
+        Instant::now() + self.budget
+    }
+
+    /// The whole attempt's budget, as timeouts report it.
+    pub fn budget(&self) -> Duration {
+        self.budget
+    }
+
     /// TCP (direct or tunnelled) to `dest`.
     pub async fn tcp(&self, dest: &Authority) -> Result<(TcpStream, Route), ConnectError> {
+        self.tcp_until(dest, self.deadline()).await
+    }
+
+    async fn tcp_until(
+        &self,
+        dest: &Authority,
+        deadline: Instant,
+    ) -> Result<(TcpStream, Route), ConnectError> {
         let route = self.route(dest);
         let stream = match (&route, &self.proxy) {
             (Route::Proxy { target, .. }, Some(proxy)) => {
-                tunnel::open(proxy, target, self.step_timeout).await?.0
+                let left = deadline.saturating_duration_since(Instant::now());
+                tunnel::open(proxy, target, left).await?.0
             }
             (Route::Direct { addr }, _) | (Route::Proxy { target: addr, .. }, None) => {
-                let addrs: Vec<_> = tokio::net::lookup_host(addr.as_str())
+                let timed_out = || ConnectError::TcpTimeout {
+                    addr: addr.clone(),
+                    after: self.budget,
+                };
+                let addrs: Vec<_> = timeout_at(deadline, tokio::net::lookup_host(addr.as_str()))
                     .await
+                    .map_err(|_| ConnectError::ResolveTimeout {
+                        host: addr.clone(),
+                        after: self.budget,
+                    })?
                     .map_err(|source| ConnectError::Resolve {
                         host: addr.clone(),
                         source,
                     })?
                     .collect();
-                match timeout(self.step_timeout, connect_any(&addrs)).await {
-                    Err(_) => {
-                        return Err(ConnectError::TcpTimeout {
-                            addr: addr.clone(),
-                            after: self.step_timeout,
-                        });
-                    }
+                match timeout_at(deadline, connect_any(&addrs)).await {
+                    Err(_) => return Err(timed_out()),
                     Ok(Err(source)) => {
                         return Err(ConnectError::Tcp {
                             addr: addr.clone(),
@@ -185,23 +235,32 @@ impl Connector {
         dest: &Authority,
         tls: &Arc<ClientConfig>,
     ) -> Result<TlsStream<TcpStream>, ConnectError> {
+        self.tls_until(stream, dest, tls, self.deadline()).await
+    }
+
+    async fn tls_until(
+        &self,
+        stream: TcpStream,
+        dest: &Authority,
+        tls: &Arc<ClientConfig>,
+        deadline: Instant,
+    ) -> Result<TlsStream<TcpStream>, ConnectError> {
         let host = dest.host().to_owned();
         let server_name = ServerName::try_from(host.clone()).map_err(|e| ConnectError::Tls {
             host: host.clone(),
             source: io::Error::new(io::ErrorKind::InvalidInput, e),
         })?;
         let connector = TlsConnector::from(tls.clone());
-        let tls_stream =
-            match timeout(self.step_timeout, connector.connect(server_name, stream)).await {
-                Err(_) => {
-                    return Err(ConnectError::TlsTimeout {
-                        host,
-                        after: self.step_timeout,
-                    });
-                }
-                Ok(Err(source)) => return Err(ConnectError::Tls { host, source }),
-                Ok(Ok(s)) => s,
-            };
+        let tls_stream = match timeout_at(deadline, connector.connect(server_name, stream)).await {
+            Err(_) => {
+                return Err(ConnectError::TlsTimeout {
+                    host,
+                    after: self.budget,
+                });
+            }
+            Ok(Err(source)) => return Err(ConnectError::Tls { host, source }),
+            Ok(Ok(s)) => s,
+        };
         match tls_stream.get_ref().1.alpn_protocol() {
             // No ALPN at all: some inspecting proxies strip it; HTTP/2 by prior knowledge still works.
             None => {}
@@ -216,25 +275,26 @@ impl Connector {
         Ok(tls_stream)
     }
 
-    /// The whole way: route, TLS and the HTTP/2 handshake.
+    /// The whole way, all by `deadline`: route, TLS and the HTTP/2 handshake.
     pub async fn connect(
         &self,
         dest: &Authority,
         tls: &Arc<ClientConfig>,
+        deadline: Instant,
     ) -> Result<Connected, ConnectError> {
-        let (tcp, route) = self.tcp(dest).await?;
-        let tls_stream = self.tls(tcp, dest, tls).await?;
+        let (tcp, route) = self.tcp_until(dest, deadline).await?;
+        let tls_stream = self.tls_until(tcp, dest, tls, deadline).await?;
         let handshake = h2::client::Builder::new()
             .enable_push(false)
             .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONNECTION_WINDOW)
             .handshake::<_, Bytes>(Coalesce::new(tls_stream));
         let host = dest.host().to_owned();
-        let (send, connection) = match timeout(self.step_timeout, handshake).await {
+        let (send, connection) = match timeout_at(deadline, handshake).await {
             Err(_) => {
                 return Err(ConnectError::H2Timeout {
                     host,
-                    after: self.step_timeout,
+                    after: self.budget,
                 });
             }
             Ok(Err(source)) => return Err(ConnectError::H2 { host, source }),

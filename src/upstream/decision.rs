@@ -1,7 +1,8 @@
 //! What a request does next towards one destination, as a pure function of what the pool holds
-//! there: use a connection with room, fail fast while the destination is down, open a connection,
-//! join the queue, or wait for a change. `pool.rs` gathers the `View` under its locks, applies the
-//! `Decision`, and does the waiting and connecting; everything it decides is here, table-tested.
+//! there: use a connection with room, start a connect, join the queue, wait for a change, or fail.
+//! `pool.rs` gathers the `View` under its locks, applies the `Decision`, and does the waiting;
+//! connects run on their own (owned by the destination, not by the request that asked for one).
+//! Everything it decides is here, table-tested.
 
 use std::time::Duration;
 
@@ -13,13 +14,15 @@ use tokio::time::Instant;
 pub struct View<'a, E> {
     /// A connection with a free stream slot, by its index in the entry's list.
     pub room: Option<usize>,
-    /// Open connections (full ones included).
+    /// Open connections in this shard (full ones included).
     pub open: usize,
+    /// Connections open or being opened in every shard: what `max_connections` bounds.
+    pub reserved: usize,
     /// A connect attempt is in progress in this shard.
     pub connecting: bool,
-    /// Requests waiting in this shard's queue.
+    /// Requests waiting, in every shard: what `max_queued` bounds.
     pub queued: usize,
-    /// This request already holds a place in that queue.
+    /// This request already holds a place in the queue.
     pub in_queue: bool,
     /// Connect failures since the last success, in every shard.
     pub failures: u32,
@@ -27,70 +30,96 @@ pub struct View<'a, E> {
     pub retry_at: Option<Instant>,
     /// Why the last connect failed, when nothing succeeded since.
     pub last_error: Option<&'a E>,
+    /// That failure is one a retry cannot fix (proxy 407/403, certificate, unresolvable name).
+    pub lasting: bool,
+    /// When the destination went down (the first failure since the last success).
+    pub down_since: Option<Instant>,
     /// Some shard is making the one attempt allowed while the destination is down.
     pub probing: bool,
+    /// This request started the attempt in progress and waits for its outcome.
+    pub awaiting: bool,
+    /// This request's client (connection) holds more than its share of this destination's
+    /// streams and queue, and a client under its share is waiting: it lets that one go first.
+    pub over_share: bool,
     pub now: Instant,
 }
 
-/// The per-shard limits a decision respects.
+/// The limits a decision respects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
+    /// Connections per destination, over all shards; a shard with none may always open one.
     pub max_connections: usize,
+    /// Waiting requests per destination, over all shards.
     pub max_queued: usize,
+    /// How long requests wait for a destination that went down to come back before they fail.
+    pub reconnect_wait: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision<'a, E> {
     /// Take a stream slot on connection `room`.
     Use(usize),
-    /// Fail fast: the destination is down and backing off for `remaining` more.
-    BackingOff { remaining: Duration, error: &'a E },
-    /// Fail fast: the destination is down and another shard is trying it now.
-    Reconnecting { error: &'a E },
-    /// Open a connection (and be the down destination's one probe when `probe`).
+    /// Start a connect for the destination (the down destination's one probe when `probe`),
+    /// then look again: the request waits for it like any other.
     Connect { probe: bool },
+    /// Fail: the destination is down, for longer than `reconnect_wait` or for a reason a retry
+    /// cannot fix; `retry_in` is what is left of the back-off.
+    Down {
+        error: &'a E,
+        retry_in: Option<Duration>,
+    },
     /// Fail: the queue is full.
     QueueFull,
     /// Take a place in the queue, then look again (a slot freed meanwhile is not missed).
     Enqueue,
-    /// Wait for a change; `retry_at` (when set) is also worth waking at, to start the reconnect.
-    Wait,
+    /// Wait for a change, or until `wake_at` (always in the future) when something is due then:
+    /// the back-off ends (start the reconnect) or the ride-out ends (fail).
+    Wait { wake_at: Option<Instant> },
 }
 
-/// What to do next. Connections with room always win; with none open after a failure, requests
-/// fail fast while backing off or while another shard probes; one connect at a time per shard, and
-/// while the destination is down one among all shards; otherwise queue (bounded) and wait.
+/// What to do next. A connection with room wins (unless this client is over its share and
+/// another waits); one connect at a time per shard, none while backing off, and while the
+/// destination is down one among all shards; requests wait for a destination that is down for
+/// up to `reconnect_wait`, then fail fast, and at once for lasting failures.
 pub fn decide<'a, E>(view: &View<'a, E>, limits: Limits) -> Decision<'a, E> {
-    if let Some(conn) = view.room {
+    if let Some(conn) = view.room
+        && !view.over_share
+    {
         return Decision::Use(conn);
     }
     let backing_off = view.retry_at.filter(|at| *at > view.now);
-    if view.open == 0
-        && let Some(error) = view.last_error
-    {
-        if let Some(at) = backing_off {
-            return Decision::BackingOff {
-                remaining: at - view.now,
-                error,
-            };
-        }
-        if view.probing && !view.connecting {
-            return Decision::Reconnecting { error };
-        }
-    }
-    if !view.connecting
-        && backing_off.is_none()
-        && !view.probing
-        && view.open < limits.max_connections
+    let may_open = view.open == 0 || view.reserved < limits.max_connections;
+    if view.room.is_none() && !view.connecting && backing_off.is_none() && !view.probing && may_open
     {
         // `probing` is only ever set while the destination is down.
         return Decision::Connect {
             probe: view.failures > 0,
         };
     }
+    let down = if view.open == 0 {
+        view.last_error
+    } else {
+        None
+    };
+    let ride_out_end = view.down_since.map(|at| at + limits.reconnect_wait);
+    if let Some(error) = down
+        && !view.awaiting
+        && (view.lasting || ride_out_end.is_none_or(|end| end <= view.now))
+    {
+        return Decision::Down {
+            error,
+            retry_in: backing_off.map(|at| at - view.now),
+        };
+    }
     if view.in_queue {
-        Decision::Wait
-    } else if view.queued >= limits.max_queued {
+        let reconnect_due = backing_off.filter(|_| !view.connecting && !view.probing);
+        let give_up_due = ride_out_end.filter(|_| down.is_some() && !view.awaiting);
+        let wake_at = match (reconnect_due, give_up_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Decision::Wait { wake_at }
+    } else if view.queued >= limits.max_queued && !view.awaiting {
         Decision::QueueFull
     } else {
         Decision::Enqueue
@@ -104,6 +133,7 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_connections: 2,
         max_queued: 3,
+        reconnect_wait: Duration::from_secs(5),
     };
 
     /// A healthy destination with nothing open yet.
@@ -111,13 +141,18 @@ mod tests {
         View {
             room: None,
             open: 0,
+            reserved: 0,
             connecting: false,
             queued: 0,
             in_queue: false,
             failures: 0,
             retry_at: None,
             last_error: None,
+            lasting: false,
+            down_since: None,
             probing: false,
+            awaiting: false,
+            over_share: false,
             now,
         }
     }
@@ -125,31 +160,58 @@ mod tests {
     #[test]
     fn checkout_decisions_by_destination_state() {
         let now = Instant::now();
-        let later = now + Duration::from_secs(3);
-        let earlier = now - Duration::from_secs(3);
+        let s = Duration::from_secs;
+        let later = now + s(3);
+        let earlier = now - s(3);
+        // Down for 2 s (inside the 5 s ride-out), or for 9 s (past it).
         let down = |v: View<'static, &'static str>| View {
             failures: 2,
             last_error: Some(&"refused"),
+            down_since: Some(now - s(2)),
             ..v
         };
+        let long_down = |v: View<'static, &'static str>| View {
+            down_since: Some(now - s(9)),
+            ..down(v)
+        };
         let f = fresh(now);
+        let q = View {
+            in_queue: true,
+            queued: 1,
+            ..f
+        };
         #[rustfmt::skip]
         let table: Vec<(&str, View<&str>, Decision<&str>)> = vec![
-            ("a connection with room is used", View { room: Some(1), open: 2, ..f }, Decision::Use(1)),
-            ("room wins even while backing off", View { room: Some(0), open: 1, ..down(View { retry_at: Some(later), ..f }) }, Decision::Use(0)),
+            ("a connection with room is used", View { room: Some(1), open: 2, reserved: 2, ..f }, Decision::Use(1)),
+            ("room wins even while backing off", View { room: Some(0), open: 1, reserved: 1, ..down(View { retry_at: Some(later), ..f }) }, Decision::Use(0)),
             ("nothing open: connect", f, Decision::Connect { probe: false }),
-            ("all full, under the limit: connect", View { open: 1, ..f }, Decision::Connect { probe: false }),
-            ("all full at the limit: queue", View { open: 2, ..f }, Decision::Enqueue),
-            ("a connect in progress: queue", View { connecting: true, ..f }, Decision::Enqueue),
-            ("queued already: wait", View { connecting: true, in_queue: true, queued: 3, ..f }, Decision::Wait),
-            ("queue full: fail", View { open: 2, queued: 3, ..f }, Decision::QueueFull),
-            ("down, backing off: fail fast with what is left", down(View { retry_at: Some(later), ..f }), Decision::BackingOff { remaining: Duration::from_secs(3), error: &"refused" }),
-            ("down, back-off over: probe", down(View { retry_at: Some(earlier), ..f }), Decision::Connect { probe: true }),
-            ("down, another shard probes: fail fast", down(View { retry_at: Some(earlier), probing: true, ..f }), Decision::Reconnecting { error: &"refused" }),
-            ("down, this shard probes: queue behind it", down(View { retry_at: Some(earlier), probing: true, connecting: true, ..f }), Decision::Enqueue),
-            ("open connections full while backing off: queue, no connect", View { open: 1, ..down(View { retry_at: Some(later), ..f }) }, Decision::Enqueue),
-            ("open connections full while another shard probes: queue", View { open: 1, probing: true, ..down(f) }, Decision::Enqueue),
-            ("failures without a recorded error do not fail fast", View { failures: 1, retry_at: Some(later), ..f }, Decision::Enqueue),
+            ("all full, under the limit: connect", View { open: 1, reserved: 1, ..f }, Decision::Connect { probe: false }),
+            ("all full at the limit: queue", View { open: 2, reserved: 2, ..f }, Decision::Enqueue),
+            ("the limit counts every shard's connections", View { open: 1, reserved: 2, ..f }, Decision::Enqueue),
+            ("a shard with none may open one beyond the limit", View { open: 0, reserved: 2, ..f }, Decision::Connect { probe: false }),
+            ("a connect in progress: queue", View { connecting: true, reserved: 1, ..f }, Decision::Enqueue),
+            ("queued already: wait for a change", View { connecting: true, ..q }, Decision::Wait { wake_at: None }),
+            ("queue full (all shards): fail", View { open: 2, reserved: 2, queued: 3, ..f }, Decision::QueueFull),
+            ("the request that started the connect may wait in a full queue", View { connecting: true, awaiting: true, queued: 3, ..f }, Decision::Enqueue),
+            // Riding out an outage.
+            ("down briefly, backing off: queue instead of failing", down(View { retry_at: Some(later), ..f }), Decision::Enqueue),
+            ("down briefly, queued: wake at the back-off's end (sooner than the ride-out's)", down(View { retry_at: Some(now + s(1)), ..q }), Decision::Wait { wake_at: Some(now + s(1)) }),
+            ("down briefly, queued, back-off ends after the ride-out: wake to give up", down(View { retry_at: Some(later + s(1)), ..q }), Decision::Wait { wake_at: Some(now + s(3)) }),
+            ("down, back-off over: probe", down(View { retry_at: Some(earlier), ..q }), Decision::Connect { probe: true }),
+            ("down briefly, another shard probes: wait, woken by its outcome or the ride-out's end", down(View { retry_at: Some(earlier), probing: true, ..q }), Decision::Wait { wake_at: Some(now + s(3)) }),
+            ("a back-off that has passed is no reason to wake (no busy loop)", View { down_since: Some(now), ..down(View { retry_at: Some(earlier), probing: true, ..q }) }, Decision::Wait { wake_at: Some(now + s(5)) }),
+            ("down past the ride-out, backing off: fail fast with what is left", long_down(View { retry_at: Some(later), ..f }), Decision::Down { error: &"refused", retry_in: Some(s(3)) }),
+            ("down past the ride-out, queued: fail too", long_down(View { retry_at: Some(later), ..q }), Decision::Down { error: &"refused", retry_in: Some(s(3)) }),
+            ("down past the ride-out, another shard probes: fail fast", long_down(View { retry_at: Some(earlier), probing: true, ..f }), Decision::Down { error: &"refused", retry_in: None }),
+            ("down past the ride-out, back-off over: probe", long_down(View { retry_at: Some(earlier), ..f }), Decision::Connect { probe: true }),
+            ("the probe's own request waits for its outcome", long_down(View { retry_at: Some(earlier), probing: true, connecting: true, awaiting: true, ..q }), Decision::Wait { wake_at: None }),
+            ("a lasting failure (proxy 407): fail at once", View { lasting: true, ..down(View { retry_at: Some(later), ..q }) }, Decision::Down { error: &"refused", retry_in: Some(s(3)) }),
+            ("open connections full while backing off: queue, no connect", View { open: 1, reserved: 1, ..down(View { retry_at: Some(later), ..f }) }, Decision::Enqueue),
+            ("open connections full while another shard probes: queue", View { open: 1, reserved: 1, probing: true, ..long_down(f) }, Decision::Enqueue),
+            ("failures without a recorded error do not fail", View { failures: 1, retry_at: Some(later), ..f }, Decision::Enqueue),
+            // Fairness between clients.
+            ("over its share with another client waiting: leave the slot to it", View { room: Some(0), open: 1, reserved: 1, over_share: true, ..q }, Decision::Wait { wake_at: None }),
+            ("over its share, not yet queued: queue", View { room: Some(0), open: 1, reserved: 1, over_share: true, ..f }, Decision::Enqueue),
         ];
         for (what, view, expected) in table {
             assert_eq!(decide(&view, LIMITS), expected, "{what}");

@@ -69,8 +69,15 @@ pub enum PoolError {
          (upstream.max_token_identities)"
     )]
     TooManyIdentities { dest: String, max: usize },
+    #[error(
+        "{dest} admits at most {per_minute} new token identities a minute \
+         (upstream.new_token_identities_per_minute)"
+    )]
+    IdentityRate { dest: String, per_minute: u32 },
     #[error("no stream to {dest} became free in time")]
     WaitTimeout { dest: String },
+    #[error("the connection to {dest} was still being opened when the request's time ran out")]
+    Connecting { dest: String },
 }
 
 #[derive(Debug, Clone)]
@@ -81,14 +88,18 @@ pub struct PoolSettings {
     /// from unverified claims, so without a bound any client could make the relay open
     /// connections to Apple for as many made-up issuers as it likes.
     pub max_identities: usize,
-    pub connect_timeout: Duration,
+    /// New token identities admitted per destination and minute (and at once, at most).
+    pub new_identities_per_minute: u32,
+    /// How long requests wait for a destination that went down to come back.
+    pub reconnect_wait: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
-    /// Worker threads: each has a shard of the pool (connections, limits) of its own, so a
-    /// request and the connection it uses stay on one thread. `max_connections` and `max_queued`
-    /// are shared out among the shards, at least one each. Back-off is shared (`Health`).
+    /// Worker threads: each has a shard of the pool (its connections) of its own, so a request
+    /// and the connection it uses stay on one thread. The limits are per destination over all
+    /// shards (shared counters), except that a shard with no connection may always open one;
+    /// back-off is shared (`Health`).
     pub shards: usize,
 }
 
@@ -98,7 +109,8 @@ impl PoolSettings {
             max_connections: upstream.max_connections_per_destination,
             max_queued: upstream.max_queued_requests,
             max_identities: upstream.max_token_identities,
-            connect_timeout: upstream.connect_timeout,
+            new_identities_per_minute: upstream.new_token_identities_per_minute,
+            reconnect_wait: upstream.reconnect_wait,
             keepalive_interval: upstream.keepalive_interval,
             keepalive_timeout: upstream.keepalive_timeout,
             backoff_base: Duration::from_secs(1),
@@ -163,18 +175,88 @@ impl Conn {
     }
 }
 
-/// Whether a destination (for one identity) is reachable, shared by every worker's shard: a
-/// failure seen by one worker makes them all back off, and while it is down only one connect
-/// attempt is made at a time, so N workers do not try N times as often as Apple allows.
+/// Whether a destination is reachable, shared by every worker's shard and every token identity
+/// towards it (made-up JWT issuers do not get a back-off of their own): a failure seen by one
+/// makes them all back off, and while it is down only one connect attempt is made at a time.
 #[derive(Default)]
 struct Health {
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<Arc<ConnectError>>,
+    /// When the destination went down: the first failure since the last success.
+    down_since: Option<Instant>,
     /// A worker is making the attempt that tells whether the destination is back.
     probing: bool,
-    /// When the first of the `failures` in a row happened (for the status page).
-    down_since: Option<SystemTime>,
+    /// `down_since` on the wall clock (for the status page).
+    down_since_wall: Option<SystemTime>,
+    /// Connect attempts finished (either way): a request that started one waits for this to move.
+    finished: u64,
+}
+
+/// `Health` and the signal its waiters in every shard listen to.
+#[derive(Default)]
+struct HealthCell {
+    state: Mutex<Health>,
+    /// Notified whenever a connect attempt ends.
+    changed: Notify,
+}
+
+impl HealthCell {
+    fn lock(&self) -> MutexGuard<'_, Health> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What every shard shares for one key: the counters the per-destination limits bound.
+struct Shared {
+    key: PoolKey,
+    health: Arc<HealthCell>,
+    /// Connections open or being opened, in every shard.
+    reserved: AtomicUsize,
+    /// Requests waiting for a stream, in every shard.
+    queued: AtomicUsize,
+    /// Each shard's entry for this key (for the identity bound's idleness check).
+    dests: Mutex<Vec<Weak<Dest>>>,
+    /// Set when this token identity was dropped to make room: entries for it are replaced.
+    evicted: AtomicBool,
+    /// Ends this key's connections in every shard (a child of the pool's shutdown token).
+    close: CancellationToken,
+}
+
+impl Shared {
+    /// Nothing in flight, waiting or connecting in any shard.
+    fn idle(&self) -> bool {
+        let dests = self.dests.lock().unwrap_or_else(|p| p.into_inner());
+        dests
+            .iter()
+            .filter_map(Weak::upgrade)
+            .all(|d| d.lock().idle())
+    }
+
+    fn last_used(&self) -> Option<Instant> {
+        let dests = self.dests.lock().unwrap_or_else(|p| p.into_inner());
+        dests
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|d| d.lock().last_used)
+            .max()
+    }
+}
+
+/// A connection counted in `Shared::reserved` from the decision to open it until it ends.
+struct Reservation(Arc<Shared>);
+
+impl Reservation {
+    fn new(shared: &Arc<Shared>) -> Self {
+        shared.reserved.fetch_add(1, Ordering::AcqRel);
+        Reservation(shared.clone())
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.0.reserved.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[derive(Default)]
@@ -201,10 +283,11 @@ impl DestState {
     }
 }
 
+/// One key in one shard.
 struct Dest {
     key: PoolKey,
-    /// Locked after `state` when both are held, never before.
-    health: Arc<Mutex<Health>>,
+    shared: Arc<Shared>,
+    /// Locked before `shared.health` when both are held, never after.
     state: Mutex<DestState>,
     changed: Notify,
     /// Requests waiting on `changed`; a freed stream slot wakes nobody when there are none.
@@ -220,9 +303,7 @@ impl Dest {
     }
 
     fn health(&self) -> MutexGuard<'_, Health> {
-        self.health
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shared.health.lock()
     }
 }
 
@@ -287,13 +368,15 @@ impl Drop for Checkout<'_> {
     }
 }
 
-/// A place in the wait queue (the caller counted it in `queued`); decrements both counts however
-/// the wait ends.
+/// A place in the wait queue (counted in the shard's and the shared `queued`); decrements the
+/// counts however the wait ends.
 struct QueueSlot<'a>(&'a Dest);
 
 impl<'a> QueueSlot<'a> {
+    /// The caller holds `dest`'s state lock and counts the shard's `queued` itself.
     fn new(dest: &'a Dest) -> Self {
         dest.waiting.fetch_add(1, Ordering::SeqCst);
+        dest.shared.queued.fetch_add(1, Ordering::AcqRel);
         QueueSlot(dest)
     }
 }
@@ -301,13 +384,14 @@ impl<'a> QueueSlot<'a> {
 impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
         self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.0.shared.queued.fetch_sub(1, Ordering::AcqRel);
         self.0.lock().queued -= 1;
     }
 }
 
-/// Clears the connecting flag however the connect ends (including cancellation).
 /// A connect attempt in progress; `probe` when it is the one attempt made while the destination
-/// is down. Dropped (done, or the request gave up), it lets the next attempt start.
+/// is down. However it ends (done, or the relay shutting down), it clears the flags and wakes
+/// every request that may be waiting for it, in every shard.
 struct ConnectingGuard<'a> {
     dest: &'a Dest,
     probe: bool,
@@ -322,6 +406,7 @@ impl Drop for ConnectingGuard<'_> {
         }
         drop(st);
         self.dest.changed.notify_waiters();
+        self.dest.shared.health.changed.notify_waiters();
     }
 }
 
@@ -334,18 +419,72 @@ pub struct Pool {
 struct Inner {
     connector: Connector,
     tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
-    /// Limits per shard.
+    /// Limits per destination (and identity), over all shards.
     settings: PoolSettings,
     /// One map per shard (worker thread).
     dests: Vec<Mutex<FastMap<PoolKey, Arc<Dest>>>>,
-    /// Each key's `Health`, held by the shards' entries for it; gone when they all are.
-    health: Mutex<FastMap<PoolKey, Weak<Mutex<Health>>>>,
+    /// What the shards share; locked after a shard's map, never before.
+    registry: Mutex<Registry>,
     next_id: AtomicU64,
     /// Bumped whenever a connection opens or ends: for metrics and tests that wait on it.
     events: watch::Sender<u64>,
     /// Cancelled at shutdown: every connection driver closes its connection.
     closing: CancellationToken,
     metrics: Arc<Metrics>,
+}
+
+/// Each key's `Shared` and each destination's `Health`, held by the shards' entries; gone when
+/// they all are. Token identities admitted per destination.
+#[derive(Default)]
+struct Registry {
+    shared: FastMap<PoolKey, Weak<Shared>>,
+    health: FastMap<PoolKey, Weak<HealthCell>>,
+    tokens: FastMap<Authority, Admissions>,
+}
+
+/// The token identities towards one destination, and the bucket new ones are admitted from.
+struct Admissions {
+    members: Vec<Arc<Shared>>,
+    /// New identities that may be admitted now (refilled at `per_minute`, at most that many).
+    allowance: f64,
+    refilled: Instant,
+}
+
+impl Admissions {
+    fn new(per_minute: u32, now: Instant) -> Self {
+        Admissions {
+            members: Vec::new(),
+            allowance: f64::from(per_minute.max(1)),
+            refilled: now,
+        }
+    }
+
+    fn refill(&mut self, per_minute: u32, now: Instant) {
+        let cap = f64::from(per_minute.max(1));
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.allowance = (self.allowance + elapsed * cap / 60.0).min(cap);
+        self.refilled = now;
+    }
+}
+
+/// Whether `key` is a token (JWT) identity: those come from unverified claims, so they are
+/// bounded and rate-limited; certificate identities come from the configuration.
+fn is_token_identity(key: &PoolKey) -> bool {
+    key.identity
+        .as_deref()
+        .is_some_and(|i| i.starts_with("jwt:"))
+}
+
+/// The key whose `Health` `key` uses: token identities share their destination's.
+fn health_key(key: &PoolKey) -> PoolKey {
+    if is_token_identity(key) {
+        PoolKey {
+            dest: key.dest.clone(),
+            identity: None,
+        }
+    } else {
+        key.clone()
+    }
 }
 
 /// What the pool holds for one destination, for metrics and tests.
@@ -386,13 +525,10 @@ impl Pool {
     pub fn new(
         connector: Connector,
         tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
-        mut settings: PoolSettings,
+        settings: PoolSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
         let shards = settings.shards.max(1);
-        settings.max_connections = settings.max_connections.div_ceil(shards).max(1);
-        settings.max_queued = settings.max_queued.div_ceil(shards).max(1);
-        settings.max_identities = settings.max_identities.div_ceil(shards).max(1);
         Pool {
             inner: Arc::new(Inner {
                 connector,
@@ -401,7 +537,7 @@ impl Pool {
                 dests: (0..shards)
                     .map(|_| Mutex::new(FastMap::default()))
                     .collect(),
-                health: Mutex::new(FastMap::default()),
+                registry: Mutex::new(Registry::default()),
                 next_id: AtomicU64::new(1),
                 events: watch::Sender::new(0),
                 closing: CancellationToken::new(),
@@ -416,16 +552,19 @@ impl Pool {
         let mut dests = self.inner.dests[shard]
             .lock()
             .unwrap_or_else(|p| p.into_inner());
-        if let Some(d) = dests.get(key) {
+        if let Some(d) = dests.get(key)
+            && !d.shared.evicted.load(Ordering::Acquire)
+        {
             d.lock().checkouts += 1;
             return Ok(d.clone());
         }
-        if key.identity.is_some() {
-            self.make_room_for_identity(&mut dests, key)?;
-        }
+        // New in this shard (or its identity was dropped and is back): entries are made rarely,
+        // so drop the dropped identities' entries now.
+        dests.retain(|_, d| !d.shared.evicted.load(Ordering::Acquire));
+        let shared = self.shared(key)?;
         let dest = Arc::new(Dest {
             key: key.clone(),
-            health: self.shared_health(key),
+            shared: shared.clone(),
             state: Mutex::new(DestState {
                 checkouts: 1,
                 ..DestState::default()
@@ -433,61 +572,106 @@ impl Pool {
             changed: Notify::new(),
             waiting: AtomicUsize::new(0),
         });
+        shared
+            .dests
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&dest));
         dests.insert(key.clone(), dest.clone());
         Ok(dest)
     }
 
-    /// The `Health` the shards share for `key`, made when no shard holds one.
-    fn shared_health(&self, key: &PoolKey) -> Arc<Mutex<Health>> {
-        let mut all = self.inner.health.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = all.get(key).and_then(Weak::upgrade) {
-            return h;
+    /// What the shards share for `key`, made (and a token identity admitted) when none has it.
+    fn shared(&self, key: &PoolKey) -> Result<Arc<Shared>, PoolError> {
+        let mut reg = self
+            .inner
+            .registry
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = reg.shared.get(key).and_then(Weak::upgrade)
+            && !s.evicted.load(Ordering::Acquire)
+        {
+            return Ok(s);
         }
-        // Entries are made rarely (a new destination or identity): drop the dead ones then.
-        all.retain(|_, h| h.strong_count() > 0);
-        let h = Arc::new(Mutex::new(Health::default()));
-        all.insert(key.clone(), Arc::downgrade(&h));
-        h
+        if is_token_identity(key) {
+            self.admit(&mut reg, key)?;
+        }
+        reg.shared.retain(|_, s| s.strong_count() > 0);
+        reg.health.retain(|_, h| h.strong_count() > 0);
+        let hkey = health_key(key);
+        let health = match reg.health.get(&hkey).and_then(Weak::upgrade) {
+            Some(h) => h,
+            None => {
+                let h = Arc::new(HealthCell::default());
+                reg.health.insert(hkey, Arc::downgrade(&h));
+                h
+            }
+        };
+        let shared = Arc::new(Shared {
+            key: key.clone(),
+            health,
+            reserved: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            dests: Mutex::new(Vec::new()),
+            evicted: AtomicBool::new(false),
+            close: self.inner.closing.child_token(),
+        });
+        reg.shared.insert(key.clone(), Arc::downgrade(&shared));
+        if is_token_identity(key)
+            && let Some(adm) = reg.tokens.get_mut(&key.dest)
+        {
+            adm.members.push(shared.clone());
+        }
+        Ok(shared)
     }
 
-    /// Keeps the identities towards `key.dest` under `max_identities` before `key` joins them:
-    /// the least recently used idle one is dropped and its connections closed; with none idle,
-    /// the new identity is refused.
-    fn make_room_for_identity(
-        &self,
-        dests: &mut FastMap<PoolKey, Arc<Dest>>,
-        key: &PoolKey,
-    ) -> Result<(), PoolError> {
-        let max = self.inner.settings.max_identities;
-        let mut count = 0;
-        let mut victim: Option<(Option<Instant>, PoolKey)> = None;
-        for (k, d) in dests.iter() {
-            if k.dest != key.dest || k.identity.is_none() {
-                continue;
+    /// Lets a new token identity towards `key.dest` in: at most `max_identities` of them (the
+    /// least recently used idle one is dropped, its connections closed, to make room; with none
+    /// idle, the new one is refused), and at most `new_identities_per_minute` new ones.
+    fn admit(&self, reg: &mut Registry, key: &PoolKey) -> Result<(), PoolError> {
+        let settings = &self.inner.settings;
+        let (max, per_minute) = (settings.max_identities, settings.new_identities_per_minute);
+        let now = Instant::now();
+        let adm = reg
+            .tokens
+            .entry(key.dest.clone())
+            .or_insert_with(|| Admissions::new(per_minute, now));
+        adm.members.retain(|s| !s.evicted.load(Ordering::Acquire));
+        let victim = if adm.members.len() >= max {
+            let idle = adm
+                .members
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.idle())
+                .min_by_key(|(_, s)| s.last_used())
+                .map(|(i, _)| i);
+            match idle {
+                Some(i) => Some(i),
+                None => {
+                    return Err(PoolError::TooManyIdentities {
+                        dest: key.dest.to_string(),
+                        max,
+                    });
+                }
             }
-            count += 1;
-            let st = d.lock();
-            if st.idle() && victim.as_ref().is_none_or(|(used, _)| st.last_used < *used) {
-                victim = Some((st.last_used, k.clone()));
-            }
-        }
-        if count < max {
-            return Ok(());
-        }
-        let Some((_, victim)) = victim else {
-            return Err(PoolError::TooManyIdentities {
-                dest: key.dest.to_string(),
-                max,
-            });
+        } else {
+            None
         };
-        if let Some(d) = dests.remove(&victim) {
-            for c in &d.lock().conns {
-                c.open.store(false, Ordering::Release);
-                c.close.cancel();
-            }
+        adm.refill(per_minute, now);
+        if adm.allowance < 1.0 {
+            return Err(PoolError::IdentityRate {
+                dest: key.dest.to_string(),
+                per_minute,
+            });
+        }
+        adm.allowance -= 1.0;
+        if let Some(i) = victim {
+            let gone = adm.members.swap_remove(i);
+            gone.evicted.store(true, Ordering::Release);
+            gone.close.cancel();
             tracing::info!(
-                upstream.authority = %victim.dest,
-                upstream.identity = victim.identity.as_deref().unwrap_or(""),
+                upstream.authority = %gone.key.dest,
+                upstream.identity = gone.key.identity.as_deref().unwrap_or(""),
                 max,
                 "idle token identity dropped to make room (upstream.max_token_identities)"
             );
@@ -511,6 +695,9 @@ impl Pool {
         for shard in &self.inner.dests {
             let dests = shard.lock().unwrap_or_else(|p| p.into_inner());
             for d in dests.values() {
+                if d.shared.evicted.load(Ordering::Acquire) {
+                    continue;
+                }
                 let st = d.lock();
                 let e = by_key.entry(d.key.clone()).or_insert(DestStats {
                     open_connections: 0,
@@ -544,7 +731,7 @@ impl Pool {
                 let e = by_key.entry(d.key.clone()).or_insert_with(|| DestHealth {
                     connecting: false,
                     failures: h.failures,
-                    down_since: h.down_since,
+                    down_since: h.down_since_wall,
                     retry_in: h.retry_at.map(|at| at.saturating_duration_since(now)),
                     last_error: h.last_error.clone(),
                 });
@@ -554,20 +741,27 @@ impl Pool {
         by_key.into_iter().collect()
     }
 
-    /// A stream slot towards `key`, opening a connection when every open one is full. Waits (bounded
-    /// by the queue size and `deadline`) when the destination has all the connections it may have.
+    /// A stream slot towards `key`. Starts a connect when every open connection is full (the
+    /// connect runs on its own: this request leaving does not cancel it), and waits, bounded by
+    /// the queue size, `reconnect_wait` while the destination is down, and `deadline`.
     pub async fn checkout(&self, key: &PoolKey, deadline: Instant) -> Result<Lease, PoolError> {
         let dest = self.dest(key)?;
         let _checkout = Checkout(&dest);
+        let settings = &self.inner.settings;
         let limits = Limits {
-            max_connections: self.inner.settings.max_connections,
-            max_queued: self.inner.settings.max_queued,
+            max_connections: settings.max_connections,
+            max_queued: settings.max_queued,
+            reconnect_wait: settings.reconnect_wait,
         };
         let mut slot: Option<QueueSlot<'_>> = None;
+        // `Health::finished` when this request started a connect: it waits for that to move.
+        let mut awaiting: Option<u64> = None;
         loop {
-            let mut notified = pin!(dest.changed.notified());
-            notified.as_mut().enable();
-            let connect_now = {
+            let mut changed = pin!(dest.changed.notified());
+            changed.as_mut().enable();
+            let mut health_changed = pin!(dest.shared.health.changed.notified());
+            health_changed.as_mut().enable();
+            let wake_at = {
                 let mut st = dest.lock();
                 st.conns.retain(|c| {
                     c.open.load(Ordering::Acquire) || c.in_flight.load(Ordering::Acquire) > 0
@@ -580,13 +774,18 @@ impl Pool {
                         .iter()
                         .filter(|c| c.open.load(Ordering::Acquire))
                         .count(),
+                    reserved: dest.shared.reserved.load(Ordering::Acquire),
                     connecting: st.connecting,
-                    queued: st.queued,
+                    queued: dest.shared.queued.load(Ordering::Acquire),
                     in_queue: slot.is_some(),
                     failures: health.failures,
                     retry_at: health.retry_at,
                     last_error: health.last_error.as_ref(),
+                    lasting: health.last_error.as_ref().is_some_and(|e| e.is_lasting()),
+                    down_since: health.down_since,
                     probing: health.probing,
+                    awaiting: awaiting == Some(health.finished),
+                    over_share: false,
                     now: Instant::now(),
                 };
                 match decide(&view, limits) {
@@ -599,23 +798,23 @@ impl Pool {
                             dest: dest.clone(),
                         });
                     }
-                    Decision::BackingOff { remaining, error } => {
-                        return Err(PoolError::BackingOff {
-                            dest: key.dest.to_string(),
-                            remaining,
-                            source: error.clone(),
-                        });
-                    }
-                    Decision::Reconnecting { error } => {
-                        return Err(PoolError::Reconnecting {
-                            dest: key.dest.to_string(),
-                            source: error.clone(),
+                    Decision::Down { error, retry_in } => {
+                        let (dest, source) = (key.dest.to_string(), error.clone());
+                        return Err(match (awaiting, retry_in) {
+                            // It waited for an attempt and saw it (or the ones after) fail.
+                            (Some(_), _) => PoolError::Connect { dest, source },
+                            (None, Some(remaining)) => PoolError::BackingOff {
+                                dest,
+                                remaining,
+                                source,
+                            },
+                            (None, None) => PoolError::Reconnecting { dest, source },
                         });
                     }
                     Decision::QueueFull => {
                         return Err(PoolError::QueueFull {
                             dest: key.dest.to_string(),
-                            queued: st.queued,
+                            queued: view.queued,
                         });
                     }
                     Decision::Enqueue => {
@@ -626,29 +825,57 @@ impl Pool {
                     Decision::Connect { probe } => {
                         st.connecting = true;
                         health.probing = probe;
-                        Some(probe)
+                        awaiting = Some(health.finished);
+                        let reservation = Reservation::new(&dest.shared);
+                        drop(health);
+                        drop(st);
+                        self.start_connect(dest.clone(), probe, reservation);
+                        continue;
                     }
-                    Decision::Wait => None,
+                    Decision::Wait { wake_at } => wake_at,
                 }
             };
-            if let Some(probe) = connect_now {
-                // Boxed: connecting is rare, and inline it would triple every request's future.
-                return Box::pin(self.connect(&dest, probe)).await;
-            }
-            // Wake at the back-off's end too, so a queued request can start the reconnect.
-            let retry_at = dest.health().retry_at;
-            let wake_at = retry_at.filter(|at| *at < deadline).unwrap_or(deadline);
-            if timeout_at(wake_at, notified).await.is_err() && Instant::now() >= deadline {
-                return Err(PoolError::WaitTimeout {
-                    dest: key.dest.to_string(),
+            let until = wake_at.map_or(deadline, |at| at.min(deadline));
+            let woken = timeout_at(until, async {
+                tokio::select! {
+                    _ = changed => {}
+                    _ = health_changed => {}
+                }
+            })
+            .await;
+            if woken.is_err() && Instant::now() >= deadline {
+                let health = dest.health();
+                let dest_name = key.dest.to_string();
+                return Err(match &health.last_error {
+                    Some(source) => PoolError::Connect {
+                        dest: dest_name,
+                        source: source.clone(),
+                    },
+                    None if dest.lock().connecting => PoolError::Connecting { dest: dest_name },
+                    None => PoolError::WaitTimeout { dest: dest_name },
                 });
             }
         }
     }
 
-    /// Opens a connection for `dest` (whose `connecting` flag, and `probing` when `probe`, the
-    /// caller set) and takes its first stream slot.
-    async fn connect(&self, dest: &Arc<Dest>, probe: bool) -> Result<Lease, PoolError> {
+    /// Runs a connect for `dest` (whose `connecting` flag, and `probing` when `probe`, the caller
+    /// set) as a task of its own: the destination owns it, whoever asked for it may leave.
+    fn start_connect(&self, dest: Arc<Dest>, probe: bool, reservation: Reservation) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let closing = pool.inner.closing.clone();
+            tokio::select! {
+                () = pool.connect(&dest, probe, reservation) => {}
+                () = closing.cancelled() => {}
+            }
+        });
+    }
+
+    /// One connect attempt, bounded as a whole by `connect_timeout`, and its outcome recorded:
+    /// the connection joins the entry, or the failure sets the back-off, with a log line naming
+    /// the hop and a metric.
+    async fn connect(&self, dest: &Arc<Dest>, probe: bool, reservation: Reservation) {
+        // Declared first, dropped last: wakes the waiters once the outcome is recorded.
         let _guard = ConnectingGuard { dest, probe };
         let key = &dest.key;
         let tls = self
@@ -657,8 +884,9 @@ impl Pool {
             .get(&key.identity)
             .or_else(|| self.inner.tls.get(&None))
             .cloned();
+        let deadline = self.inner.connector.deadline();
         let result = match tls {
-            Some(tls) => self.open(dest, &tls).await,
+            Some(tls) => self.open(dest, &tls, deadline, reservation).await,
             None => Err(ConnectError::Tls {
                 host: key.dest.host().to_owned(),
                 source: std::io::Error::other("no TLS configuration for this identity"),
@@ -666,36 +894,24 @@ impl Pool {
         };
         let mut st = dest.lock();
         let mut health = dest.health();
+        let finished = health.finished + 1;
+        let now = Instant::now();
         match result {
             Ok(conn) => {
-                *health = Health::default();
-                conn.in_flight.fetch_add(1, Ordering::AcqRel);
-                st.conns.push(conn.clone());
-                st.last_used = Some(Instant::now());
-                Ok(Lease {
-                    conn,
-                    dest: dest.clone(),
-                })
+                *health = Health {
+                    finished,
+                    ..Health::default()
+                };
+                st.conns.push(conn);
             }
             Err(e) => {
+                health.finished = finished;
                 health.failures = health.failures.saturating_add(1);
-                health.down_since.get_or_insert_with(SystemTime::now);
+                health.down_since_wall.get_or_insert_with(SystemTime::now);
                 let delay = backoff_delay(&self.inner.settings, health.failures, random_jitter());
-                health.retry_at = Some(Instant::now() + delay);
-                match &e {
-                    ConnectError::Tunnel(t) => self.inner.metrics.proxy_failure(&match t {
-                        TunnelError::Refused { status, .. } => status.to_string(),
-                        TunnelError::ConnectTimeout { .. } | TunnelError::ReplyTimeout { .. } => {
-                            "timeout".into()
-                        }
-                        TunnelError::Connect { .. } => "unreachable".into(),
-                        _ => "malformed".into(),
-                    }),
-                    ConnectError::Tls { .. } | ConnectError::NoH2 { .. } => {
-                        self.inner.metrics.tls_failure("upstream")
-                    }
-                    _ => {}
-                }
+                health.retry_at = Some(now + delay);
+                let down_since = *health.down_since.get_or_insert(now);
+                self.record_failure(&e);
                 let e = Arc::new(e);
                 health.last_error = Some(e.clone());
                 tracing::warn!(
@@ -703,26 +919,46 @@ impl Pool {
                     upstream.hop = e.hop(),
                     proxy.status = e_proxy_status(&e),
                     retry_in_ms = delay.as_millis() as u64,
+                    down_for_ms = now.saturating_duration_since(down_since).as_millis() as u64,
+                    lasting = e.is_lasting(),
                     error = %e,
                     "upstream connect failed"
                 );
-                Err(PoolError::Connect {
-                    dest: key.dest.to_string(),
-                    source: e,
-                })
             }
         }
     }
 
-    /// Connects, starts the driver task, and waits for the first PING answer.
+    fn record_failure(&self, e: &ConnectError) {
+        let metrics = &self.inner.metrics;
+        metrics.connect_failure(e.hop());
+        match e {
+            ConnectError::Tunnel(t) => metrics.proxy_failure(&match t {
+                TunnelError::Refused { status, .. } => status.to_string(),
+                TunnelError::ConnectTimeout { .. } | TunnelError::ReplyTimeout { .. } => {
+                    "timeout".into()
+                }
+                TunnelError::Connect { .. } => "unreachable".into(),
+                _ => "malformed".into(),
+            }),
+            ConnectError::Tls { .. } | ConnectError::NoH2 { .. } => metrics.tls_failure("upstream"),
+            _ => {}
+        }
+    }
+
+    /// Connects, starts the driver task, and waits for the first PING answer, all by `deadline`.
     async fn open(
         &self,
         dest: &Arc<Dest>,
         tls: &Arc<ClientConfig>,
+        deadline: Instant,
+        reservation: Reservation,
     ) -> Result<Arc<Conn>, ConnectError> {
-        let settings = &self.inner.settings;
         let key = &dest.key;
-        let mut connected = self.inner.connector.connect(&key.dest, tls).await?;
+        let mut connected = self
+            .inner
+            .connector
+            .connect(&key.dest, tls, deadline)
+            .await?;
         let ping_pong = connected.connection.ping_pong();
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
@@ -730,13 +966,17 @@ impl Pool {
             in_flight: AtomicUsize::new(0),
             open: AtomicBool::new(false),
             route: connected.route,
-            close: self.inner.closing.child_token(),
+            close: dest.shared.close.child_token(),
         });
         let (ready_tx, ready_rx) = oneshot::channel();
         tokio::spawn(drive(
-            connected.connection,
-            ping_pong,
-            ready_tx,
+            Driven {
+                connection: connected.connection,
+                ping_pong,
+                ready: ready_tx,
+                ready_by: deadline,
+                _reservation: reservation,
+            },
             conn.clone(),
             dest.clone(),
             self.inner.clone(),
@@ -757,7 +997,7 @@ impl Pool {
             }
             Ok(Err(ReadyError::Timeout)) => Err(ConnectError::H2Timeout {
                 host,
-                after: settings.connect_timeout,
+                after: self.inner.connector.budget(),
             }),
             Ok(Err(ReadyError::H2(source))) => Err(ConnectError::H2 { host, source }),
             Err(_) => Err(ConnectError::H2 {
@@ -782,20 +1022,31 @@ enum ReadyError {
 
 /// Drives one connection: first PING (readiness), then keepalive PINGs until the connection ends or
 /// a PING goes unanswered. Marks the connection closed when it returns.
-async fn drive(
+/// A new connection as its driver gets it.
+struct Driven {
     connection: H2Connection,
-    mut ping_pong: Option<h2::PingPong>,
+    ping_pong: Option<h2::PingPong>,
     ready: oneshot::Sender<Result<(), ReadyError>>,
-    conn: Arc<Conn>,
-    dest: Arc<Dest>,
-    pool: Arc<Inner>,
-) {
+    /// The end of the connect attempt: the first PING must be answered by then.
+    ready_by: Instant,
+    /// Counts the connection against `max_connections_per_destination` until it ends.
+    _reservation: Reservation,
+}
+
+async fn drive(driven: Driven, conn: Arc<Conn>, dest: Arc<Dest>, pool: Arc<Inner>) {
+    let Driven {
+        connection,
+        mut ping_pong,
+        ready,
+        ready_by,
+        _reservation,
+    } = driven;
     let settings = &pool.settings;
     let mut connection = pin!(connection);
     let id = conn.id;
     let first_ping = async {
         match ping_pong.as_mut() {
-            Some(pp) => match timeout(settings.connect_timeout, pp.ping(Ping::opaque())).await {
+            Some(pp) => match timeout_at(ready_by, pp.ping(Ping::opaque())).await {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => Err(ReadyError::H2(e)),
                 Err(_) => Err(ReadyError::Timeout),
@@ -842,7 +1093,7 @@ async fn drive(
             Err(e) => format!("error: {e}"),
         },
         why = keepalive => why,
-        _ = conn.close.cancelled() => if pool.closing.is_cancelled() {
+        () = conn.close.cancelled() => if pool.closing.is_cancelled() {
             "relay shutting down".to_owned()
         } else {
             "its identity was dropped (idle, over upstream.max_token_identities)".to_owned()
@@ -863,7 +1114,8 @@ mod tests {
             max_connections: 4,
             max_queued: 10,
             max_identities: 8,
-            connect_timeout: Duration::from_secs(1),
+            new_identities_per_minute: 60,
+            reconnect_wait: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_secs(1),
