@@ -185,6 +185,9 @@ struct Health {
     last_error: Option<Arc<ConnectError>>,
     /// When the destination went down: the first failure since the last success.
     down_since: Option<Instant>,
+    /// Of `failures`, those within `reconnect_wait` of going down: retried at the base delay
+    /// (an outage of a few seconds is ridden out), the exponential back-off counts the rest.
+    riding_out: u32,
     /// A worker is making the attempt that tells whether the destination is back.
     probing: bool,
     /// `down_since` on the wall clock (for the status page).
@@ -908,9 +911,14 @@ impl Pool {
                 health.finished = finished;
                 health.failures = health.failures.saturating_add(1);
                 health.down_since_wall.get_or_insert_with(SystemTime::now);
-                let delay = backoff_delay(&self.inner.settings, health.failures, random_jitter());
-                health.retry_at = Some(now + delay);
                 let down_since = *health.down_since.get_or_insert(now);
+                let settings = &self.inner.settings;
+                if now < down_since + settings.reconnect_wait {
+                    health.riding_out += 1;
+                }
+                let steps = (health.failures - health.riding_out).max(1);
+                let delay = backoff_delay(settings, steps, random_jitter());
+                health.retry_at = Some(now + delay);
                 self.record_failure(&e);
                 let e = Arc::new(e);
                 health.last_error = Some(e.clone());

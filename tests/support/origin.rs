@@ -52,6 +52,8 @@ pub struct OriginOptions {
     /// As Apple's abuse protection: a connection whose client resets more than this many
     /// streams gets GOAWAY ENHANCE_YOUR_CALM.
     pub calm_after_resets: Option<usize>,
+    /// Listen on this port (0: any free one), e.g. to come back where a killed origin was.
+    pub port: u16,
 }
 
 impl Default for OriginOptions {
@@ -65,6 +67,7 @@ impl Default for OriginOptions {
             script: None,
             client_auth: false,
             calm_after_resets: None,
+            port: 0,
         }
     }
 }
@@ -86,6 +89,8 @@ pub struct FakeApns {
     /// A permit per request that ended: answered, or reset by the client.
     pub ended: Arc<Semaphore>,
     task: tokio::task::JoinHandle<()>,
+    /// Cancelled by `kill`: every connection is dropped where it stands.
+    killed: tokio_util::sync::CancellationToken,
 }
 
 impl Drop for FakeApns {
@@ -107,8 +112,11 @@ impl FakeApns {
             pki.server_config(&APNS_HOSTS, &alpn)
         };
         let tls = TlsAcceptor::from(server_config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = TcpListener::bind(("127.0.0.1", options.port))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
+        let killed = tokio_util::sync::CancellationToken::new();
         let shared = Shared {
             received: Arc::new(Mutex::new(Vec::new())),
             arrived: Arc::new(Notify::new()),
@@ -120,7 +128,7 @@ impl FakeApns {
             options,
         };
         let connections = Arc::new(AtomicUsize::new(0));
-        let (conns, state) = (connections.clone(), shared.clone());
+        let (conns, state, kill) = (connections.clone(), shared.clone(), killed.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
@@ -128,7 +136,8 @@ impl FakeApns {
                 };
                 let conn_id = conns.fetch_add(1, Ordering::SeqCst) + 1;
                 let (tls, state) = (tls.clone(), state.clone());
-                tokio::spawn(async move {
+                let kill = kill.clone();
+                tokio::spawn(kill.run_until_cancelled_owned(async move {
                     let Ok(stream) = tls.accept(tcp).await else {
                         return;
                     };
@@ -146,7 +155,7 @@ impl FakeApns {
                             serve_h2(near, conn_id, client_cn, state).await;
                         }
                     }
-                });
+                }));
             }
         });
         FakeApns {
@@ -160,7 +169,15 @@ impl FakeApns {
             calm_goaways: shared.calm_goaways,
             ended: shared.ended,
             task,
+            killed,
         }
+    }
+
+    /// Stops the origin as a crash or restart would: the port is closed and every connection
+    /// dropped without GOAWAY.
+    pub fn kill(&self) {
+        self.task.abort();
+        self.killed.cancel();
     }
 
     /// An origin whose answers wait until the test adds permits to the returned semaphore, one

@@ -39,7 +39,12 @@ impl Drop for TestProxy {
 
 impl TestProxy {
     pub async fn start(behaviour: Behaviour) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::start_on(behaviour, 0).await
+    }
+
+    /// As `start`, on `port` (0: any free one), e.g. to come back where a killed proxy was.
+    pub async fn start_on(behaviour: Behaviour, port: u16) -> Self {
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let tunnels = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
@@ -73,6 +78,12 @@ impl TestProxy {
 
     pub fn tunnel_count(&self) -> usize {
         self.tunnels.load(Ordering::SeqCst)
+    }
+
+    /// Stops the proxy as a crash or restart would: the port is closed and every tunnel cut.
+    pub fn kill(&self) {
+        self.task.abort();
+        self.cut_tunnels();
     }
 
     /// Closes every tunnel open now, as a firewall cutting idle connections would.
