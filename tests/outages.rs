@@ -5,9 +5,8 @@
 mod support;
 
 use std::collections::HashSet;
-use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -22,52 +21,12 @@ use tokio::net::TcpListener;
 
 const PAYLOAD: &str = r#"{"aps":{"alert":"outage"}}"#;
 
-/// The log lines at warn and above of every relay in this test binary (a global subscriber: a
-/// thread-scoped one misses events while other tests run); tests pick theirs by port.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn capture() -> Self {
-        static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
-        LOGS.get_or_init(|| {
-            let logs = Logs::default();
-            let writer = logs.clone();
-            tracing_subscriber::fmt()
-                .with_ansi(false)
-                .with_max_level(tracing::Level::WARN)
-                .with_writer(move || writer.clone())
-                .init();
-            logs
-        })
-        .clone()
-    }
-
-    fn lines_with(&self, needle: &str) -> Vec<String> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter(|l| l.contains(needle))
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
 /// An origin that accepts TCP and never answers TLS (connect_timeout 1 s), and a client that gives
 /// up on each push after 200 ms and sends the next: the origin sees one connect attempt per
 /// back-off step (not one per push), and each failure is logged naming the hop.
 #[tokio::test]
 async fn frozen_origin_sees_one_connect_per_backoff_step_while_clients_give_up() {
-    let logs = Logs::capture();
+    let logs = support::logs::capture_global();
     let pki = TestPki::new();
     let frozen = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = frozen.local_addr().unwrap().port();
@@ -107,9 +66,11 @@ async fn frozen_origin_sees_one_connect_per_backoff_step_while_clients_give_up()
         "{seen} connect attempts for {pushes} pushes given up"
     );
     let ours = || {
-        logs.lines_with("upstream connect failed")
-            .into_iter()
+        logs.text()
+            .lines()
+            .filter(|l| l.contains("upstream connect failed"))
             .filter(|l| l.contains(&format!("api.push.apple.com:{port}")))
+            .map(str::to_owned)
             .collect::<Vec<_>>()
     };
     within(5, "every attempt's failure logged", async {

@@ -37,3 +37,23 @@ pub fn capture() -> (Captured, DefaultGuard) {
         .finish();
     (captured, tracing::subscriber::set_default(subscriber))
 }
+
+/// Captures events at warn and above from every thread, for the whole test binary (installed
+/// once). `capture` can miss events while other tests of the binary run on other threads (a
+/// callsite's interest is cached from whichever dispatcher saw it first), so a test that must
+/// see a line uses this and picks its own lines (by port, say).
+pub fn capture_global() -> Captured {
+    static GLOBAL: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+    GLOBAL
+        .get_or_init(|| {
+            let captured = Captured::default();
+            let writer = captured.clone();
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .init();
+            captured
+        })
+        .clone()
+}
