@@ -855,3 +855,248 @@ async fn renewed_identity_certificate_is_presented_on_new_connections() {
         "{metrics}"
     );
 }
+
+/// A proxy that never answers CONNECT, no ride-out: the request that waited for the attempt and
+/// the one failed fast after it get the same status and reason (504 RelayProxyTimeout).
+#[tokio::test]
+async fn waiting_and_fast_failed_requests_get_the_same_status_for_the_same_cause() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Silent).await;
+    let yaml = relay::pre_proxy_yaml(&pki, &origin, Via::Proxy(proxy.url())).replace(
+        "connect_timeout: 2s",
+        "connect_timeout: 1s\n  reconnect_wait: 0s",
+    );
+    let relay = relay::start(&yaml).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let waited = within(10, "waited", client.push(&token(1), PAYLOAD)).await;
+    let fast = within(10, "fast-failed", client.push(&token(2), PAYLOAD)).await;
+    assert_eq!(
+        (waited.status, waited.reason().as_deref()),
+        (StatusCode::GATEWAY_TIMEOUT, Some("RelayProxyTimeout"))
+    );
+    assert_eq!(
+        (fast.status, fast.reason()),
+        (waited.status, waited.reason())
+    );
+    assert_eq!(origin.received().len(), 0);
+}
+
+fn token_key(dest: &pushrelay::policy::Authority, iss: &str) -> pushrelay::upstream::pool::PoolKey {
+    pushrelay::upstream::pool::PoolKey {
+        dest: dest.clone(),
+        identity: Some(format!("jwt:{iss}/K1").into()),
+    }
+}
+
+/// Made-up JWT issuers do not escape the back-off: after one issuer's connect failed, another
+/// issuer's request towards the same destination fails fast instead of trying again.
+#[tokio::test(start_paused = true)]
+async fn token_identities_share_their_destinations_backoff() {
+    use pushrelay::upstream::pool::PoolError;
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (pool, key) = backoff_pool(closed_port, 1);
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let first = pool
+        .checkout(&token_key(&key.dest, "TEAM1"), far)
+        .await
+        .err();
+    assert!(
+        matches!(first, Some(PoolError::Connect { .. })),
+        "{first:?}"
+    );
+    for iss in ["TEAM2", "TEAM3", "MADEUP"] {
+        let other = pool.checkout(&token_key(&key.dest, iss), far).await.err();
+        assert!(
+            matches!(other, Some(PoolError::BackingOff { .. })),
+            "{iss}: {other:?}"
+        );
+    }
+}
+
+/// New token identities towards a destination are admitted at
+/// `upstream.new_token_identities_per_minute` (here 3, the burst too): the fourth new issuer in a
+/// minute is refused before anything is opened for it; a known one is not; 20 s later one more
+/// is admitted.
+#[tokio::test(start_paused = true)]
+async fn new_token_identities_are_rate_limited_per_destination() {
+    use pushrelay::upstream::pool::PoolError;
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let (pool, key) = backoff_pool_with(closed_port, 2, |s| s.new_identities_per_minute = 3);
+    let far = || tokio::time::Instant::now() + Duration::from_secs(3600);
+    let admitted = |e: &Option<PoolError>| {
+        !matches!(
+            e,
+            Some(PoolError::IdentityRate { .. } | PoolError::TooManyIdentities { .. })
+        )
+    };
+    for (worker, iss) in [(0, "T1"), (1, "T2"), (0, "T3")] {
+        pushrelay::upstream::pool::set_worker(worker);
+        let e = pool.checkout(&token_key(&key.dest, iss), far()).await.err();
+        assert!(admitted(&e), "{iss}: {e:?}");
+    }
+    pushrelay::upstream::pool::set_worker(1);
+    let refused = pool
+        .checkout(&token_key(&key.dest, "T4"), far())
+        .await
+        .err();
+    assert!(
+        matches!(refused, Some(PoolError::IdentityRate { per_minute: 3, .. })),
+        "{refused:?}"
+    );
+    let known = pool
+        .checkout(&token_key(&key.dest, "T1"), far())
+        .await
+        .err();
+    assert!(admitted(&known), "{known:?}");
+    tokio::time::advance(Duration::from_secs(20)).await;
+    let later = pool
+        .checkout(&token_key(&key.dest, "T4"), far())
+        .await
+        .err();
+    assert!(admitted(&later), "{later:?}");
+    let again = pool
+        .checkout(&token_key(&key.dest, "T5"), far())
+        .await
+        .err();
+    assert!(
+        matches!(again, Some(PoolError::IdentityRate { .. })),
+        "{again:?}"
+    );
+    pushrelay::upstream::pool::set_worker(0);
+}
+
+use pushrelay::upstream::pool::PoolError;
+
+/// Polls `f` once: it must still be pending (waiting for a connect that never ends, say).
+async fn poll_once_pending<T, F: std::future::Future<Output = Result<T, PoolError>>>(
+    f: std::pin::Pin<&mut F>,
+) {
+    tokio::select! {
+        biased;
+        r = f => panic!("expected it to wait, got {:?}", r.err()),
+        _ = std::future::ready(()) => {}
+    }
+}
+
+/// `max_token_identities` (2 here) holds per destination over 4 worker shards, not per shard:
+/// with two busy identities on workers 0 and 1, a third on worker 2 is refused.
+#[tokio::test(start_paused = true)]
+async fn max_token_identities_is_per_destination_whatever_the_workers() {
+    use pushrelay::upstream::pool::{PoolError, set_worker};
+    // Accepts TCP and never answers TLS: the identities' checkouts stay busy.
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (pool, key) = backoff_pool_with(hole.local_addr().unwrap().port(), 4, |s| {
+        s.max_identities = 2
+    });
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let (a, b) = (token_key(&key.dest, "A"), token_key(&key.dest, "B"));
+    set_worker(0);
+    let mut first = std::pin::pin!(pool.checkout(&a, far));
+    poll_once_pending(first.as_mut()).await;
+    set_worker(1);
+    let mut second = std::pin::pin!(pool.checkout(&b, far));
+    poll_once_pending(second.as_mut()).await;
+    set_worker(2);
+    let third = pool.checkout(&token_key(&key.dest, "C"), far).await.err();
+    assert!(
+        matches!(third, Some(PoolError::TooManyIdentities { max: 2, .. })),
+        "{third:?}"
+    );
+    set_worker(0);
+    drop(hole);
+}
+
+/// `max_queued_requests` (2 here) holds per destination over 2 worker shards: two requests wait
+/// on worker 0, so worker 1's second request finds the queue full (its first, which started
+/// that worker's connect, may always wait for it).
+#[tokio::test(start_paused = true)]
+async fn max_queued_requests_is_per_destination_whatever_the_workers() {
+    use pushrelay::upstream::pool::{PoolError, set_worker};
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (pool, key) = backoff_pool_with(hole.local_addr().unwrap().port(), 2, |s| {
+        s.max_queued = 2;
+        s.max_connections = 2;
+    });
+    let far = tokio::time::Instant::now() + Duration::from_secs(3600);
+    set_worker(0);
+    let mut w0a = std::pin::pin!(pool.checkout(&key, far));
+    poll_once_pending(w0a.as_mut()).await;
+    let mut w0b = std::pin::pin!(pool.checkout(&key, far));
+    poll_once_pending(w0b.as_mut()).await;
+    set_worker(1);
+    let mut w1a = std::pin::pin!(pool.checkout(&key, far));
+    poll_once_pending(w1a.as_mut()).await;
+    let full = pool.checkout(&key, far).await.err();
+    assert!(
+        matches!(full, Some(PoolError::QueueFull { .. })),
+        "{full:?}"
+    );
+    set_worker(0);
+    drop(hole);
+}
+
+/// `max_connections_per_destination` (3 here) holds over 2 worker shards: with every stream
+/// busy (the origin allows one per connection), worker 0 opens two, worker 1 one, and worker 1's
+/// next request waits instead of opening a fourth.
+#[tokio::test]
+async fn max_connections_is_per_destination_whatever_the_workers() {
+    use pushrelay::upstream::connect::Connector;
+    use pushrelay::upstream::pool::{Pool, PoolKey, PoolSettings, set_worker};
+    let pki = TestPki::new();
+    let options = OriginOptions {
+        max_concurrent_streams: Some(1),
+        ..Default::default()
+    };
+    let (origin, _hold) = FakeApns::start_holding(&pki, options).await;
+    let dest: pushrelay::policy::Authority = format!("api.push.apple.com:{}", origin.port())
+        .parse()
+        .unwrap();
+    let mut upstream = pushrelay::config::UpstreamConfig::default();
+    upstream
+        .connect_to
+        .insert(dest.clone(), origin.addr.to_string());
+    upstream.max_connections_per_destination = 3;
+    let tls = pushrelay::tls::client::build(std::slice::from_ref(&pki.ca_cert), None).unwrap();
+    let pool = Pool::new(
+        Connector::new(&upstream),
+        HashMap::from([(None, tls)]),
+        PoolSettings {
+            shards: 2,
+            ..PoolSettings::from_config(&upstream)
+        },
+        Arc::new(pushrelay::metrics::Metrics::new()),
+    );
+    let key = PoolKey {
+        dest,
+        identity: None,
+    };
+    let far = || tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut leases = Vec::new();
+    for worker in [0, 0, 1] {
+        set_worker(worker);
+        leases.push(
+            within(10, "a lease", pool.checkout(&key, far()))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(origin.connection_count(), 3);
+    set_worker(1);
+    let mut fourth = std::pin::pin!(pool.checkout(&key, far()));
+    tokio::select! {
+        r = &mut fourth => panic!("a fourth stream cannot be had: {:?}", r.map(|l| l.conn_id()).err()),
+        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+    }
+    assert_eq!(origin.connection_count(), 3, "no fourth connection");
+    // A freed stream on worker 1's connection goes to the waiting request.
+    leases.pop();
+    within(10, "the freed stream", fourth).await.unwrap();
+    set_worker(0);
+}
