@@ -1100,3 +1100,93 @@ async fn max_connections_is_per_destination_whatever_the_workers() {
     within(10, "the freed stream", fourth).await.unwrap();
     set_worker(0);
 }
+
+/// Three client connections keep 15 pushes each in flight towards a slow tenant (answered after
+/// 400 ms), more than the destination's streams and queue hold (10 + 10); a normal client on the
+/// same destination and JWT issuer still gets every push through: while requests wait, each
+/// client connection has a fair share, freed slots go first to clients under theirs, and one
+/// under its share may wait in a full queue.
+#[tokio::test]
+async fn clients_filling_the_pool_leave_a_normal_client_its_share() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    let pki = TestPki::new();
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            max_concurrent_streams: Some(10),
+            slow_topic: Some(("com.example.slow".into(), Duration::from_millis(400))),
+            ..Default::default()
+        },
+    )
+    .await;
+    let upstream = "  max_connections_per_destination: 1\n  max_queued_requests: 10\n";
+    let yaml = yaml_with(&pki, &origin, Via::Direct, upstream)
+        .replace("request_timeout: 5s", "request_timeout: 8s");
+    let relay = relay::start(&yaml).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let overloaded = Arc::new(AtomicUsize::new(0));
+    let mut attackers = Vec::new();
+    for a in 0..3 {
+        let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
+        for t in 0..15 {
+            let (client, stop, overloaded) = (client.clone(), stop.clone(), overloaded.clone());
+            attackers.push(tokio::spawn(async move {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let mut req =
+                        push_request("api.push.apple.com", &token(a * 10_000 + t * 100 + n));
+                    req.headers_mut()
+                        .insert("apns-topic", "com.example.slow".parse().unwrap());
+                    let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+                    if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+                        overloaded.fetch_add(1, Ordering::SeqCst);
+                        // Refused at once: try again a little later, as a client would.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    n += 1;
+                }
+            }));
+        }
+    }
+    // The pool is full (every stream busy at the origin) and the attackers are being refused.
+    origin.wait_received(10).await;
+    overloaded.store(0, Ordering::SeqCst);
+    within(10, "the attackers fill the pool", async {
+        while overloaded.load(Ordering::SeqCst) < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let normal = Arc::new(H2Client::connect(&pki, relay.addr()).await);
+    // Four in flight at a time, 20 in all.
+    let pushes = (0..4).map(|lane| {
+        let normal = normal.clone();
+        async move {
+            let mut statuses = Vec::new();
+            for i in 0..5 {
+                let n = 900_000 + lane * 10 + i;
+                let mut req = push_request("api.push.apple.com", &token(n));
+                req.headers_mut()
+                    .insert("apns-id", apns_id(n).parse().unwrap());
+                let answer = normal.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+                statuses.push((answer.status, answer.reason()));
+            }
+            statuses
+        }
+    });
+    let statuses: Vec<(StatusCode, Option<String>)> =
+        within(20, "the normal client's pushes", join_all(pushes))
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        statuses.iter().all(|(s, _)| *s == StatusCode::OK),
+        "normal client: {statuses:?}"
+    );
+    assert!(overloaded.load(Ordering::SeqCst) >= 10);
+    for a in attackers {
+        within(15, "attackers", a).await.unwrap();
+    }
+}

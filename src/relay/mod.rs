@@ -294,6 +294,7 @@ impl Relay {
         let ex = upstream::exchange(
             &self.pool,
             &key,
+            Some(ctx.client),
             head,
             &mut body,
             deadline,

@@ -38,9 +38,18 @@ pub struct View<'a, E> {
     pub probing: bool,
     /// This request started the attempt in progress and waits for its outcome.
     pub awaiting: bool,
-    /// This request's client (connection) holds more than its share of this destination's
-    /// streams and queue, and a client under its share is waiting: it lets that one go first.
-    pub over_share: bool,
+    /// This request's client (connection) holds its share of this destination's streams and
+    /// queue or more, and a client under its share is waiting: it lets that one go first.
+    pub yields: bool,
+    /// This request's client holds less than its share (always, when it is the only client):
+    /// only then may it take a place in the queue, so clients filling the queue leave room
+    /// for the others.
+    pub under_share: bool,
+    /// Another client holds more than its share and has requests waiting: one of them may be
+    /// turned away to make room for this one when the queue is full.
+    pub displaceable: bool,
+    /// This request's client was told to give up a queue place for a client under its share.
+    pub evicted: bool,
     pub now: Instant,
 }
 
@@ -72,18 +81,21 @@ pub enum Decision<'a, E> {
     QueueFull,
     /// Take a place in the queue, then look again (a slot freed meanwhile is not missed).
     Enqueue,
+    /// The queue is full, but this client is under its share: turn away a waiting request of
+    /// the client holding most, and take its place.
+    Displace,
     /// Wait for a change, or until `wake_at` (always in the future) when something is due then:
     /// the back-off ends (start the reconnect) or the ride-out ends (fail).
     Wait { wake_at: Option<Instant> },
 }
 
-/// What to do next. A connection with room wins (unless this client is over its share and
-/// another waits); one connect at a time per shard, none while backing off, and while the
+/// What to do next. A connection with room wins (unless this client has its share and one
+/// under its share waits: freed slots go to the clients holding least); one connect at a time per shard, none while backing off, and while the
 /// destination is down one among all shards; requests wait for a destination that is down for
 /// up to `reconnect_wait`, then fail fast, and at once for lasting failures.
 pub fn decide<'a, E>(view: &View<'a, E>, limits: Limits) -> Decision<'a, E> {
     if let Some(conn) = view.room
-        && !view.over_share
+        && !view.yields
     {
         return Decision::Use(conn);
     }
@@ -111,6 +123,9 @@ pub fn decide<'a, E>(view: &View<'a, E>, limits: Limits) -> Decision<'a, E> {
             retry_in: backing_off.map(|at| at - view.now),
         };
     }
+    if view.in_queue && view.evicted {
+        return Decision::QueueFull;
+    }
     if view.in_queue {
         let reconnect_due = backing_off.filter(|_| !view.connecting && !view.probing);
         let give_up_due = ride_out_end.filter(|_| down.is_some() && !view.awaiting);
@@ -119,10 +134,12 @@ pub fn decide<'a, E>(view: &View<'a, E>, limits: Limits) -> Decision<'a, E> {
             (a, b) => a.or(b),
         };
         Decision::Wait { wake_at }
-    } else if view.queued >= limits.max_queued && !view.awaiting {
-        Decision::QueueFull
-    } else {
+    } else if view.awaiting || (view.under_share && view.queued < limits.max_queued) {
         Decision::Enqueue
+    } else if view.under_share && view.displaceable {
+        Decision::Displace
+    } else {
+        Decision::QueueFull
     }
 }
 
@@ -152,7 +169,10 @@ mod tests {
             down_since: None,
             probing: false,
             awaiting: false,
-            over_share: false,
+            yields: false,
+            under_share: true,
+            displaceable: false,
+            evicted: false,
             now,
         }
     }
@@ -210,8 +230,13 @@ mod tests {
             ("open connections full while another shard probes: queue", View { open: 1, reserved: 1, probing: true, ..long_down(f) }, Decision::Enqueue),
             ("failures without a recorded error do not fail", View { failures: 1, retry_at: Some(later), ..f }, Decision::Enqueue),
             // Fairness between clients.
-            ("over its share with another client waiting: leave the slot to it", View { room: Some(0), open: 1, reserved: 1, over_share: true, ..q }, Decision::Wait { wake_at: None }),
-            ("over its share, not yet queued: queue", View { room: Some(0), open: 1, reserved: 1, over_share: true, ..f }, Decision::Enqueue),
+            ("at its share with another client waiting: leave the slot to it", View { room: Some(0), open: 1, reserved: 1, yields: true, ..q }, Decision::Wait { wake_at: None }),
+            ("at its share, not yet queued: queue behind the others", View { room: Some(0), open: 1, reserved: 1, yields: true, ..f }, Decision::Enqueue),
+            ("at its share while others hold places: no queue place", View { open: 2, reserved: 2, queued: 1, under_share: false, ..f }, Decision::QueueFull),
+            ("queue full, under its share, nobody over theirs: fail", View { open: 2, reserved: 2, queued: 3, under_share: true, ..f }, Decision::QueueFull),
+            ("queue full, under its share, another client over its share waits: take its place", View { open: 2, reserved: 2, queued: 3, under_share: true, displaceable: true, ..f }, Decision::Displace),
+            ("queue full, at its share: no displacing", View { open: 2, reserved: 2, queued: 3, under_share: false, displaceable: true, ..f }, Decision::QueueFull),
+            ("turned away for a client under its share: fail", View { connecting: true, evicted: true, ..q }, Decision::QueueFull),
         ];
         for (what, view, expected) in table {
             assert_eq!(decide(&view, LIMITS), expected, "{what}");

@@ -190,10 +190,12 @@ pub struct Exchange {
     pub resent: bool,
 }
 
-/// Sends one request and waits for the answer's head, until `deadline`.
+/// Sends one request of client connection `client` and waits for the answer's head, until
+/// `deadline`.
 pub async fn exchange<B>(
     pool: &Pool,
     key: &PoolKey,
+    client: Option<std::net::SocketAddr>,
     head: Request<()>,
     body: &mut ReplayBody<B>,
     deadline: Instant,
@@ -206,7 +208,7 @@ where
     let attempts = async {
         let mut resent = false;
         loop {
-            let lease = pool.checkout(key, deadline).await?;
+            let lease = pool.checkout_for(key, client, deadline).await?;
             let (response, mut send) = match lease.send_request(head.clone(), body.is_empty()) {
                 Ok(pair) => pair,
                 // Nothing went out on the wire: another connection may take it.

@@ -10,6 +10,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -271,9 +272,113 @@ struct DestState {
     last_used: Option<Instant>,
     /// Requests between finding this entry and leaving `checkout`: it is not idle meanwhile.
     checkouts: usize,
+    /// What each client connection holds here (streams and queue places), for fair shares.
+    clients: FastMap<SocketAddr, ClientUse>,
+}
+
+/// One client connection's stream slots and queue places on one entry.
+#[derive(Default, Clone, Copy)]
+struct ClientUse {
+    /// Stream slots plus queue places.
+    holds: usize,
+    queued: usize,
+    /// Queue places this client must give up for clients under their share.
+    evict: usize,
+}
+
+/// A client's standing against its fair share (`DestState::fairness`).
+#[derive(Clone, Copy)]
+struct Standing {
+    yields: bool,
+    under_share: bool,
+    displaceable: bool,
+    evicted: bool,
+    /// The share itself (stream slots plus queue places).
+    share: usize,
 }
 
 impl DestState {
+    fn hold(&mut self, client: SocketAddr, queued: bool) {
+        let u = self.clients.entry(client).or_default();
+        u.holds += 1;
+        u.queued += usize::from(queued);
+    }
+
+    fn release(&mut self, client: SocketAddr, queued: bool) {
+        if let Some(u) = self.clients.get_mut(&client) {
+            u.holds = u.holds.saturating_sub(1);
+            u.queued = u.queued.saturating_sub(usize::from(queued));
+            if u.queued == 0 {
+                u.evict = 0;
+            }
+            if u.holds == 0 {
+                self.clients.remove(&client);
+            }
+        }
+    }
+
+    /// `client`'s standing against its fair share of this entry's stream slots and queue: with
+    /// other clients holding any, `capacity / (clients + 1)`, so a share is left for one more.
+    /// It yields a freed slot when it holds its share or more while a client under its share
+    /// waits; it may take a queue place only under its share, and in a full queue turn away a
+    /// waiting request of a client over its share. Only worked out when requests wait.
+    fn fairness(&self, client: Option<SocketAddr>, in_queue: bool, max_queued: usize) -> Standing {
+        let free = Standing {
+            yields: false,
+            under_share: true,
+            displaceable: false,
+            evicted: false,
+            share: usize::MAX,
+        };
+        let Some(client) = client else {
+            return free;
+        };
+        if self.queued <= usize::from(in_queue) {
+            return free;
+        }
+        let mine = self.clients.get(&client).copied().unwrap_or_default();
+        let evicted = in_queue && mine.evict > 0;
+        let others = self.clients.len() - usize::from(mine.holds > 0);
+        if others == 0 {
+            return Standing { evicted, ..free };
+        }
+        let capacity = self
+            .conns
+            .iter()
+            .filter(|c| c.open.load(Ordering::Acquire))
+            .map(|c| c.send.current_max_send_streams())
+            .sum::<usize>()
+            + max_queued;
+        let share = (capacity / (others + 2)).max(1);
+        let held = mine.holds - usize::from(in_queue && mine.holds > 0);
+        let under_share = held < share;
+        let waiting_others = || {
+            self.clients
+                .iter()
+                .filter(|(c, u)| **c != client && u.queued > 0)
+        };
+        Standing {
+            yields: !under_share && waiting_others().any(|(_, u)| u.holds - 1 < share),
+            under_share,
+            displaceable: under_share && waiting_others().any(|(_, u)| u.holds > share),
+            evicted,
+            share,
+        }
+    }
+
+    /// Tells the waiting client holding most beyond `share` (not `client`) to give up a queue
+    /// place.
+    fn displace_for(&mut self, client: Option<SocketAddr>, share: usize) {
+        let victim = self
+            .clients
+            .iter_mut()
+            .filter(|(c, u)| Some(**c) != client && u.queued > u.evict && u.holds > share)
+            .max_by_key(|(_, u)| u.holds);
+        if let Some((_, u)) = victim {
+            u.evict += 1;
+        }
+    }
+
     /// Nothing in flight, waiting or connecting: the entry can go without anyone noticing.
     fn idle(&self) -> bool {
         self.checkouts == 0
@@ -314,6 +419,8 @@ impl Dest {
 pub struct Lease {
     conn: Arc<Conn>,
     dest: Arc<Dest>,
+    /// The client connection the slot is counted against (its fair share).
+    client: Option<SocketAddr>,
 }
 
 impl Lease {
@@ -355,6 +462,9 @@ impl Drop for Lease {
         // SeqCst pairs with `QueueSlot::new`: either a new waiter sees this slot free when it
         // checks again, or this sees the waiter and wakes it.
         self.conn.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if let Some(client) = self.client {
+            self.dest.lock().release(client, false);
+        }
         if self.dest.waiting.load(Ordering::SeqCst) > 0 {
             self.dest.changed.notify_waiters();
         }
@@ -373,14 +483,18 @@ impl Drop for Checkout<'_> {
 
 /// A place in the wait queue (counted in the shard's and the shared `queued`); decrements the
 /// counts however the wait ends.
-struct QueueSlot<'a>(&'a Dest);
+struct QueueSlot<'a>(&'a Dest, Option<SocketAddr>);
 
 impl<'a> QueueSlot<'a> {
-    /// The caller holds `dest`'s state lock and counts the shard's `queued` itself.
-    fn new(dest: &'a Dest) -> Self {
+    /// Counts a place in `st` (`dest`'s state, locked by the caller) and the shared count.
+    fn new(dest: &'a Dest, st: &mut DestState, client: Option<SocketAddr>) -> Self {
+        st.queued += 1;
+        if let Some(c) = client {
+            st.hold(c, true);
+        }
         dest.waiting.fetch_add(1, Ordering::SeqCst);
         dest.shared.queued.fetch_add(1, Ordering::AcqRel);
-        QueueSlot(dest)
+        QueueSlot(dest, client)
     }
 }
 
@@ -388,7 +502,11 @@ impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
         self.0.waiting.fetch_sub(1, Ordering::SeqCst);
         self.0.shared.queued.fetch_sub(1, Ordering::AcqRel);
-        self.0.lock().queued -= 1;
+        let mut st = self.0.lock();
+        st.queued -= 1;
+        if let Some(c) = self.1 {
+            st.release(c, true);
+        }
     }
 }
 
@@ -748,6 +866,18 @@ impl Pool {
     /// connect runs on its own: this request leaving does not cancel it), and waits, bounded by
     /// the queue size, `reconnect_wait` while the destination is down, and `deadline`.
     pub async fn checkout(&self, key: &PoolKey, deadline: Instant) -> Result<Lease, PoolError> {
+        self.checkout_for(key, None, deadline).await
+    }
+
+    /// As `checkout`, for a request of client connection `client`: each client connection gets a
+    /// fair share of the destination's stream slots and queue while requests wait (freed slots
+    /// go first to the clients holding least), so one client cannot take them from the others.
+    pub async fn checkout_for(
+        &self,
+        key: &PoolKey,
+        client: Option<SocketAddr>,
+        deadline: Instant,
+    ) -> Result<Lease, PoolError> {
         let dest = self.dest(key)?;
         let _checkout = Checkout(&dest);
         let settings = &self.inner.settings;
@@ -769,6 +899,7 @@ impl Pool {
                 st.conns.retain(|c| {
                     c.open.load(Ordering::Acquire) || c.in_flight.load(Ordering::Acquire) > 0
                 });
+                let standing = st.fairness(client, slot.is_some(), settings.max_queued);
                 let mut health = dest.health();
                 let view = View {
                     room: st.conns.iter().position(|c| c.has_room()),
@@ -788,7 +919,10 @@ impl Pool {
                     down_since: health.down_since,
                     probing: health.probing,
                     awaiting: awaiting == Some(health.finished),
-                    over_share: false,
+                    yields: standing.yields,
+                    under_share: standing.under_share,
+                    displaceable: standing.displaceable,
+                    evicted: standing.evicted,
                     now: Instant::now(),
                 };
                 match decide(&view, limits) {
@@ -796,9 +930,13 @@ impl Pool {
                         let conn = st.conns[i].clone();
                         conn.in_flight.fetch_add(1, Ordering::AcqRel);
                         st.last_used = Some(view.now);
+                        if let Some(c) = client {
+                            st.hold(c, false);
+                        }
                         return Ok(Lease {
                             conn,
                             dest: dest.clone(),
+                            client,
                         });
                     }
                     Decision::Down { error, retry_in } => {
@@ -815,14 +953,27 @@ impl Pool {
                         });
                     }
                     Decision::QueueFull => {
+                        if standing.evicted
+                            && let Some(u) = client.and_then(|c| st.clients.get_mut(&c))
+                        {
+                            u.evict -= 1;
+                        }
                         return Err(PoolError::QueueFull {
                             dest: key.dest.to_string(),
                             queued: view.queued,
                         });
                     }
                     Decision::Enqueue => {
-                        st.queued += 1;
-                        slot = Some(QueueSlot::new(&dest));
+                        drop(health);
+                        slot = Some(QueueSlot::new(&dest, &mut st, client));
+                        continue;
+                    }
+                    Decision::Displace => {
+                        drop(health);
+                        st.displace_for(client, standing.share);
+                        slot = Some(QueueSlot::new(&dest, &mut st, client));
+                        drop(st);
+                        dest.changed.notify_waiters();
                         continue;
                     }
                     Decision::Connect { probe } => {

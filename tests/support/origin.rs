@@ -54,6 +54,8 @@ pub struct OriginOptions {
     pub calm_after_resets: Option<usize>,
     /// Listen on this port (0: any free one), e.g. to come back where a killed origin was.
     pub port: u16,
+    /// Answer requests with this `apns-topic` only after this long (a slow tenant).
+    pub slow_topic: Option<(String, std::time::Duration)>,
 }
 
 impl Default for OriginOptions {
@@ -68,6 +70,7 @@ impl Default for OriginOptions {
             client_auth: false,
             calm_after_resets: None,
             port: 0,
+            slow_topic: None,
         }
     }
 }
@@ -325,6 +328,14 @@ async fn handle(
     };
     state.received.lock().unwrap().push(record.clone());
     state.arrived.notify_waiters();
+    if let Some((topic, after)) = &state.options.slow_topic
+        && record
+            .headers
+            .get("apns-topic")
+            .is_some_and(|t| t == topic.as_str())
+    {
+        tokio::time::sleep(*after).await;
+    }
     if let Some(hold) = &state.options.hold {
         // Each permit releases exactly one answer; a client reset while held is counted.
         tokio::select! {
