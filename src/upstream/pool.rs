@@ -3,10 +3,13 @@
 //! SETTINGS_MAX_CONCURRENT_STREAMS allows. A new connection opens only when every open one is full
 //! and none is being opened, so a burst of pushes shares one connection instead of stampeding Apple.
 //! A connection counts as ready after its first PING answer, which also means the origin's SETTINGS
-//! have been applied. PINGs keep it alive; an unanswered one closes it. Failed connects back off
-//! exponentially with jitter, and while a destination is backing off requests fail fast.
-//! With worker threads (`crate::workers`) each worker has a shard of all this to itself, chosen
-//! by the thread a request runs on, so its requests never touch another worker's connections.
+//! have been applied. PINGs keep it alive; an unanswered one closes it. A connect is a task the
+//! destination owns (the request that asked for it may leave), bounded as a whole; failures back
+//! off with jitter. Requests wait for a destination that went down for up to `reconnect_wait`, then
+//! fail fast. While requests wait, client connections share the streams and queue fairly.
+//! With worker threads (`crate::workers`) each worker has a shard of the connections to itself,
+//! chosen by the thread a request runs on, so its requests never touch another worker's
+//! connections; the per-destination limits and the back-off are shared by all shards.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
