@@ -396,17 +396,26 @@ async fn proxy_403_becomes_502_proxy_refused() {
     relay.stop().await;
 }
 
-/// A proxy that never answers CONNECT: 504 within the configured connect timeout (2 s here).
+/// No ride-out (`reconnect_wait: 0s`).
+fn failing_fast(yaml: String) -> String {
+    yaml.replace(
+        "connect_timeout: 2s",
+        "connect_timeout: 2s\n  reconnect_wait: 0s",
+    )
+}
+
+/// A proxy that never answers CONNECT, no ride-out: 504 within the configured connect timeout
+/// (2 s here).
 #[tokio::test]
 async fn silent_proxy_becomes_504_within_the_timeout() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
     let proxy = TestProxy::start(Behaviour::Silent).await;
-    let relay = relay::start(&relay::pre_proxy_yaml(
+    let relay = relay::start(&failing_fast(relay::pre_proxy_yaml(
         &pki,
         &origin,
         Via::Proxy(proxy.url()),
-    ))
+    )))
     .await;
     let client = H2Client::connect(&pki, relay.addr()).await;
     let started = std::time::Instant::now();
@@ -421,8 +430,8 @@ async fn silent_proxy_becomes_504_within_the_timeout() {
     relay.stop().await;
 }
 
-/// An unreachable origin gives 502 RelayUpstreamUnreachable, and while it stays down the next
-/// request fails fast instead of waiting.
+/// An unreachable origin gives 502 RelayUpstreamUnreachable, and with no ride-out, while it
+/// stays down the next request fails fast with the same answer.
 #[tokio::test]
 async fn unreachable_origin_is_502_and_fails_fast_while_down() {
     let pki = TestPki::new();
@@ -431,7 +440,12 @@ async fn unreachable_origin_is_502_and_fails_fast_while_down() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let relay = relay::start(&relay::pre_proxy_yaml_on(&pki, port, Via::Direct)).await;
+    let relay = relay::start(&failing_fast(relay::pre_proxy_yaml_on(
+        &pki,
+        port,
+        Via::Direct,
+    )))
+    .await;
     let client = H2Client::connect(&pki, relay.addr()).await;
     let first = client.push(&token(10), PAYLOAD).await;
     assert_eq!(first.status, StatusCode::BAD_GATEWAY);
