@@ -892,11 +892,16 @@ impl Pool {
         let mut slot: Option<QueueSlot<'_>> = None;
         // `Health::finished` when this request started a connect: it waits for that to move.
         let mut awaiting: Option<u64> = None;
+        // Listening for changes costs a lock per signal: only once this request has to wait
+        // (it then looks again, listening, so nothing between the looks is missed).
+        let mut listening = false;
         loop {
             let mut changed = pin!(dest.changed.notified());
-            changed.as_mut().enable();
             let mut health_changed = pin!(dest.shared.health.changed.notified());
-            health_changed.as_mut().enable();
+            if listening {
+                changed.as_mut().enable();
+                health_changed.as_mut().enable();
+            }
             let wake_at = {
                 let mut st = dest.lock();
                 st.conns.retain(|c| {
@@ -969,6 +974,7 @@ impl Pool {
                     Decision::Enqueue => {
                         drop(health);
                         slot = Some(QueueSlot::new(&dest, &mut st, client));
+                        listening = true;
                         continue;
                     }
                     Decision::Displace => {
@@ -987,6 +993,10 @@ impl Pool {
                         drop(health);
                         drop(st);
                         self.start_connect(dest.clone(), probe, reservation);
+                        continue;
+                    }
+                    Decision::Wait { .. } if !listening => {
+                        listening = true;
                         continue;
                     }
                     Decision::Wait { wake_at } => wake_at,
