@@ -12,7 +12,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use http::StatusCode;
-use support::client::{H2Client, push_request};
+use support::client::{H2Client, bearer, push_request};
 use support::origin::{FakeApns, OriginOptions, Script};
 use support::pki::TestPki;
 use support::proxy::{Behaviour, TestProxy};
@@ -28,17 +28,6 @@ fn yaml_with(pki: &TestPki, origin: &FakeApns, via: Via, upstream_extra: &str) -
 
 fn apns_id(i: usize) -> String {
     format!("00000000-0000-4000-8000-{i:012}")
-}
-
-/// An unsigned bearer JWT from issuer `iss` (pushrelay reads it, never verifies it).
-fn bearer(iss: &str) -> String {
-    use base64::Engine;
-    let e = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
-    format!(
-        "bearer {}.{}.c2ln",
-        e(r#"{"alg":"ES256","kid":"K1"}"#),
-        e(&format!(r#"{{"iss":"{iss}"}}"#))
-    )
 }
 
 async fn push_with_id(client: &H2Client, i: usize) -> StatusCode {

@@ -206,3 +206,14 @@ pub async fn read_answer(response: h2::client::ResponseFuture) -> Result<Answer,
         body: Bytes::from(data),
     })
 }
+
+/// An unsigned bearer JWT from issuer `iss`, key id K1 (pushrelay reads it, never verifies it).
+pub fn bearer(iss: &str) -> String {
+    use base64::Engine;
+    let e = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    format!(
+        "bearer {}.{}.c2ln",
+        e(r#"{"alg":"ES256","kid":"K1"}"#),
+        e(&format!(r#"{{"iss":"{iss}"}}"#))
+    )
+}
