@@ -351,6 +351,96 @@ fn identity_bindings_are_validated() {
             assert_eq!(out.status.code(), Some(2), "{identity}: {stderr}");
         }
     }
+
+/// `upstream.relay` (a relay chain) is checked before anything runs: the secret file readable
+/// and non-empty, the URL's scheme; `http://` is warned about; a pre-proxy listener cannot take
+/// a relay secret; `check` shows the secret file's name but never the secret.
+#[test]
+fn relay_chain_keys_are_validated_and_the_secret_never_shown() {
+    let dir = dir_with_ca();
+    let listener = "listeners:\n  - name: apns\n    mode: pre-proxy\n    bind: 127.0.0.1:0\n    tls: {ca_cert: certs/ca.pem, ca_key: certs/ca.key}\n    allow_sources: [127.0.0.1/32]\n";
+    std::fs::write(
+        dir.path().join("relay.secret"),
+        "s3cret-s3cret-s3cret-s3cret\n",
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("empty.secret"), "\n").unwrap();
+    let check = |yaml: &str| {
+        std::fs::write(dir.path().join("c.yaml"), yaml).unwrap();
+        let out = pushrelay(dir.path(), &["check", "--config", "c.yaml"], &[]);
+        let (stdout, stderr) = text(&out);
+        (out.status.success(), format!("{stdout}{stderr}"))
+    };
+    let with_relay = |relay: &str| format!("{listener}upstream:\n  relay: {relay}\n");
+
+    let (ok, out) = check(&with_relay(
+        "{url: \"https://dmz.corp.example:8443\", secret_file: relay.secret}",
+    ));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("https://dmz.corp.example:8443") && out.contains("relay.secret"),
+        "{out}"
+    );
+    assert!(!out.contains("s3cret"), "the secret was shown: {out}");
+    assert!(!out.contains("in clear"), "{out}");
+
+    let (ok, out) = check(&with_relay(
+        "{url: \"http://dmz.corp.example:8080\", secret_file: relay.secret}",
+    ));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: upstream.relay.url http://dmz.corp.example:8080 is plain http://"),
+        "{out}"
+    );
+    assert!(out.contains("in clear"), "{out}");
+
+    let table = [
+        (
+            "{url: \"https://dmz:8443\", secret_file: missing.secret}",
+            "upstream.relay.secret_file",
+            "cannot read missing.secret",
+        ),
+        (
+            "{url: \"https://dmz:8443\", secret_file: empty.secret}",
+            "upstream.relay.secret_file",
+            "is empty",
+        ),
+        (
+            "{url: \"ftp://dmz:21\", secret_file: relay.secret}",
+            "upstream.relay",
+            "must start with https://",
+        ),
+        (
+            "{url: \"https://dmz:8443/path\", secret_file: relay.secret}",
+            "upstream.relay",
+            "must not have a path",
+        ),
+        (
+            "{url: \"https://dmz:0\", secret_file: relay.secret}",
+            "upstream.relay",
+            "invalid host or port",
+        ),
+    ];
+    for (relay, key, message) in table {
+        let (ok, out) = check(&with_relay(relay));
+        assert!(!ok, "{relay}: accepted\n{out}");
+        assert!(
+            out.contains(key) && out.contains(message),
+            "{relay}:\n{out}"
+        );
+    }
+
+    let pre_with_secret = listener.replace(
+        "    allow_sources",
+        "    relay_secret_file: relay.secret\n    allow_sources",
+    );
+    let (ok, out) = check(&pre_with_secret);
+    assert!(!ok);
+    assert!(
+        out.contains("listeners[0].relay_secret_file")
+            && out.contains("only a post-proxy listener"),
+        "{out}"
+    );
 }
 
 /// forward-proxy mistakes stop start-up naming the key: a tunnel that is also a destination, a

@@ -18,7 +18,7 @@ mod values;
 pub use load::{ConfigError, Loaded, Problem, ProxyEnv, destinations_in, from_yaml, load};
 pub use shape::*;
 pub use validate::*;
-pub use values::{ProxyUrl, Secret, read_proxy_users};
+pub use values::{ProxyUrl, RelayUrl, Secret, read_proxy_users, read_secret};
 
 #[cfg(test)]
 mod tests {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use super::values::ProxyUrl;
+use super::values::{ProxyUrl, RelayUrl};
 use super::{duration, text};
 use crate::policy::Authority;
 
@@ -94,6 +94,11 @@ pub struct ListenerConfig {
     /// `allow_sources` applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_auth: Option<ProxyAuthConfig>,
+    /// Post-proxy only (a DMZ relay in a relay chain): every request must carry the shared secret
+    /// in this file (the inside relay's `upstream.relay.secret_file`); others are refused with
+    /// 403 RelayChainSecretRejected and nothing is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay_secret_file: Option<PathBuf>,
 }
 
 /// forward-proxy client authentication (`listeners[].proxy_auth`).
@@ -221,6 +226,39 @@ pub struct UpstreamConfig {
     /// Certificate-based APNs auth: requests whose `apns-topic` is `topic` (or it plus `.voip`,
     /// `.complication`, `.pushkit.fileprovider`) use connections that present this certificate.
     pub identities: Vec<IdentityConfig>,
+    /// A relay chain: every destination is reached through this DMZ pushrelay (a post-proxy
+    /// listener) over HTTP/1.1, instead of over HTTP/2 to the origin. Absent: HTTP/2 to the origin.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub relay: Option<RelayUpstreamConfig>,
+}
+
+/// `upstream.relay`: the DMZ relay of a relay chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayUpstreamConfig {
+    /// `https://host:port`: CONNECT through `upstream.proxy` (when set), TLS to the DMZ relay
+    /// (trusted through `upstream.extra_roots`; behind a TLS-inspecting proxy, the proxy's CA).
+    /// `http://host:port`: plain requests in absolute form through `upstream.proxy`: push contents
+    /// cross the network in clear.
+    pub url: RelayUrl,
+    /// The shared secret the DMZ relay's `relay_secret_file` holds (one line).
+    pub secret_file: PathBuf,
+    /// HTTP/1.1 connections to the DMZ relay at most; each carries one request at a time.
+    /// Default 64.
+    #[serde(default = "default_relay_connections")]
+    pub max_connections: usize,
+    /// An unused connection is closed after this long. Keep it below the proxy's idle timeout
+    /// (Squid: client_idle_pconn_timeout, 2m) and the DMZ relay's limits.idle_timeout. Default 50s.
+    #[serde(default = "default_relay_idle", with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+fn default_relay_connections() -> usize {
+    64
+}
+
+fn default_relay_idle() -> Duration {
+    Duration::from_secs(50)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -319,6 +357,7 @@ impl Default for Config {
                 })
                 .collect(),
                 proxy_auth: None,
+                relay_secret_file: None,
             }],
             destinations: APNS_HOSTS
                 .iter()
@@ -353,6 +392,7 @@ impl Default for UpstreamConfig {
             max_token_identities: 64,
             new_token_identities_per_minute: 60,
             identities: Vec::new(),
+            relay: None,
         }
     }
 }
@@ -413,6 +453,11 @@ impl Config {
         for id in &self.upstream.identities {
             files.extend([id.cert.clone(), id.key.clone()]);
         }
+        files.extend(
+            self.listeners
+                .iter()
+                .filter_map(|l| l.relay_secret_file.clone()),
+        );
         files
     }
 

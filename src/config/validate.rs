@@ -69,6 +69,19 @@ impl Report<'_> {
         self.warnings.push(warning);
     }
 
+    /// A shared-secret file: readable, one line of visible ASCII; a short secret is warned about.
+    fn secret(&mut self, path: &[&str], file: &std::path::Path) {
+        match super::values::read_secret(file) {
+            Err(e) => self.problem(path, e),
+            Ok(s) if s.expose().len() < 16 => self.warn(format!(
+                "{}: the secret in {} is shorter than 16 characters; use e.g. `openssl rand -hex 32`",
+                path.join("."),
+                file.display()
+            )),
+            Ok(_) => {}
+        }
+    }
+
     fn readable(&mut self, path: &[&str], file: &std::path::Path) {
         if let Err(e) = std::fs::File::open(file) {
             self.problem(path, format!("cannot read {}: {e}", file.display()));
@@ -147,6 +160,17 @@ fn listeners(
             ));
         }
         tls.push(listener_tls(l, &idx, report));
+        if let Some(file) = &l.relay_secret_file {
+            if l.mode == Mode::PostProxy {
+                report.secret(&at("relay_secret_file"), file);
+            } else {
+                report.problem(
+                    &at("relay_secret_file"),
+                    "only a post-proxy listener (the DMZ relay of a relay chain) takes a relay secret"
+                        .into(),
+                );
+            }
+        }
         if l.mode == Mode::PreProxy {
             let hosts: Vec<&Authority> = config
                 .destinations
@@ -292,6 +316,36 @@ fn upstream(config: &Config, report: &mut Report<'_>) {
             &["upstream", "max_connections_per_destination"],
             "must be at least 1".into(),
         );
+    }
+    if let Some(relay) = &up.relay {
+        report.secret(&["upstream", "relay", "secret_file"], &relay.secret_file);
+        if !relay.url.tls {
+            report.warn(format!(
+                "upstream.relay.url {} is plain http://: push contents (device tokens, payloads, \
+                 authorization tokens) and the relay secret cross the network in clear; use https://",
+                relay.url
+            ));
+        }
+        if !up.identities.is_empty() {
+            report.problem(
+                &["upstream", "identities"],
+                "certificate identities are presented by whoever connects to Apple: with \
+                 upstream.relay, configure them on the DMZ relay"
+                    .into(),
+            );
+        }
+        if relay.max_connections == 0 {
+            report.problem(
+                &["upstream", "relay", "max_connections"],
+                "must be at least 1".into(),
+            );
+        }
+        if relay.idle_timeout.is_zero() {
+            report.problem(
+                &["upstream", "relay", "idle_timeout"],
+                "must be longer than 0".into(),
+            );
+        }
     }
     if up.max_token_identities == 0 {
         report.problem(

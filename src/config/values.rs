@@ -13,6 +13,10 @@ use crate::policy::Authority;
 pub struct Secret(String);
 
 impl Secret {
+    pub fn new(value: String) -> Self {
+        Secret(value)
+    }
+
     pub fn expose(&self) -> &str {
         &self.0
     }
@@ -52,6 +56,34 @@ pub fn read_proxy_users(path: &std::path::Path) -> Result<Vec<(String, Secret)>,
         return Err(format!("{} has no user:password line", path.display()));
     }
     Ok(users)
+}
+
+/// Reads a shared secret from `path`: one line of visible ASCII (it travels in a header), at
+/// most 1 KiB, surrounding whitespace ignored. Errors name the file, never its content.
+pub fn read_secret(path: &std::path::Path) -> Result<Secret, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!(
+            "{} is empty: it must hold the shared secret",
+            path.display()
+        ));
+    }
+    if secret.len() > 1024 {
+        return Err(format!(
+            "{}: the secret is longer than 1024 bytes",
+            path.display()
+        ));
+    }
+    if !secret.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "{}: the secret must be one line of visible ASCII (it travels in a header), \
+             e.g. from `openssl rand -hex 32`",
+            path.display()
+        ));
+    }
+    Ok(Secret(secret.to_owned()))
 }
 
 /// An HTTP CONNECT proxy: `http://[user[:password]@]host:port`. Displays with the password masked.
@@ -169,6 +201,59 @@ impl fmt::Debug for ProxyUrl {
     }
 }
 
+/// The DMZ relay an inside relay reaches over HTTP/1.1 (`upstream.relay.url`):
+/// `https://host[:port]` (TLS through a CONNECT tunnel) or `http://host[:port]` (plain, in
+/// absolute form through the proxy). The port defaults to the scheme's.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RelayUrl {
+    pub tls: bool,
+    pub authority: Authority,
+}
+
+impl FromStr for RelayUrl {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (tls, rest) = match s.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("https") => (true, rest),
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => (false, rest),
+            _ => {
+                return Err(format!(
+                    "relay URL {s:?} must start with https:// (TLS to the DMZ relay) or http://"
+                ));
+            }
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains('@') {
+            return Err(format!(
+                "relay URL {s:?} must not carry credentials: the DMZ relay knows this one by \
+                 upstream.relay.secret_file"
+            ));
+        }
+        if rest.contains('/') || rest.contains('?') {
+            return Err(format!("relay URL {s:?} must not have a path"));
+        }
+        let (host, port) = Authority::split_host_port(rest)
+            .map_err(|_| format!("relay URL {s:?} has an invalid host or port"))?;
+        let port = port.unwrap_or(if tls { 443 } else { 80 });
+        let authority = Authority::new(&host, port).map_err(|e| format!("relay URL {s:?}: {e}"))?;
+        Ok(RelayUrl { tls, authority })
+    }
+}
+
+impl fmt::Display for RelayUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.authority)
+    }
+}
+
+impl fmt::Debug for RelayUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
 /// Serde through `FromStr` / `Display`, for the string-shaped config types.
 macro_rules! serde_via_str {
     ($ty:ty) => {
@@ -186,4 +271,5 @@ macro_rules! serde_via_str {
     };
 }
 serde_via_str!(ProxyUrl);
+serde_via_str!(RelayUrl);
 serde_via_str!(Authority);
