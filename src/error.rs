@@ -5,6 +5,7 @@
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::policy::Authority;
+use crate::upstream::chain::{ChainConnectError, ChainError};
 use crate::upstream::connect::ConnectError;
 use crate::upstream::identity::IdentityRefused;
 use crate::upstream::tunnel::TunnelError;
@@ -55,6 +56,8 @@ pub enum RelayError {
     DestinationNotAllowed(Authority),
     #[error("method {0} is not relayed")]
     MethodNotAllowed(String),
+    #[error("the relay secret (pushrelay-relay-secret) is {}", if *.missing { "missing" } else { "wrong" })]
+    ChainSecret { missing: bool },
     #[error(transparent)]
     IdentityNotAllowed(#[from] IdentityRefused),
     #[error(transparent)]
@@ -104,6 +107,9 @@ impl RelayError {
             ),
             RelayError::IdentityNotAllowed(_) => {
                 (S::FORBIDDEN, "RelayIdentityNotAllowed", Fault::Policy)
+            }
+            RelayError::ChainSecret { .. } => {
+                (S::FORBIDDEN, "RelayChainSecretRejected", Fault::Policy)
             }
             RelayError::Upstream(e) => classify_upstream(e),
             RelayError::ProxyCredentials => (
@@ -275,6 +281,39 @@ fn classify_upstream(e: &UpstreamError) -> (StatusCode, &'static str, Fault) {
             (S::PAYLOAD_TOO_LARGE, "RelayRequestTooLarge", Fault::Client)
         }
         UpstreamError::ClientBody(_) => (S::BAD_REQUEST, "RelayClientBodyFailed", Fault::Client),
+        UpstreamError::Chain(e) => classify_chain(e),
+    }
+}
+
+/// A relay chain's own failures name the hop to the DMZ relay; the proxy's keep their reasons.
+fn classify_chain(e: &ChainError) -> (StatusCode, &'static str, Fault) {
+    use StatusCode as S;
+    let up = Fault::Upstream;
+    match e {
+        ChainError::Connect { source, .. } => classify_chain_connect(source),
+        ChainError::BackingOff { source, .. } | ChainError::Reconnecting { source, .. } => {
+            let (_, reason, fault) = classify_chain_connect(source);
+            (S::BAD_GATEWAY, reason, fault)
+        }
+        ChainError::Busy { .. } => (S::SERVICE_UNAVAILABLE, "RelayOverloaded", Fault::Relay),
+        ChainError::Timeout { .. } => (S::GATEWAY_TIMEOUT, "RelayChainTimeout", up),
+        ChainError::Exchange {
+            source: crate::upstream::chain::WireError::Malformed(_),
+            ..
+        } => (S::BAD_GATEWAY, "RelayChainProtocolError", up),
+        ChainError::Exchange { .. } => (S::BAD_GATEWAY, "RelayChainReset", up),
+    }
+}
+
+fn classify_chain_connect(e: &ChainConnectError) -> (StatusCode, &'static str, Fault) {
+    use StatusCode as S;
+    let up = Fault::Upstream;
+    match e {
+        ChainConnectError::Route(route @ ConnectError::Tunnel(_)) => classify_connect(route),
+        ChainConnectError::Route(ConnectError::TcpTimeout { .. })
+        | ChainConnectError::TlsTimeout { .. } => (S::GATEWAY_TIMEOUT, "RelayChainTimeout", up),
+        ChainConnectError::Route(_) => (S::BAD_GATEWAY, "RelayChainUnreachable", up),
+        ChainConnectError::Tls { .. } => (S::BAD_GATEWAY, "RelayChainTlsFailed", up),
     }
 }
 
@@ -329,6 +368,10 @@ pub fn hop_of(e: &RelayError) -> (&'static str, Option<u16>) {
             };
             (source.hop(), status)
         }
+        RelayError::Upstream(UpstreamError::Chain(e)) => (
+            e.hop(),
+            e.connect_error().and_then(ChainConnectError::proxy_status),
+        ),
         RelayError::Upstream(UpstreamError::Timeout { .. } | UpstreamError::Stream { .. }) => {
             ("origin", None)
         }

@@ -20,6 +20,7 @@
 //! - `status`: the status page as HTML and JSON, from a `metrics::recent::Snapshot`.
 //! - `swap`: the cell a reloadable value lives in (a leaf: everything may use it).
 //! - `upstream`: CONNECT tunnel, connections, the shared HTTP/2 pool, safe resend.
+//! - `h2_body`: an HTTP/2 stream as a body, for the front door and the upstream alike (a leaf).
 //! - `error`: the one place an error becomes an HTTP answer.
 //! - `probe`: step-by-step diagnosis of the upstream path (`pushrelay probe`).
 //! - `workers`: one single-threaded runtime per core; a connection stays on the one that took it.
@@ -45,6 +46,7 @@ mod coalesce;
 pub mod config;
 mod error;
 mod fasthash;
+mod h2_body;
 mod listen;
 pub mod log;
 pub mod metrics;
@@ -77,9 +79,10 @@ use relay::pre_proxy::PreProxy;
 use reload::Reloader;
 use swap::Swap;
 use tls::TlsSetupError;
-use upstream::Pool;
+use upstream::chain::Chain;
 use upstream::connect::Connector;
 use upstream::pool::PoolSettings;
+use upstream::{Pool, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -138,7 +141,24 @@ impl App {
             },
             metrics.clone(),
         );
-        let relay = Arc::new(Relay::new(&config, pool, metrics));
+        let chain = match &config.upstream.relay {
+            Some(r) => {
+                let secret = config::read_secret(&r.secret_file).map_err(|e| {
+                    TlsSetupError::new("upstream.relay.secret_file", &r.secret_file, e)
+                })?;
+                let tls = tls::client::build_http11(&config.upstream.extra_roots)?;
+                Some(Chain::new(
+                    r,
+                    secret,
+                    &config.upstream,
+                    tls,
+                    metrics.clone(),
+                ))
+            }
+            None => None,
+        };
+        let upstream = Upstream::new(pool, chain);
+        let relay = Arc::new(Relay::new(&config, upstream, metrics));
         let mut listeners = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {
             // The front doors, by mode: adding one adds an arm here.
@@ -283,7 +303,7 @@ impl App {
         {
             tracing::warn!("shutdown grace elapsed with requests still in flight");
         }
-        self.relay.pool().close();
+        self.relay.upstream().close();
         admin_token.cancel();
         Ok(())
     }

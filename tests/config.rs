@@ -351,6 +351,7 @@ fn identity_bindings_are_validated() {
             assert_eq!(out.status.code(), Some(2), "{identity}: {stderr}");
         }
     }
+}
 
 /// `upstream.relay` (a relay chain) is checked before anything runs: the secret file readable
 /// and non-empty, the URL's scheme; `http://` is warned about; a pre-proxy listener cannot take

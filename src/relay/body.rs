@@ -1,5 +1,5 @@
-//! Bodies on the way through the relay. `H2Body` reads an HTTP/2 stream (a client's request, or
-//! the origin's answer) frame by frame, returning flow-control credit as it is read. `read_whole`
+//! Bodies on the way through the relay. A client's HTTP/2 request body is an `H2Body`
+//! (crate::h2_body); the upstream's answer is its own `ResponseBody`, whatever the protocol. `read_whole`
 //! reads a body to its end within bounds, into a `RelayBody`: the relay holds every request and
 //! answer whole (pushes are ≤ 5 KiB), so a slow or stalled peer on one side never holds a
 //! resource on the other.
@@ -7,71 +7,16 @@
 use std::convert::Infallible;
 use std::future::poll_fn;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::RecvStream;
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::error::ReadError;
+pub use crate::h2_body::H2Body;
 use crate::upstream::BoxError;
-
-/// An HTTP/2 stream's body as an `http_body::Body`.
-pub struct H2Body {
-    recv: RecvStream,
-    data_done: bool,
-}
-
-impl H2Body {
-    pub fn new(recv: RecvStream) -> Self {
-        H2Body {
-            data_done: recv.is_end_stream(),
-            recv,
-        }
-    }
-}
-
-impl Body for H2Body {
-    type Data = Bytes;
-    type Error = h2::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
-        let this = self.get_mut();
-        if !this.data_done {
-            match ready!(this.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    // Credit back what we took; a failure means the stream is gone anyway.
-                    let _ = this.recv.flow_control().release_capacity(data.len());
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
-                None => this.data_done = true,
-            }
-        }
-        match ready!(this.recv.poll_trailers(cx)) {
-            Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
-            Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        if self.recv.is_end_stream() {
-            SizeHint::with_exact(0)
-        } else {
-            SizeHint::default()
-        }
-    }
-}
 
 /// A body held whole: pushrelay's own answers, a client's request once read, an origin's answer
 /// once read. Nothing is streamed through the relay: a request reaches the upstream only when it

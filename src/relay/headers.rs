@@ -12,8 +12,9 @@ use crate::error::HeadError;
 use crate::policy::Authority;
 
 /// Headers that describe one hop and never cross the relay. `expect` is answered by the relay
-/// itself (100 Continue on HTTP/1.1; HTTP/2 needs none).
-const HOP_BY_HOP_LEN: usize = 8;
+/// itself (100 Continue on HTTP/1.1; HTTP/2 needs none); `pushrelay-relay-secret` is checked by
+/// a DMZ relay and never goes further (nor can a client smuggle one through).
+const HOP_BY_HOP_LEN: usize = 9;
 const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::EXPECT,
     header::CONNECTION,
@@ -23,6 +24,7 @@ const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     HeaderName::from_static("http2-settings"),
+    crate::upstream::chain::SECRET_HEADER,
 ];
 
 /// Headers whose value is new in every message: an HPACK encoder that indexes them fills its

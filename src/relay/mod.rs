@@ -31,8 +31,8 @@ use crate::metrics::Metrics;
 use crate::policy::{Authority, DestinationPolicy};
 use crate::swap::Swap;
 use crate::upstream::identity::{Identities, Sender};
-use crate::upstream::{self, BoxError, Pool, PoolKey, ReplayBody};
-use body::{H2Body, RelayBody, read_whole};
+use crate::upstream::{self, BoxError, Pool, PoolKey, ReplayBody, Upstream};
+use body::{RelayBody, read_whole};
 use h2_server::{CLIENT_MAX_STREAMS, Committed};
 
 /// Who is asking: for the log line, for the identities a request may use, and the client
@@ -66,7 +66,7 @@ const APNS_ID: &str = "apns-id";
 
 /// The shared pipeline.
 pub struct Relay {
-    pool: Pool,
+    upstream: Upstream,
     destinations: Swap<DestinationPolicy>,
     /// Which upstream identity each request travels under.
     identities: Identities,
@@ -77,9 +77,9 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(config: &Config, pool: Pool, metrics: Arc<Metrics>) -> Self {
+    pub fn new(config: &Config, upstream: Upstream, metrics: Arc<Metrics>) -> Self {
         Relay {
-            pool,
+            upstream,
             destinations: Swap::new(DestinationPolicy::new(config.destinations.iter().cloned())),
             identities: Identities::new(&config.upstream.identities),
             metrics,
@@ -98,7 +98,11 @@ impl Relay {
     }
 
     pub fn pool(&self) -> &Pool {
-        &self.pool
+        self.upstream.pool()
+    }
+
+    pub fn upstream(&self) -> &Upstream {
+        &self.upstream
     }
 
     pub fn destinations(&self) -> Arc<DestinationPolicy> {
@@ -291,20 +295,22 @@ impl Relay {
             committed.set();
         }
         let mut body = ReplayBody::new(body, limit);
-        let ex = upstream::exchange(
-            &self.pool,
-            &key,
-            Some(ctx.client),
-            head,
-            &mut body,
-            deadline,
-            self.request_timeout,
-        )
-        .await?;
-        let conn = ex.lease.conn_id();
+        let ex = self
+            .upstream
+            .exchange(
+                &key,
+                Some(ctx.client),
+                head,
+                &mut body,
+                deadline,
+                self.request_timeout,
+            )
+            .await?;
+        let conn = ex.conn;
+        // Read whole, the answer's body gives its upstream slot back as it ends.
         let (mut parts, recv) = ex.response.into_parts();
         let left = deadline.saturating_duration_since(Instant::now());
-        let answer = read_whole(H2Body::new(recv), MAX_ANSWER_BODY, left)
+        let answer = read_whole(recv, MAX_ANSWER_BODY, left)
             .await
             .map_err(|e| match e {
                 ReadError::Timeout { .. } => {
@@ -314,7 +320,6 @@ impl Relay {
                 }
                 source => RelayError::AnswerBody { conn, source },
             })?;
-        drop(ex.lease);
         headers::downstream_headers(&mut parts.headers);
         parts.version = http::Version::HTTP_11;
         Ok((Response::from_parts(parts, answer), conn))

@@ -27,12 +27,14 @@ use super::door::{Commit, Door, Serving, listener_at};
 use super::headers::named_host;
 use super::http1::{self, ChunkState, Framing, ReadError, Reader, RequestHead};
 use super::{Ctx, Relay};
-use crate::config::{ListenerConfig, ServerTls, ValidConfig};
+use crate::config::{ListenerConfig, Secret, ServerTls, ValidConfig, read_secret};
 use crate::error::{Refusal, RelayError, relay_response};
 use crate::policy::Authority;
 use crate::swap::Swap;
 use crate::tls::{self, TlsSetupError};
 use crate::upstream::BoxError;
+use crate::upstream::chain::SECRET_HEADER;
+use subtle::ConstantTimeEq;
 
 /// Where a request naming `named` (its host as written, port included) goes.
 struct Route {
@@ -53,6 +55,8 @@ pub struct PostProxy {
     idle_timeout: Duration,
     head_timeout: Duration,
     write_timeout: Duration,
+    /// The relay chain's shared secret every request must carry (`relay_secret_file`).
+    secret: Arc<Swap<Option<Secret>>>,
 }
 
 /// What is left of a connection after one exchange, and if it closes, why. Decided here alone:
@@ -143,8 +147,12 @@ impl Door for PostProxy {
         let listener = listener_at(config, self.index)?;
         let tls = config.listener_tls(self.index);
         let acceptor = Self::tls_for(self.index, listener, tls, &self.relay)?;
-        let swap = self.acceptor.clone();
-        Ok(Box::new(move || swap.store(acceptor)))
+        let secret = Self::secret_for(self.index, listener)?;
+        let (swap, secret_swap) = (self.acceptor.clone(), self.secret.clone());
+        Ok(Box::new(move || {
+            swap.store(acceptor);
+            secret_swap.store(secret);
+        }))
     }
 }
 
@@ -169,6 +177,34 @@ impl PostProxy {
         Ok(Some(TlsAcceptor::from(config)))
     }
 
+    /// The shared secret in `relay_secret_file`, if the listener has one.
+    fn secret_for(
+        index: usize,
+        listener: &ListenerConfig,
+    ) -> Result<Option<Secret>, TlsSetupError> {
+        let Some(file) = &listener.relay_secret_file else {
+            return Ok(None);
+        };
+        read_secret(file).map(Some).map_err(|e| {
+            TlsSetupError::new(&format!("listeners[{index}].relay_secret_file"), file, e)
+        })
+    }
+
+    /// A request from the inside relay carries the shared secret; checked in constant time, so
+    /// the time taken says nothing of how much of a guess was right.
+    fn check_secret(&self, headers: &HeaderMap) -> Result<(), RelayError> {
+        let loaded = self.secret.load();
+        let Some(secret) = loaded.as_ref() else {
+            return Ok(());
+        };
+        let mut given = headers.get_all(SECRET_HEADER).iter();
+        match (given.next(), given.next()) {
+            (None, _) => Err(RelayError::ChainSecret { missing: true }),
+            (Some(v), None) if bool::from(v.as_bytes().ct_eq(secret.expose().as_bytes())) => Ok(()),
+            _ => Err(RelayError::ChainSecret { missing: false }),
+        }
+    }
+
     pub fn new(
         index: usize,
         listener: &ListenerConfig,
@@ -176,6 +212,7 @@ impl PostProxy {
         relay: Arc<Relay>,
     ) -> Result<Self, TlsSetupError> {
         let acceptor = Self::tls_for(index, listener, config.listener_tls(index), &relay)?;
+        let secret = Self::secret_for(index, listener)?;
         Ok(PostProxy {
             index,
             name: listener.name.as_str().into(),
@@ -187,6 +224,7 @@ impl PostProxy {
             idle_timeout: config.limits.idle_timeout,
             head_timeout: config.limits.handshake_timeout,
             write_timeout: config.limits.client_write_timeout,
+            secret: Arc::new(Swap::new(secret)),
         })
     }
 
@@ -329,6 +367,7 @@ impl PostProxy {
         if head.method == Method::CONNECT {
             return Err(RelayError::MethodNotAllowed("CONNECT".into()));
         }
+        self.check_secret(&head.headers)?;
         // The target is echoed cut: it may carry a device token.
         let shown = || super::loggable_path(&head.target);
         let uri: Uri = head

@@ -1,8 +1,9 @@
 //! The client side of TLS towards the origin: the public web PKI (webpki-roots, which holds APNs's
 //! USERTrust root) plus `upstream.extra_roots` for TLS-inspecting proxies, SNI = the destination
-//! host (never the `connect_to` address), ALPN h2 only. A client certificate (certificate-based
-//! APNs auth) is read through a resolver that a reload can point at a renewed certificate: each
-//! new handshake takes the current one, connections already open keep theirs until they drain.
+//! host (never the `connect_to` address), ALPN h2 only (towards the DMZ relay of a relay chain,
+//! http/1.1). A client certificate (certificate-based APNs auth) is read through a resolver that
+//! a reload can point at a renewed certificate: each new handshake takes the current one,
+//! connections already open keep theirs until they drain.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -12,7 +13,7 @@ use rustls::client::ResolvesClientCert;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, SignatureScheme};
 
-use super::{ALPN_H2, TlsSetupError, load_certs, load_key, provider};
+use super::{ALPN_H2, ALPN_HTTP11, TlsSetupError, load_certs, load_key, provider};
 
 /// The client certificate presented upstream for one identity, replaceable while it is in use.
 pub struct ClientIdentity {
@@ -91,6 +92,20 @@ pub fn build(
     extra_roots: &[PathBuf],
     identity: Option<Arc<ClientIdentity>>,
 ) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    build_for(extra_roots, identity, ALPN_H2)
+}
+
+/// The client config towards the DMZ relay of a relay chain: the same roots, ALPN http/1.1
+/// (a TLS-inspecting proxy in between re-signs with its own CA, which `extra_roots` then holds).
+pub fn build_http11(extra_roots: &[PathBuf]) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    build_for(extra_roots, None, ALPN_HTTP11)
+}
+
+fn build_for(
+    extra_roots: &[PathBuf],
+    identity: Option<Arc<ClientIdentity>>,
+    alpn: &[u8],
+) -> Result<Arc<ClientConfig>, TlsSetupError> {
     let mut roots = RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
@@ -116,6 +131,6 @@ pub fn build(
         }
         None => builder.with_no_client_auth(),
     };
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }

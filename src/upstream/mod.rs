@@ -1,10 +1,15 @@
-//! The upstream side: CONNECT tunnels, connections, the shared pool, and one request's exchange on
-//! an HTTP/2 stream. A request is sent again only when the origin provably never processed it
-//! (RFC 9113 §8.7: a REFUSED_STREAM reset, or a stream above a GOAWAY's last-stream-id), and only
-//! once; nothing else is ever re-sent, so a push never reaches Apple twice.
+//! The upstream side: CONNECT tunnels, connections, the shared pool, and one request's exchange,
+//! on an HTTP/2 stream to the origin or, in a relay chain (`upstream.relay`), over HTTP/1.1 to a
+//! DMZ relay (`chain`). The pipeline sees only `Upstream`, `Exchange`, `ResponseBody` and
+//! `UpstreamError`, whatever the protocol. A request is sent again only when the origin provably
+//! never processed it (RFC 9113 §8.7: a REFUSED_STREAM reset, or a stream above a GOAWAY's
+//! last-stream-id; over HTTP/1.1, nothing of it written), and only once; nothing else is ever
+//! re-sent, so a push never reaches Apple twice.
 
+pub mod chain;
 pub mod connect;
 mod decision;
+mod http1_client;
 pub(crate) mod identity;
 pub mod pool;
 pub mod tunnel;
@@ -12,14 +17,17 @@ pub mod tunnel;
 use std::error::Error as StdError;
 use std::future::poll_fn;
 use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use h2::{RecvStream, SendStream};
+use h2::SendStream;
 use http::{HeaderMap, Request, Response};
-use http_body::Body;
+use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, timeout_at};
 
+use crate::h2_body::H2Body;
+use chain::{Chain, ChainError};
 pub use pool::{Lease, Pool, PoolError, PoolKey};
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -40,6 +48,8 @@ pub enum UpstreamError {
     BodyTooLarge { limit: usize },
     #[error("reading the client's request body failed: {0}")]
     ClientBody(#[source] BoxError),
+    #[error(transparent)]
+    Chain(#[from] ChainError),
 }
 
 /// A request body that keeps what it has sent, so an unprocessed request can be sent again. The
@@ -78,6 +88,40 @@ where
 
     fn is_empty(&self) -> bool {
         self.done && self.sent.is_empty() && self.trailers.is_none()
+    }
+
+    /// Reads the rest of the client's body and gives the whole of it (kept, as sent data is).
+    /// Trailers are kept but not part of it: HTTP/1.1 with a length cannot carry them.
+    async fn collect(&mut self) -> Result<Bytes, UpstreamError> {
+        while !self.done {
+            match poll_fn(|cx| Pin::new(&mut self.body).poll_frame(cx)).await {
+                None => self.done = true,
+                Some(Err(e)) => return Err(UpstreamError::ClientBody(e.into())),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        self.sent_len += data.len();
+                        if self.sent_len > self.limit {
+                            return Err(UpstreamError::BodyTooLarge { limit: self.limit });
+                        }
+                        self.done = self.body.is_end_stream();
+                        if !data.is_empty() {
+                            self.sent.push(data);
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            self.trailers = Some(trailers);
+                            self.done = true;
+                        }
+                    }
+                },
+            }
+        }
+        Ok(match self.sent.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => Bytes::from(many.concat()),
+        })
     }
 
     /// Sends what was sent before, then the rest of the client's body. Frames are handed to h2
@@ -182,17 +226,149 @@ pub fn never_processed(e: &h2::Error) -> bool {
         && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
 }
 
-/// The answer's head, and the lease that must live until its body is read.
+/// An upstream answer's body: the origin's HTTP/2 stream (its stream slot held until the body
+/// is dropped), or an answer already read whole (HTTP/1.1 from a DMZ relay).
+pub struct ResponseBody(Answer);
+
+enum Answer {
+    Whole(Option<Bytes>),
+    H2 { body: H2Body, _lease: Lease },
+}
+
+/// The upstream answer's body broke off.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream answer body broke off: {0}")]
+pub struct BodyError(#[source] h2::Error);
+
+impl ResponseBody {
+    pub fn whole(data: Bytes) -> Self {
+        ResponseBody(Answer::Whole((!data.is_empty()).then_some(data)))
+    }
+
+    fn h2(recv: h2::RecvStream, lease: Lease) -> Self {
+        ResponseBody(Answer::H2 {
+            body: H2Body::new(recv),
+            _lease: lease,
+        })
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match &mut self.get_mut().0 {
+            Answer::Whole(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Answer::H2 { body, .. } => Pin::new(body)
+                .poll_frame(cx)
+                .map(|f| f.map(|r| r.map_err(BodyError))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Answer::Whole(data) => data.is_none(),
+            Answer::H2 { body, .. } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Answer::Whole(data) => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Answer::H2 { body, .. } => body.size_hint(),
+        }
+    }
+}
+
+/// The answer, and which upstream connection carried it.
 pub struct Exchange {
-    pub response: Response<RecvStream>,
-    pub lease: Lease,
+    pub response: Response<ResponseBody>,
+    pub conn: u64,
     /// Whether the request had to be sent a second time.
     pub resent: bool,
 }
 
-/// Sends one request of client connection `client` and waits for the answer's head, until
-/// `deadline`.
-pub async fn exchange<B>(
+/// Where requests go: HTTP/2 to the origin through the pool, or HTTP/1.1 to a DMZ relay when
+/// `upstream.relay` is set. Cheap to clone.
+#[derive(Clone)]
+pub struct Upstream {
+    pool: Pool,
+    chain: Option<Chain>,
+}
+
+impl Upstream {
+    pub fn new(pool: Pool, chain: Option<Chain>) -> Self {
+        Upstream { pool, chain }
+    }
+
+    /// The HTTP/2 pool (idle, in a relay chain), for metrics and tests.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    pub fn chain(&self) -> Option<&Chain> {
+        self.chain.as_ref()
+    }
+
+    /// Closes every upstream connection (at shutdown, once clients are drained).
+    pub fn close(&self) {
+        self.pool.close();
+        if let Some(chain) = &self.chain {
+            chain.close();
+        }
+    }
+
+    /// Sends one request of client connection `client` and waits for the answer's head, until
+    /// `deadline`.
+    pub async fn exchange<B>(
+        &self,
+        key: &PoolKey,
+        client: Option<std::net::SocketAddr>,
+        head: Request<()>,
+        body: &mut ReplayBody<B>,
+        deadline: Instant,
+        request_timeout: Duration,
+    ) -> Result<Exchange, UpstreamError>
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: Into<BoxError>,
+    {
+        match &self.chain {
+            Some(chain) => {
+                let data = body.collect().await?;
+                let (response, conn, resent) = chain
+                    .exchange(key, &head, &data, deadline, request_timeout)
+                    .await?;
+                Ok(Exchange {
+                    response: response.map(ResponseBody::whole),
+                    conn,
+                    resent,
+                })
+            }
+            None => {
+                h2_exchange(
+                    &self.pool,
+                    key,
+                    client,
+                    head,
+                    body,
+                    deadline,
+                    request_timeout,
+                )
+                .await
+            }
+        }
+    }
+}
+
+/// Sends one request on an HTTP/2 stream and waits for the answer's head, until `deadline`.
+async fn h2_exchange<B>(
     pool: &Pool,
     key: &PoolKey,
     client: Option<std::net::SocketAddr>,
@@ -245,9 +421,11 @@ where
             };
             match result {
                 Ok(response) => {
+                    let conn = lease.conn_id();
+                    let (parts, recv) = response.into_parts();
                     return Ok(Exchange {
-                        response,
-                        lease,
+                        response: Response::from_parts(parts, ResponseBody::h2(recv, lease)),
+                        conn,
                         resent,
                     });
                 }

@@ -3,6 +3,7 @@
 // Each test binary uses a different part of the fixtures.
 #![allow(dead_code)]
 
+pub mod chain;
 pub mod client;
 pub mod forward;
 pub mod http1;

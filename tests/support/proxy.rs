@@ -28,6 +28,8 @@ pub struct TestProxy {
     pub tunnels: Arc<AtomicUsize>,
     pub heads: Arc<Mutex<Vec<String>>>,
     cut: watch::Sender<u64>,
+    /// Tunnels open now.
+    open: watch::Sender<usize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -49,14 +51,15 @@ impl TestProxy {
         let tunnels = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let (cut, cut_rx) = watch::channel(0u64);
-        let (t, h) = (tunnels.clone(), heads.clone());
+        let open = watch::Sender::new(0usize);
+        let (t, h, o) = (tunnels.clone(), heads.clone(), open.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((client, _)) = listener.accept().await else {
                     return;
                 };
                 let (t, h, b, cut_rx) = (t.clone(), h.clone(), behaviour.clone(), cut_rx.clone());
-                tokio::spawn(serve(client, b, t, h, cut_rx));
+                tokio::spawn(serve(client, b, t, h, cut_rx, o.clone()));
             }
         });
         TestProxy {
@@ -64,6 +67,7 @@ impl TestProxy {
             tunnels,
             heads,
             cut,
+            open,
             task,
         }
     }
@@ -90,6 +94,11 @@ impl TestProxy {
     pub fn cut_tunnels(&self) {
         self.cut.send_modify(|n| *n += 1);
     }
+
+    /// Waits until no tunnel is open (both of each tunnel's sockets closed).
+    pub async fn wait_closed(&self) {
+        let _ = self.open.subscribe().wait_for(|n| *n == 0).await;
+    }
 }
 
 async fn serve(
@@ -98,6 +107,7 @@ async fn serve(
     tunnels: Arc<AtomicUsize>,
     heads: Arc<Mutex<Vec<String>>>,
     mut cut: watch::Receiver<u64>,
+    open: watch::Sender<usize>,
 ) {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
@@ -175,9 +185,12 @@ async fn serve(
         return;
     }
     tunnels.fetch_add(1, Ordering::SeqCst);
+    open.send_modify(|n| *n += 1);
     let generation = *cut.borrow_and_update();
     tokio::select! {
         _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
         _ = cut.wait_for(|g| *g != generation) => {}
     }
+    drop((client, upstream));
+    open.send_modify(|n| *n -= 1);
 }

@@ -74,15 +74,39 @@ pub async fn start_with_admin(yaml: &str) -> RunningRelay {
     start_with(yaml, None, true).await
 }
 
+/// As `start`, on listening sockets the test bound (a relay restarted on the same port).
+pub async fn start_on(yaml: &str, sockets: Vec<TcpListener>) -> RunningRelay {
+    start_with_sockets(yaml, None, false, Some(sockets)).await
+}
+
 async fn start_with(yaml: &str, workers: Option<usize>, with_admin: bool) -> RunningRelay {
+    start_with_sockets(yaml, workers, with_admin, None).await
+}
+
+async fn start_with_sockets(
+    yaml: &str,
+    workers: Option<usize>,
+    with_admin: bool,
+    given: Option<Vec<TcpListener>>,
+) -> RunningRelay {
     let loaded =
         config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
     let mut sockets = Vec::new();
     let mut addrs = Vec::new();
-    for _ in &loaded.config.listeners {
-        let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        addrs.push(socket.local_addr().unwrap());
-        sockets.push(socket);
+    match given {
+        Some(given) => {
+            for socket in given {
+                addrs.push(socket.local_addr().unwrap());
+                sockets.push(socket);
+            }
+        }
+        None => {
+            for _ in &loaded.config.listeners {
+                let socket = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addrs.push(socket.local_addr().unwrap());
+                sockets.push(socket);
+            }
+        }
     }
     let admin_socket = match with_admin {
         true => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
@@ -188,7 +212,10 @@ pub fn proxy_auth_yaml(pki: &TestPki, user: &str, pass: &str) -> String {
 /// A post-proxy relay (plain HTTP/1.1 front door) for the APNs hosts on the origin's port;
 /// `extra` is appended (top-level keys such as `limits:`).
 pub fn post_proxy_yaml(pki: &TestPki, origin: &FakeApns, extra: &str) -> String {
-    let port = origin.port();
+    post_proxy_yaml_on(pki, origin.port(), extra)
+}
+
+pub fn post_proxy_yaml_on(pki: &TestPki, port: u16, extra: &str) -> String {
     format!(
         r#"listeners:
   - name: legacy

@@ -1,0 +1,373 @@
+//! The relay chain: an HTTP/2 client → inside relay (pre-proxy) → CONNECT proxy → DMZ relay
+//! (post-proxy, TLS, shared secret) → fake origin. Pushes cross it once each, unchanged; the DMZ
+//! relay lets in only the inside relay; every failure is named by the hop that failed.
+
+mod support;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use support::chain::{self, SECRET};
+use support::client::{H2Client, push_request, tcp_from};
+use support::origin::FakeApns;
+use support::pki::TestPki;
+use support::proxy::{Behaviour, TestProxy};
+use support::relay;
+use support::{token, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PAYLOAD: &str = r#"{"aps":{"alert":"hello"}}"#;
+
+/// One request over TLS straight to the DMZ relay, from `from`, with `secret` (if any) in the
+/// relay's header; the answer as text, or the I/O error that ended the connection.
+async fn to_dmz(
+    pki: &TestPki,
+    dmz: SocketAddr,
+    from: Option<IpAddr>,
+    secret: Option<&str>,
+) -> std::io::Result<String> {
+    let tcp = tcp_from(from, dmz).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(pki.client_config(&[]))
+        .connect(name, tcp)
+        .await?;
+    let secret = secret
+        .map(|s| format!("pushrelay-relay-secret: {s}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: com.example.app\r\n\
+         {secret}content-length: {}\r\nconnection: close\r\n\r\n{PAYLOAD}",
+        token(1),
+        PAYLOAD.len()
+    );
+    tls.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    tls.read_to_end(&mut answer).await?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// The DMZ relay refuses a request without the shared secret or with a wrong one, and nothing
+/// reaches the origin; with the secret the same request goes through.
+#[tokio::test]
+async fn dmz_relay_refuses_requests_without_the_secret_or_with_a_wrong_one() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let secret = chain::secret_file(&pki, "relay.secret", SECRET);
+    let dmz = relay::start(&chain::dmz_yaml(&pki, &origin, &secret, "\"127.0.0.1/32\"")).await;
+    for (given, what) in [
+        (None, "missing"),
+        (Some("0123456789abcdef0123456789abcdeX"), "wrong"),
+    ] {
+        let answer = within(10, what, to_dmz(&pki, dmz.addr(), None, given))
+            .await
+            .unwrap();
+        assert!(answer.starts_with("HTTP/1.1 403 "), "{what}: {answer}");
+        assert!(
+            answer.contains("{\"reason\":\"RelayChainSecretRejected\"}"),
+            "{what}: {answer}"
+        );
+    }
+    assert!(
+        origin.received().is_empty(),
+        "a refused request reached the origin"
+    );
+    let answer = within(
+        10,
+        "right secret",
+        to_dmz(&pki, dmz.addr(), None, Some(SECRET)),
+    )
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 "), "{answer}");
+    let received = origin.received();
+    assert_eq!(received.len(), 1);
+    assert!(
+        !received[0].headers.contains_key("pushrelay-relay-secret"),
+        "the secret went to Apple: {:?}",
+        received[0].headers
+    );
+}
+
+/// A source outside the DMZ relay's `allow_sources` gets no answer at all, secret or not; one
+/// inside it is served.
+#[tokio::test]
+async fn dmz_relay_refuses_sources_outside_allow_sources() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let secret = chain::secret_file(&pki, "relay.secret", SECRET);
+    let dmz = relay::start(&chain::dmz_yaml(&pki, &origin, &secret, "\"127.0.0.2/32\"")).await;
+    let outside = within(10, "outside", to_dmz(&pki, dmz.addr(), None, Some(SECRET))).await;
+    assert!(
+        outside.as_ref().map_or(true, |a| a.is_empty()),
+        "a source outside allow_sources was answered: {outside:?}"
+    );
+    assert!(origin.received().is_empty());
+    let inside = within(
+        10,
+        "inside",
+        to_dmz(&pki, dmz.addr(), Some([127, 0, 0, 2].into()), Some(SECRET)),
+    )
+    .await
+    .unwrap();
+    assert!(inside.starts_with("HTTP/1.1 200 "), "{inside}");
+}
+
+/// Many pushes with many in flight cross the chain: all 200, each seen once at the origin, with
+/// the headers and body the client sent and nothing of the secret; they share a few tunnels.
+#[tokio::test]
+async fn pushes_cross_the_chain_once_each_with_headers_and_body_unchanged() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Open).await;
+    let (inside, dmz) = chain::start(&pki, &origin, Some(&proxy.url())).await;
+    let client = Arc::new(H2Client::connect(&pki, inside.addr()).await);
+    let n = 300;
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = format!("00000000-0000-4000-8000-{i:012x}");
+            let mut req = push_request("api.push.apple.com", &token(i));
+            req.headers_mut().insert("apns-id", id.parse().unwrap());
+            req.headers_mut()
+                .insert("apns-collapse-id", format!("c{i}").parse().unwrap());
+            let answer = client
+                .send(
+                    req,
+                    Bytes::from(format!("{{\"aps\":{{\"alert\":\"{i}\"}}}}")),
+                )
+                .await
+                .unwrap();
+            (id, answer)
+        }));
+    }
+    for t in tasks {
+        let (id, answer) = within(30, "push", t).await.unwrap();
+        assert_eq!(answer.status, 200, "{id}: {:?}", answer.body);
+        assert_eq!(answer.headers["apns-id"], id.as_str());
+    }
+    let received = origin.received();
+    assert_eq!(received.len(), n, "each push reaches the origin once");
+    let mut seen = HashMap::new();
+    let sent = push_request("api.push.apple.com", &token(0));
+    for r in &received {
+        let id = r.headers["apns-id"].to_str().unwrap().to_owned();
+        let i = usize::from_str_radix(&id[24..], 16).unwrap();
+        assert!(seen.insert(id.clone(), ()).is_none(), "{id} seen twice");
+        assert_eq!(r.path, format!("/3/device/{}", token(i)));
+        assert_eq!(
+            r.body,
+            format!("{{\"aps\":{{\"alert\":\"{i}\"}}}}").as_bytes()
+        );
+        let mut names: Vec<&str> = r.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "apns-collapse-id",
+                "apns-expiration",
+                "apns-id",
+                "apns-priority",
+                "apns-push-type",
+                "apns-topic",
+                "authorization",
+                "content-length"
+            ],
+            "only what the client sent (and the body's length) reaches the origin"
+        );
+        for name in [
+            "apns-topic",
+            "apns-push-type",
+            "apns-priority",
+            "authorization",
+        ] {
+            assert_eq!(r.headers[name], sent.headers()[name], "{name}");
+        }
+        assert_eq!(r.headers["apns-collapse-id"], format!("c{i}").as_str());
+        assert_eq!(r.authority.as_deref(), Some("api.push.apple.com"));
+        assert!(
+            !format!("{:?}", r.headers).contains(SECRET),
+            "the secret reached the origin"
+        );
+    }
+    let tunnels = proxy.tunnel_count();
+    assert!(
+        (1..=64).contains(&tunnels),
+        "keep-alive connections are reused and bounded: {tunnels} tunnels for {n} pushes"
+    );
+    let heads = proxy.heads.lock().unwrap().clone();
+    let target = format!("CONNECT localhost:{} HTTP/1.1", dmz.addr().port());
+    assert!(heads.iter().all(|h| h.starts_with(&target)), "{heads:?}");
+}
+
+/// Apple's error answers reach the client unchanged through both relays: status, `apns-id` and
+/// the JSON reason, `Unregistered` with its timestamp.
+#[tokio::test]
+async fn apple_errors_cross_the_chain_unchanged() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Open).await;
+    let (inside, _dmz) = chain::start(&pki, &origin, Some(&proxy.url())).await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    let bad = client.push("not-a-token", PAYLOAD).await;
+    assert_eq!(bad.status, 400);
+    assert_eq!(bad.body.as_ref(), br#"{"reason":"BadDeviceToken"}"#);
+    assert!(bad.headers.contains_key("apns-id"));
+    let gone = client
+        .push(&format!("dead{}", &token(5)[4..]), PAYLOAD)
+        .await;
+    assert_eq!(gone.status, 410);
+    assert_eq!(
+        gone.body.as_ref(),
+        br#"{"reason":"Unregistered","timestamp":1700000000000}"#
+    );
+}
+
+/// A failure of the DMZ relay itself (it cannot reach Apple) reaches the client with the DMZ
+/// relay's own reason, not one the inside relay made up.
+#[tokio::test]
+async fn a_dmz_relay_failure_reaches_the_client_with_the_dmz_relays_reason() {
+    let pki = TestPki::new();
+    // The DMZ relay's origin is a port nobody listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let secret = chain::secret_file(&pki, "relay.secret", SECRET);
+    let dmz = relay::start(&chain::dmz_yaml_on(&pki, port, &secret, "\"127.0.0.1/32\"")).await;
+    let url = format!("https://localhost:{}", dmz.addr().port());
+    let inside = relay::start(&chain::inside_yaml(&pki, port, None, &url, &secret)).await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    let answer = client.push(&token(1), PAYLOAD).await;
+    assert_eq!(answer.status, 502);
+    assert_eq!(answer.reason().as_deref(), Some("RelayUpstreamUnreachable"));
+}
+
+/// The inside relay's own failures name its hop: the proxy refusing the tunnel, TLS to a DMZ
+/// relay it does not trust, a wrong secret answered by the DMZ relay.
+#[tokio::test]
+async fn inside_relay_failures_name_the_hop_that_failed() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let secret = chain::secret_file(&pki, "relay.secret", SECRET);
+    let dmz = relay::start(&chain::dmz_yaml(&pki, &origin, &secret, "\"127.0.0.1/32\"")).await;
+    let url = format!("https://localhost:{}", dmz.addr().port());
+
+    let forbid = TestProxy::start(Behaviour::Forbid).await;
+    let inside = relay::start(&chain::inside_yaml(
+        &pki,
+        origin.port(),
+        Some(&forbid.url()),
+        &url,
+        &secret,
+    ))
+    .await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    let answer = client.push(&token(1), PAYLOAD).await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.reason().as_deref()),
+        (502, Some("RelayProxyRefused"))
+    );
+
+    // A DMZ relay with a certificate the inside relay does not trust.
+    let other = TestPki::new();
+    let other_secret = chain::secret_file(&other, "relay.secret", SECRET);
+    let untrusted = relay::start(&chain::dmz_yaml(
+        &other,
+        &origin,
+        &other_secret,
+        "\"127.0.0.1/32\"",
+    ))
+    .await;
+    let url_untrusted = format!("https://localhost:{}", untrusted.addr().port());
+    let inside = relay::start(&chain::inside_yaml(
+        &pki,
+        origin.port(),
+        None,
+        &url_untrusted,
+        &secret,
+    ))
+    .await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    let answer = client.push(&token(2), PAYLOAD).await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.reason().as_deref()),
+        (502, Some("RelayChainTlsFailed"))
+    );
+
+    let wrong = chain::secret_file(&pki, "wrong.secret", "not-the-secret-at-all-0123456789");
+    let inside = relay::start(&chain::inside_yaml(&pki, origin.port(), None, &url, &wrong)).await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    let answer = client.push(&token(3), PAYLOAD).await;
+    assert_eq!(
+        (answer.status.as_u16(), answer.reason().as_deref()),
+        (403, Some("RelayChainSecretRejected"))
+    );
+    assert!(origin.received().is_empty());
+}
+
+/// Over `http://` the inside relay sends absolute-form requests, and they arrive as over TLS.
+#[tokio::test]
+async fn plain_http_chain_carries_pushes_in_absolute_form() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let secret = chain::secret_file(&pki, "relay.secret", SECRET);
+    let dmz_yaml = relay::post_proxy_yaml(&pki, &origin, "").replace(
+        "    allow_sources:",
+        &format!(
+            "    relay_secret_file: \"{}\"\n    allow_sources:",
+            secret.display()
+        ),
+    );
+    let dmz = relay::start(&dmz_yaml).await;
+    let url = format!("http://127.0.0.1:{}", dmz.addr().port());
+    let inside = relay::start(&chain::inside_yaml(
+        &pki,
+        origin.port(),
+        None,
+        &url,
+        &secret,
+    ))
+    .await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    for i in 0..5 {
+        let answer = client.push(&token(i), PAYLOAD).await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    let received = origin.received();
+    assert_eq!(received.len(), 5);
+    assert!(
+        received
+            .iter()
+            .all(|r| r.body == PAYLOAD.as_bytes()
+                && !r.headers.contains_key("pushrelay-relay-secret"))
+    );
+}
+
+/// An idle connection to the DMZ relay cut by the network is found dead before the next push is
+/// written: the push goes once, on a new connection.
+#[tokio::test]
+async fn an_idle_connection_cut_by_the_network_is_replaced_and_the_push_sent_once() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Open).await;
+    let (inside, _dmz) = chain::start(&pki, &origin, Some(&proxy.url())).await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    assert_eq!(client.push(&token(1), PAYLOAD).await.status, 200);
+    assert_eq!(proxy.tunnel_count(), 1);
+    proxy.cut_tunnels();
+    within(10, "tunnel closed", proxy.wait_closed()).await;
+    let answer = client.push(&token(2), PAYLOAD).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(
+        proxy.tunnel_count(),
+        2,
+        "a new tunnel replaced the dead one"
+    );
+    assert_eq!(
+        origin.received().len(),
+        2,
+        "each push reached the origin once"
+    );
+}
