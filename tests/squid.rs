@@ -643,3 +643,202 @@ fn blind_tunnel_through_real_squid_reaches_the_fcm_server_untouched() {
     let line = squid.wait_for_access_line("the blind tunnel", |l| l.contains(&connect));
     assert!(line.contains("TCP_TUNNEL/200"), "{line}");
 }
+
+/// `n` pushes through `inside`, `in_flight` at a time, each with its own apns-id: every answer
+/// must be 200 with that apns-id. Returns the ids sent.
+async fn pushes_in_flight(
+    inside: std::net::SocketAddr,
+    pki: &TestPki,
+    n: usize,
+    in_flight: usize,
+) -> Vec<String> {
+    let client = std::sync::Arc::new(H2Client::connect(pki, inside).await);
+    let mut workers = Vec::new();
+    for w in 0..in_flight {
+        let client = client.clone();
+        workers.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in (w..n).step_by(in_flight) {
+                let id = format!("00000000-0000-4000-8000-{i:012x}");
+                let mut req = push_request("api.push.apple.com", &token(i));
+                req.headers_mut().insert("apns-id", id.parse().unwrap());
+                let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+                assert_eq!(answer.status, StatusCode::OK, "push {i}: {:?}", answer.body);
+                assert_eq!(answer.headers["apns-id"], id.as_str());
+                ids.push(id);
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for w in workers {
+        ids.extend(within(120, "pushes through the chain", w).await.unwrap());
+    }
+    ids
+}
+
+/// Every push reached the origin once, with the headers and body the client sent; `extra` names
+/// the headers a hop may add (framing, a proxy's own); nothing of the relay secret.
+fn assert_each_once_unchanged(origin: &FakeApns, ids: &[String], extra: &[&str]) {
+    let received = origin.received();
+    assert_eq!(
+        received.len(),
+        ids.len(),
+        "each push reaches the origin once"
+    );
+    let mut seen = std::collections::HashSet::new();
+    let sent = push_request("api.push.apple.com", &token(0));
+    for r in &received {
+        let id = r.headers["apns-id"].to_str().unwrap().to_owned();
+        assert!(seen.insert(id.clone()), "{id} reached the origin twice");
+        assert_eq!(r.body, PAYLOAD.as_bytes());
+        for (name, value) in sent.headers() {
+            assert_eq!(r.headers.get(name), Some(value), "header {name}");
+        }
+        for name in r.headers.keys() {
+            assert!(
+                sent.headers().contains_key(name)
+                    || name == "apns-id"
+                    || extra.contains(&name.as_str()),
+                "{name} was added on the way: {:?}",
+                r.headers
+            );
+        }
+        assert!(!r.headers.contains_key("pushrelay-relay-secret"));
+    }
+    assert!(ids.iter().all(|id| seen.contains(id)));
+}
+
+/// The relay chain through a TLS-inspecting Squid (ssl-bump, its own CA, HTTP/1.1 on both sides):
+/// 1000 pushes with 50 in flight all answer 200 and reach the origin once each, unchanged; the
+/// inside relay trusts only Squid's CA, and Squid's access log shows the bumped requests.
+#[test]
+fn relay_chain_through_squid_ssl_bump_carries_1000_pushes_once_each() {
+    let Some(squid_bin) = host_tools::require("squid", "squid-openssl") else {
+        return;
+    };
+    let pki = TestPki::new();
+    let squid_ca = TestPki::new();
+    let origin = Origin::start(&pki);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let secret = support::chain::secret_file(&pki, "relay.secret", support::chain::SECRET);
+    let dmz = runtime.block_on(relay::start(&support::chain::dmz_yaml(
+        &pki,
+        &origin.apns,
+        &secret,
+        "\"127.0.0.1/32\"",
+    )));
+    let dmz_port = dmz.addr().port();
+    let squid = Squid::start(
+        &squid_bin,
+        &SquidOptions {
+            forward: Forward::Bump {
+                port: dmz_port,
+                cert: std::fs::read_to_string(&squid_ca.ca_cert).unwrap(),
+                key: std::fs::read_to_string(&squid_ca.ca_key).unwrap(),
+                trust: pki.ca.cert_pem().to_owned(),
+            },
+            basic_auth: None,
+        },
+    );
+    let inside_yaml = support::chain::inside_yaml(
+        &pki,
+        origin.apns.port(),
+        Some(&squid.url()),
+        &format!("https://localhost:{dmz_port}"),
+        &secret,
+    )
+    .replace(
+        &format!("extra_roots: [\"{}\"]", pki.ca_cert.display()),
+        &format!("extra_roots: [\"{}\"]", squid_ca.ca_cert.display()),
+    );
+    assert!(inside_yaml.contains(&squid_ca.ca_cert.display().to_string()));
+    let ids = runtime.block_on(async {
+        let inside = relay::start(&inside_yaml).await;
+        // One push first, so a setup failure shows Squid's own account of it.
+        let first = H2Client::connect(&pki, inside.addr()).await;
+        let mut req = push_request("api.push.apple.com", &token(100_000));
+        req.headers_mut()
+            .insert("apns-id", APNS_ID.parse().unwrap());
+        let answer = first.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+        assert_eq!(
+            answer.status,
+            StatusCode::OK,
+            "{:?}\n{}",
+            answer.body,
+            squid.logs()
+        );
+        let mut ids = vec![APNS_ID.to_owned()];
+        ids.extend(pushes_in_flight(inside.addr(), &pki, 1000, 50).await);
+        inside.stop().await;
+        ids
+    });
+    assert_each_once_unchanged(&origin.apns, &ids, &["content-length"]);
+    let bumped = format!("POST https://localhost:{dmz_port}/3/device/");
+    let line = squid.wait_for_access_line("a bumped push", |l| l.contains(&bumped));
+    assert!(line.contains("/200 "), "{line}");
+    runtime.block_on(dmz.stop());
+}
+
+/// The relay chain over plain `http://` through a Squid whose parent is the DMZ relay: pushes go
+/// in absolute form, every one 200 and once at the origin; Squid logs them as sent to the parent.
+#[test]
+fn relay_chain_through_a_plain_squid_parent_carries_pushes_once_each() {
+    let Some(squid_bin) = host_tools::require("squid", "squid-openssl") else {
+        return;
+    };
+    let pki = TestPki::new();
+    let origin = Origin::start(&pki);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let secret = support::chain::secret_file(&pki, "relay.secret", support::chain::SECRET);
+    let dmz_yaml = relay::post_proxy_yaml(&pki, &origin.apns, "").replace(
+        "    allow_sources:",
+        &format!(
+            "    relay_secret_file: \"{}\"\n    allow_sources:",
+            secret.display()
+        ),
+    );
+    let dmz = runtime.block_on(relay::start(&dmz_yaml));
+    let squid = Squid::start(
+        &squid_bin,
+        &SquidOptions {
+            forward: Forward::Parent {
+                parent_port: dmz.addr().port(),
+                dest_ports: vec![80],
+            },
+            basic_auth: None,
+        },
+    );
+    let inside_yaml = support::chain::inside_yaml(
+        &pki,
+        origin.apns.port(),
+        Some(&squid.url()),
+        &format!("http://127.0.0.1:{}", dmz.addr().port()),
+        &secret,
+    );
+    let ids = runtime.block_on(async {
+        let inside = relay::start(&inside_yaml).await;
+        let ids = pushes_in_flight(inside.addr(), &pki, 300, 30).await;
+        inside.stop().await;
+        ids
+    });
+    // Squid's own end-to-end headers (README: `via off`, `forwarded_for delete` drop them).
+    assert_each_once_unchanged(
+        &origin.apns,
+        &ids,
+        &["content-length", "via", "x-forwarded-for", "cache-control"],
+    );
+    let line = squid.wait_for_access_line("a push to the parent", |l| {
+        l.contains("POST http://api.push.apple.com/3/device/")
+    });
+    assert!(line.contains("FIRSTUP_PARENT/127.0.0.1"), "{line}");
+    runtime.block_on(dmz.stop());
+}

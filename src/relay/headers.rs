@@ -12,9 +12,10 @@ use crate::error::HeadError;
 use crate::policy::Authority;
 
 /// Headers that describe one hop and never cross the relay. `expect` is answered by the relay
-/// itself (100 Continue on HTTP/1.1; HTTP/2 needs none); `pushrelay-relay-secret` is checked by
-/// a DMZ relay and never goes further (nor can a client smuggle one through).
-const HOP_BY_HOP_LEN: usize = 9;
+/// itself (100 Continue on HTTP/1.1; HTTP/2 needs none); `pushrelay-relay-secret` and
+/// `pushrelay-destination` are read by a DMZ relay and never go further (nor can a client smuggle
+/// one through).
+const HOP_BY_HOP_LEN: usize = 10;
 const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::EXPECT,
     header::CONNECTION,
@@ -25,6 +26,7 @@ const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::UPGRADE,
     HeaderName::from_static("http2-settings"),
     crate::upstream::chain::SECRET_HEADER,
+    crate::upstream::chain::DESTINATION_HEADER,
 ];
 
 /// Headers whose value is new in every message: an HPACK encoder that indexes them fills its

@@ -24,16 +24,16 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::RelayBody;
 use super::door::{Commit, Door, Serving, listener_at};
-use super::headers::named_host;
+use super::headers::{NamedHost, named_host};
 use super::http1::{self, ChunkState, Framing, ReadError, Reader, RequestHead};
 use super::{Ctx, Relay};
 use crate::config::{ListenerConfig, Secret, ServerTls, ValidConfig, read_secret};
-use crate::error::{Refusal, RelayError, relay_response};
+use crate::error::{HeadError, Refusal, RelayError, relay_response};
 use crate::policy::Authority;
 use crate::swap::Swap;
 use crate::tls::{self, TlsSetupError};
 use crate::upstream::BoxError;
-use crate::upstream::chain::SECRET_HEADER;
+use crate::upstream::chain::{DESTINATION_HEADER, SECRET_HEADER};
 use subtle::ConstantTimeEq;
 
 /// Where a request naming `named` (its host as written, port included) goes.
@@ -203,6 +203,27 @@ impl PostProxy {
             (Some(v), None) if bool::from(v.as_bytes().ct_eq(secret.expose().as_bytes())) => Ok(()),
             _ => Err(RelayError::ChainSecret { missing: false }),
         }
+    }
+
+    /// The destination an inside relay names in `pushrelay-destination` (its `Host` names this
+    /// relay, as TLS-inspecting proxies require), heeded only on a listener that checked the
+    /// relay secret: anyone else's is stripped as hop-by-hop and never read.
+    fn chain_destination<'a>(
+        &self,
+        headers: &'a HeaderMap,
+    ) -> Result<Option<NamedHost<'a>>, RelayError> {
+        if self.secret.load().is_none() {
+            return Ok(None);
+        }
+        let Some(value) = headers.get(DESTINATION_HEADER) else {
+            return Ok(None);
+        };
+        let raw = value.to_str().map_err(|_| {
+            HeadError::BadHost(String::from_utf8_lossy(value.as_bytes()).into_owned())
+        })?;
+        let (host, port) =
+            Authority::split_host_port(raw).map_err(|_| HeadError::BadHost(raw.to_owned()))?;
+        Ok(Some(NamedHost { host, port, raw }))
     }
 
     pub fn new(
@@ -389,7 +410,10 @@ impl PostProxy {
                 "HTTP/1.1 request without Host".into(),
             ));
         }
-        let named = named_host(&uri, &head.headers)?;
+        let named = match self.chain_destination(&head.headers)? {
+            Some(named) => named,
+            None => named_host(&uri, &head.headers)?,
+        };
         if let Some(route) = last.as_ref().filter(|r| *r.named == *named.raw) {
             return Ok((route.dest.clone(), route.authority.clone(), uri));
         }

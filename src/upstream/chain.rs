@@ -1,8 +1,9 @@
 //! The HTTP/1.1 route of a relay chain: every destination is reached through one DMZ pushrelay
 //! (a post-proxy listener), over keep-alive connections that carry one request at a time, at most
 //! `upstream.relay.max_connections` of them. `https://`: a CONNECT tunnel through the proxy, TLS to
-//! the DMZ relay, requests in origin form with `Host` naming the APNs host. `http://`: requests in
-//! absolute form to the proxy (or the DMZ relay when there is none). HTTP/1.1 cannot say a request
+//! the DMZ relay, requests in origin form with `Host` naming the DMZ relay and the APNs host in
+//! `pushrelay-destination`. `http://`: requests in absolute form for the APNs host to the proxy
+//! (whose parent is the DMZ relay), or to the DMZ relay when there is no proxy. HTTP/1.1 cannot say a request
 //! went unprocessed, so once a byte of a push was written it is never sent again; an idle
 //! connection found dead before the write is replaced, and the push goes once on the new one.
 //! Failed connects back off as the HTTP/2 pool's do, one attempt at a time while the relay is down.
@@ -36,6 +37,12 @@ use crate::policy::Authority;
 /// The header that carries the shared secret to the DMZ relay; pushrelay's own, stripped there
 /// before anything goes to Apple (and by every pipeline, so a client can never forward one).
 pub const SECRET_HEADER: HeaderName = HeaderName::from_static("pushrelay-relay-secret");
+
+/// Over TLS, the destination (the APNs host, as the client named it) travels in this header of
+/// pushrelay's own, and `Host` names the DMZ relay: a TLS-inspecting proxy (Squid ssl-bump)
+/// forwards a bumped request only when its `Host` is the host it opened the tunnel to, and would
+/// otherwise send it to the APNs host itself, past the DMZ relay.
+pub const DESTINATION_HEADER: HeaderName = HeaderName::from_static("pushrelay-destination");
 
 /// Why a connection to the DMZ relay could not be opened; each names its hop.
 #[derive(Debug, thiserror::Error)]
@@ -373,8 +380,9 @@ impl Inner {
         self.health.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The request as written on this route: origin form with `Host` over TLS, absolute form in
-    /// plain; the relay secret (and proxy credentials) added.
+    /// The request as written on this route: origin form over TLS (`Host` the DMZ relay, the
+    /// destination in its own header), absolute form in plain; the relay secret (and proxy
+    /// credentials) added.
     fn request_bytes(&self, key: &PoolKey, head: &Request<()>, body: &[u8]) -> Vec<u8> {
         let host = head
             .uri()
@@ -382,16 +390,34 @@ impl Inner {
             .map_or_else(|| key.dest.as_shared_str().as_ref(), |a| a.as_str());
         let path = head.uri().path_and_query().map_or("/", |p| p.as_str());
         let mut extra = vec![(SECRET_HEADER, self.secret.expose())];
-        let target = match &self.form {
-            Form::Tls { .. } => path.to_owned(),
+        match &self.form {
+            Form::Tls { .. } => {
+                extra.push((DESTINATION_HEADER, host));
+                let relay = self.relay.as_shared_str();
+                http1_client::encode_request(
+                    head.method(),
+                    path,
+                    relay,
+                    head.headers(),
+                    &extra,
+                    body,
+                )
+            }
             Form::Plain { proxy_auth, .. } => {
                 if let Some(auth) = proxy_auth {
                     extra.push((http::header::PROXY_AUTHORIZATION, auth.expose()));
                 }
-                format!("http://{host}{path}")
+                let target = format!("http://{host}{path}");
+                http1_client::encode_request(
+                    head.method(),
+                    &target,
+                    host,
+                    head.headers(),
+                    &extra,
+                    body,
+                )
             }
-        };
-        http1_client::encode_request(head.method(), &target, host, head.headers(), &extra, body)
+        }
     }
 
     /// A live idle connection, or a new one (subject to back-off). Idle connections found dead

@@ -50,6 +50,16 @@ pub enum Forward {
         parent_port: u16,
         dest_ports: Vec<u16>,
     },
+    /// A TLS-inspecting proxy (ssl-bump, server first: peek, then bump): `CONNECT` to this port
+    /// only, each tunnel's TLS ended with a certificate Squid mints from its own CA (`cert`,
+    /// `key`: PEM) after the server's, and the requests inside read and sent on to the CONNECT
+    /// target over a TLS connection of Squid's that trusts `trust` (PEM CA).
+    Bump {
+        port: u16,
+        cert: String,
+        key: String,
+        trust: String,
+    },
 }
 
 pub struct SquidOptions {
@@ -140,6 +150,7 @@ impl Squid {
         } else {
             String::new()
         };
+        let mut listen_options = String::new();
         let forward = match &options.forward {
             Forward::Tunnel(port) => format!(
                 "acl loopback src 127.0.0.0/8\n\
@@ -167,10 +178,58 @@ impl Squid {
                     ports = ports.join(" ")
                 )
             }
+            Forward::Bump {
+                port: relay_port,
+                cert,
+                key,
+                trust,
+            } => {
+                std::fs::write(dir.path().join("bump.pem"), cert).unwrap();
+                std::fs::write(dir.path().join("bump.key"), key).unwrap();
+                std::fs::write(dir.path().join("trust.pem"), trust).unwrap();
+                let certgen = host_tools::require("security_file_certgen", "squid-openssl")
+                    .ok_or("security_file_certgen is missing")?;
+                let db = dir.path().join("ssl_db");
+                let out = Command::new(&certgen)
+                    .arg("-c")
+                    .arg("-s")
+                    .arg(&db)
+                    .args(["-M", "4MB"])
+                    .output()
+                    .map_err(|e| format!("cannot run {}: {e}", certgen.display()))?;
+                if !out.status.success() {
+                    return Err(format!(
+                        "security_file_certgen -c failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+                listen_options = format!(
+                    " ssl-bump tls-cert={d}/bump.pem tls-key={d}/bump.key \
+                     generate-host-certificates=on dynamic_cert_mem_cache_size=4MB"
+                );
+                format!(
+                    "sslcrtd_program {certgen} -s {db} -M 4MB\n\
+                     sslcrtd_children 2 startup=1 idle=1\n\
+                     tls_outgoing_options cafile={d}/trust.pem\n\
+                     acl step1 at_step SslBump1\n\
+                     ssl_bump peek step1\n\
+                     ssl_bump bump all\n\
+                     via off\n\
+                     forwarded_for delete\n\
+                     request_header_access Cache-Control deny all\n\
+                     acl loopback src 127.0.0.0/8\n\
+                     acl relay_port port {relay_port}\n\
+                     acl CONNECT method CONNECT\n\
+                     http_access deny !loopback\n\
+                     http_access deny CONNECT !relay_port\n",
+                    certgen = certgen.display(),
+                    db = db.display(),
+                )
+            }
         };
         let conf = format!(
             "# Written by tests/squid.rs: loopback only, no cache, no DNS.\n\
-             http_port 127.0.0.1:{port}\n\
+             http_port 127.0.0.1:{port}{listen_options}\n\
              pid_filename {d}/squid.pid\n\
              cache_log {d}/cache.log\n\
              access_log stdio:{d}/access.log\n\
@@ -228,9 +287,11 @@ impl Squid {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(format!("squid exited ({status}):\n{}", self.logs()));
             }
+            // "Accepting HTTP Socket connections", or "Accepting SSL bumped HTTP Socket …".
             let said_so = self
                 .read("cache.log")
-                .contains("Accepting HTTP Socket connections");
+                .lines()
+                .any(|l| l.contains("Accepting ") && l.contains("HTTP Socket connections"));
             if said_so && TcpStream::connect_timeout(&self.addr, POLL).is_ok() {
                 return Ok(());
             }
@@ -312,10 +373,15 @@ fn remove_segments(service: &str) {
     }
 }
 
-/// Hands `dir` and the files in it to the user Squid runs as, so it can use them.
+/// Hands `dir` and everything in it to the user Squid runs as, so it can use them.
 fn give_to(dir: &Path, (uid, gid): (u32, u32)) {
     std::os::unix::fs::chown(dir, Some(uid), Some(gid)).unwrap();
     for entry in std::fs::read_dir(dir).unwrap() {
-        std::os::unix::fs::chown(entry.unwrap().path(), Some(uid), Some(gid)).unwrap();
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            give_to(&path, (uid, gid));
+        } else {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid)).unwrap();
+        }
     }
 }

@@ -29,11 +29,21 @@ pub fn dmz_yaml(
 
 pub fn dmz_yaml_on(pki: &TestPki, port: u16, secret: &std::path::Path, sources: &str) -> String {
     let tls = format!(
-        "    tls:\n      ca_cert: \"{}\"\n      ca_key: \"{}\"\n    relay_secret_file: \"{}\"\n",
+        "    tls:\n      ca_cert: \"{}\"\n      ca_key: \"{}\"\n",
         pki.ca_cert.display(),
         pki.ca_key.display(),
-        secret.display(),
     );
+    dmz_yaml_with_tls(pki, port, &tls, secret, sources)
+}
+
+fn dmz_yaml_with_tls(
+    pki: &TestPki,
+    port: u16,
+    tls: &str,
+    secret: &std::path::Path,
+    sources: &str,
+) -> String {
+    let tls = format!("{tls}    relay_secret_file: \"{}\"\n", secret.display());
     relay::post_proxy_yaml_on(pki, port, "").replace(
         "    allow_sources: [\"127.0.0.1/32\"]\n",
         &format!("{tls}    allow_sources: [{sources}]\n"),
