@@ -296,6 +296,10 @@ fn classify_chain(e: &ChainError) -> (StatusCode, &'static str, Fault) {
             (S::BAD_GATEWAY, reason, fault)
         }
         ChainError::Busy { .. } => (S::SERVICE_UNAVAILABLE, "RelayOverloaded", Fault::Relay),
+        ChainError::ProxyAnswered { status: 407, .. } => {
+            (S::BAD_GATEWAY, "RelayProxyAuthenticationRequired", up)
+        }
+        ChainError::ProxyAnswered { .. } => (S::BAD_GATEWAY, "RelayProxyRefused", up),
         ChainError::Timeout { .. } => (S::GATEWAY_TIMEOUT, "RelayChainTimeout", up),
         ChainError::Exchange {
             source: crate::upstream::chain::WireError::Malformed(_),
@@ -368,10 +372,7 @@ pub fn hop_of(e: &RelayError) -> (&'static str, Option<u16>) {
             };
             (source.hop(), status)
         }
-        RelayError::Upstream(UpstreamError::Chain(e)) => (
-            e.hop(),
-            e.connect_error().and_then(ChainConnectError::proxy_status),
-        ),
+        RelayError::Upstream(UpstreamError::Chain(e)) => (e.hop(), e.proxy_status()),
         RelayError::Upstream(UpstreamError::Timeout { .. } | UpstreamError::Stream { .. }) => {
             ("origin", None)
         }

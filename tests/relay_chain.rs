@@ -147,6 +147,10 @@ async fn pushes_cross_the_chain_once_each_with_headers_and_body_unchanged() {
         let (id, answer) = within(30, "push", t).await.unwrap();
         assert_eq!(answer.status, 200, "{id}: {:?}", answer.body);
         assert_eq!(answer.headers["apns-id"], id.as_str());
+        assert!(
+            !answer.headers.contains_key("pushrelay-dmz"),
+            "the chain's own header reached the client"
+        );
     }
     let received = origin.received();
     assert_eq!(received.len(), n, "each push reaches the origin once");
@@ -370,4 +374,50 @@ async fn an_idle_connection_cut_by_the_network_is_replaced_and_the_push_sent_onc
         2,
         "each push reached the origin once"
     );
+}
+
+/// A proxy that answers in the DMZ relay's place (its own error page for a request it refused)
+/// is a proxy failure: 502 RelayProxyRefused, 407 RelayProxyAuthenticationRequired, never its
+/// page passed on as if Apple had answered.
+#[tokio::test]
+async fn a_proxys_own_answer_is_named_a_proxy_failure_not_passed_on() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let secret = chain::secret_file(&pki, "relay.secret", SECRET);
+    for (status, reason) in [
+        ("403 Forbidden", "RelayProxyRefused"),
+        (
+            "407 Proxy Authentication Required",
+            "RelayProxyAuthenticationRequired",
+        ),
+    ] {
+        // A legacy proxy that refuses every request with an error page, keeping the connection.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = listener.local_addr().unwrap();
+        let page = format!(
+            "HTTP/1.1 {status}\r\ncontent-type: text/html\r\ncontent-length: 11\r\n\r\n<h1>no</h1>"
+        );
+        let server = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 8192];
+            let _ = conn.read(&mut buf).await;
+            conn.write_all(page.as_bytes()).await.unwrap();
+            let _ = conn.read(&mut buf).await;
+        });
+        let url = "http://dmz.corp.example:8080";
+        let yaml = chain::inside_yaml(
+            &pki,
+            origin.port(),
+            Some(&format!("http://{proxy}")),
+            url,
+            &secret,
+        );
+        let inside = relay::start(&yaml).await;
+        let client = H2Client::connect(&pki, inside.addr()).await;
+        let answer = client.push(&token(1), PAYLOAD).await;
+        assert_eq!(answer.status, 502, "{status}: {:?}", answer.body);
+        assert_eq!(answer.reason().as_deref(), Some(reason), "{status}");
+        server.abort();
+    }
+    assert!(origin.received().is_empty());
 }

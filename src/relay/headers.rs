@@ -12,10 +12,10 @@ use crate::error::HeadError;
 use crate::policy::Authority;
 
 /// Headers that describe one hop and never cross the relay. `expect` is answered by the relay
-/// itself (100 Continue on HTTP/1.1; HTTP/2 needs none); `pushrelay-relay-secret` and
-/// `pushrelay-destination` are read by a DMZ relay and never go further (nor can a client smuggle
-/// one through).
-const HOP_BY_HOP_LEN: usize = 10;
+/// itself (100 Continue on HTTP/1.1; HTTP/2 needs none); the relay chain's own headers
+/// (`pushrelay-relay-secret`, `pushrelay-destination`, `pushrelay-dmz`) are read by the relay at
+/// the other end and never go further (nor can a client smuggle one through).
+const HOP_BY_HOP_LEN: usize = 11;
 const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     header::EXPECT,
     header::CONNECTION,
@@ -27,6 +27,7 @@ const HOP_BY_HOP: [HeaderName; HOP_BY_HOP_LEN] = [
     HeaderName::from_static("http2-settings"),
     crate::upstream::chain::SECRET_HEADER,
     crate::upstream::chain::DESTINATION_HEADER,
+    crate::upstream::chain::DMZ_HEADER,
 ];
 
 /// Headers whose value is new in every message: an HPACK encoder that indexes them fills its

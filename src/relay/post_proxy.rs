@@ -33,7 +33,7 @@ use crate::policy::Authority;
 use crate::swap::Swap;
 use crate::tls::{self, TlsSetupError};
 use crate::upstream::BoxError;
-use crate::upstream::chain::{DESTINATION_HEADER, SECRET_HEADER};
+use crate::upstream::chain::{DESTINATION_HEADER, DMZ_HEADER, SECRET_HEADER};
 use subtle::ConstantTimeEq;
 
 /// Where a request naming `named` (its host as written, port included) goes.
@@ -518,7 +518,7 @@ impl PostProxy {
         // After a refused CONNECT, whatever follows is taken for tunnel bytes by its sender.
         let outcome = Outcome::of_request(client_keep_alive, shutting_down, fed)
             .unless(!refused_connect, Why::RefusedConnect);
-        let written = write_response(writer, response, &method, version, outcome);
+        let written = write_response(writer, self.mark(response), &method, version, outcome);
         match timeout(self.write_timeout, written).await {
             Ok(outcome) => outcome,
             Err(_) => {
@@ -526,6 +526,17 @@ impl PostProxy {
                 Outcome::Close(Why::AnswerIncomplete)
             }
         }
+    }
+
+    /// A DMZ relay marks its answers, so the inside relay tells them from its proxy's own (an
+    /// error page for a request the proxy refused).
+    fn mark(&self, mut response: Response<RelayBody>) -> Response<RelayBody> {
+        if self.secret.load().is_some() {
+            response
+                .headers_mut()
+                .insert(DMZ_HEADER, http::HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 

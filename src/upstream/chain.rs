@@ -44,6 +44,11 @@ pub const SECRET_HEADER: HeaderName = HeaderName::from_static("pushrelay-relay-s
 /// otherwise send it to the APNs host itself, past the DMZ relay.
 pub const DESTINATION_HEADER: HeaderName = HeaderName::from_static("pushrelay-destination");
 
+/// Set by a DMZ relay on every answer: one without it came from the proxy in between (its error
+/// page for a request it refused), and is answered as the proxy's failure, never passed on as if
+/// it were Apple's.
+pub const DMZ_HEADER: HeaderName = HeaderName::from_static("pushrelay-dmz");
+
 /// Why a connection to the DMZ relay could not be opened; each names its hop.
 #[derive(Debug, thiserror::Error)]
 pub enum ChainConnectError {
@@ -111,6 +116,12 @@ pub enum ChainError {
     Busy { relay: String, max: usize },
     #[error("DMZ relay {relay} did not answer within {after:?} (the push may have been delivered)")]
     Timeout { relay: String, after: Duration },
+    #[error("the proxy answered {status} instead of DMZ relay {relay} (connection {conn})")]
+    ProxyAnswered {
+        relay: String,
+        conn: u64,
+        status: u16,
+    },
     #[error("exchange with DMZ relay {relay} on connection {conn} failed{}: {source}", if .source.nothing_written() { " (nothing was sent)" } else { " (the push may have been delivered; not sent again)" })]
     Exchange {
         relay: String,
@@ -131,10 +142,21 @@ impl ChainError {
         }
     }
 
+    /// The proxy's own status, when it answered in the DMZ relay's place or refused a tunnel.
+    pub fn proxy_status(&self) -> Option<u16> {
+        match self {
+            ChainError::ProxyAnswered { status, .. } => Some(*status),
+            _ => self
+                .connect_error()
+                .and_then(ChainConnectError::proxy_status),
+        }
+    }
+
     /// The hop that failed, for logs.
     pub fn hop(&self) -> &'static str {
         match self {
             ChainError::Busy { .. } => "pool",
+            ChainError::ProxyAnswered { .. } => "proxy",
             ChainError::Timeout { .. } | ChainError::Exchange { .. } => "relay",
             _ => self.connect_error().map_or("relay", ChainConnectError::hop),
         }
@@ -335,6 +357,13 @@ impl Chain {
                     Err(e) => Err(e),
                 };
                 match result {
+                    Ok(answer) if !answer.response.headers().contains_key(DMZ_HEADER) => {
+                        return Err(ChainError::ProxyAnswered {
+                            relay: relay.clone(),
+                            conn,
+                            status: answer.response.status().as_u16(),
+                        });
+                    }
                     Ok(answer) => {
                         if answer.reusable && !inner.closing.is_cancelled() {
                             inner.lock_idle().push(Idle {
