@@ -421,3 +421,107 @@ async fn a_proxys_own_answer_is_named_a_proxy_failure_not_passed_on() {
     }
     assert!(origin.received().is_empty());
 }
+
+/// The DMZ relay restarted (drained, then started again on the same port) while pushes flow: no
+/// push reaches the origin twice, every answer is a 200 whose push arrived or one of pushrelay's
+/// own named failures, and pushes flow again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dmz_relay_restarted_under_load_delivers_no_push_twice_and_names_every_failure() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Open).await;
+    let secret = chain::secret_file(&pki, "relay.secret", SECRET);
+    let dmz_yaml = format!(
+        "{}shutdown_grace: 2s\n",
+        chain::dmz_yaml(&pki, &origin, &secret, "\"127.0.0.1/32\"")
+    );
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dmz_addr = socket.local_addr().unwrap();
+    let dmz = relay::start_on(&dmz_yaml, vec![socket]).await;
+    let url = format!("https://localhost:{}", dmz_addr.port());
+    let inside = relay::start(&chain::inside_yaml(
+        &pki,
+        origin.port(),
+        Some(&proxy.url()),
+        &url,
+        &secret,
+    ))
+    .await;
+    let client = Arc::new(H2Client::connect(&pki, inside.addr()).await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..20 {
+        let (client, stop, next) = (client.clone(), stop.clone(), next.clone());
+        workers.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            // Bounded in count as well as by `stop`.
+            while !stop.load(Ordering::SeqCst) && answers.len() < 5000 {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let id = format!("00000000-0000-4000-8000-{i:012x}");
+                let mut req = push_request("api.push.apple.com", &token(i));
+                req.headers_mut().insert("apns-id", id.parse().unwrap());
+                let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+                answers.push((id, answer.status.as_u16(), answer.reason()));
+            }
+            answers
+        }));
+    }
+    let received_at_least = |n: usize| {
+        let origin = &origin;
+        async move {
+            while origin.received().len() < n {
+                origin.arrived.notified().await;
+            }
+        }
+    };
+    within(20, "pushes before the restart", received_at_least(200)).await;
+    within(10, "DMZ relay drained", dmz.stop()).await;
+    let before = origin.received().len();
+    let socket = tokio::net::TcpListener::bind(dmz_addr).await.unwrap();
+    let dmz = relay::start_on(&dmz_yaml, vec![socket]).await;
+    within(
+        30,
+        "pushes after the restart",
+        received_at_least(before + 200),
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut answers = Vec::new();
+    for w in workers {
+        answers.extend(within(30, "workers", w).await.unwrap());
+    }
+
+    let mut at_origin = HashMap::new();
+    for r in origin.received() {
+        let id = r.headers["apns-id"].to_str().unwrap().to_owned();
+        *at_origin.entry(id).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = at_origin.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "pushes delivered twice: {twice:?}");
+    let mut failures: HashMap<String, usize> = HashMap::new();
+    for (id, status, reason) in &answers {
+        if *status == 200 {
+            assert!(
+                at_origin.contains_key(id),
+                "{id} answered 200 but never reached the origin"
+            );
+        } else {
+            let reason = reason.clone().unwrap_or_default();
+            assert!(
+                matches!(status, 502..=504) && reason.starts_with("Relay"),
+                "{id}: unnamed failure {status} {reason:?}"
+            );
+            *failures.entry(reason).or_insert(0) += 1;
+        }
+    }
+    let ok = answers.iter().filter(|a| a.1 == 200).count();
+    assert!(ok >= 400, "{ok} pushes answered 200");
+    eprintln!(
+        "{} pushes: {ok} ok, failures by reason: {failures:?}",
+        answers.len()
+    );
+    dmz.stop().await;
+}
