@@ -23,6 +23,9 @@ per round, the order rotated each round):
   post: pushrelay   h2load --h1 (plain HTTP/1.1) -> pushrelay post-proxy -> origin (HTTP/2 + TLS)
   post: nghttpx     the same through nghttpx (plain HTTP/1.1 frontend)                [if installed]
   post: haproxy     the same through HAProxy (plain http frontend)                    [if installed]
+  chain: pushrelay  h2load (TLS + HTTP/2) -> inside pushrelay (pre-proxy, upstream.relay) --HTTP/1.1
+                    over TLS--> DMZ pushrelay (post-proxy, relay secret) -> origin: a relay chain
+                    without the proxy in between; CPU counts both relays
 
 The forward-proxy door (h2load cannot CONNECT) is driven by examples/connect_load.rs, which does
 what MPNS does with HTTPS_PROXY, in rounds of its own after the h2load rounds:
@@ -54,6 +57,7 @@ Options:
   --no-peers        benchmark pushrelay only, even if nghttpx / HAProxy are installed
   --no-forward      skip the forward-proxy door rounds
   --tunnels N       new tunnels per tunnel run (default 2000)
+  --no-chain        skip the relay-chain case
   --jwt             every push also carries "authorization: bearer <JWT>" (a made-up ES256-shaped
                     token, the same for every push), as token-auth APNs clients send
   --no-build        use the binaries already in target/release
@@ -82,6 +86,7 @@ SYSCALLS=1
 PEERS=1
 FORWARD=1
 TUNNELS=2000
+CHAIN=1
 JWT=0
 BUILD=1
 PUSHRELAY=""
@@ -116,6 +121,7 @@ while [[ $# -gt 0 ]]; do
     --no-peers) PEERS=0; shift ;;
     --no-forward) FORWARD=0; shift ;;
     --tunnels) need_value "$@"; positive "$1" "$2"; TUNNELS="$2"; shift 2 ;;
+    --no-chain) CHAIN=0; shift ;;
     --jwt) JWT=1; shift ;;
     --no-build) BUILD=0; shift ;;
     --pushrelay) need_value "$@"; PUSHRELAY="$2"; shift 2 ;;
@@ -326,6 +332,66 @@ wait_port "$RELAY_PID" "$RELAY_PRE" pushrelay
 wait_port "$RELAY_PID" "$RELAY_POST" pushrelay
 wait_port "$RELAY_PID" "$RELAY_FWD" pushrelay
 
+# The relay chain: a DMZ relay (post-proxy over TLS, a certificate for localhost from a CA of its
+# own, the shared secret) in front of the origin, and an inside relay whose upstream.relay it is.
+if [[ $CHAIN -eq 1 ]]; then
+  "$PUSHRELAY" ca init --dir "$WORK/dmz-ca" --permit localhost >/dev/null
+  "$PUSHRELAY" ca issue --dir "$WORK/dmz-ca" --host localhost --name dmz >/dev/null
+  head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/relay.secret"
+  chmod 600 "$WORK/relay.secret"
+  CHAIN_DMZ="$(free_port)"
+  CHAIN_PRE="$(free_port)"
+  cat >"$WORK/dmz.yaml" <<EOF
+listeners:
+  - name: bench-dmz
+    mode: post-proxy
+    bind: "127.0.0.1:$CHAIN_DMZ"
+    upstream_port: $ORIGIN_PORT
+    tls: {cert: "$WORK/dmz-ca/dmz.pem", key: "$WORK/dmz-ca/dmz.key"}
+    relay_secret_file: "$WORK/relay.secret"
+    allow_sources: ["127.0.0.0/8"]
+destinations:
+  - "$AUTHORITY"
+upstream:
+  extra_roots: ["$WORK/ca/ca.pem"]
+  connect_to:
+    "$AUTHORITY": "127.0.0.1:$ORIGIN_PORT"
+log:
+  level: warn
+EOF
+  cat >"$WORK/inside.yaml" <<EOF
+listeners:
+  - name: bench-inside
+    mode: pre-proxy
+    bind: "127.0.0.1:$CHAIN_PRE"
+    upstream_port: $ORIGIN_PORT
+    tls:
+      ca_cert: "$WORK/ca/ca.pem"
+      ca_key: "$WORK/ca/ca.key"
+    allow_sources: ["127.0.0.0/8"]
+destinations:
+  - "$AUTHORITY"
+upstream:
+  extra_roots: ["$WORK/dmz-ca/ca.pem"]
+  relay:
+    url: "https://localhost:$CHAIN_DMZ"
+    secret_file: "$WORK/relay.secret"
+    max_connections: 256
+log:
+  level: warn
+EOF
+  env -u RUST_LOG PUSHRELAY_WORKERS="$THREADS" "$PUSHRELAY" serve --config "$WORK/dmz.yaml" \
+    >"$WORK/dmz.log" 2>&1 &
+  DMZ_PID=$!
+  PIDS+=("$DMZ_PID")
+  env -u RUST_LOG PUSHRELAY_WORKERS="$THREADS" "$PUSHRELAY" serve --config "$WORK/inside.yaml" \
+    >"$WORK/inside.log" 2>&1 &
+  INSIDE_PID=$!
+  PIDS+=("$INSIDE_PID")
+  wait_port "$DMZ_PID" "$CHAIN_DMZ" dmz
+  wait_port "$INSIDE_PID" "$CHAIN_PRE" inside
+fi
+
 declare -A PROXY_PID=([pushrelay]="$RELAY_PID")
 declare -A PRE_PORT=([pushrelay]="$RELAY_PRE")
 declare -A POST_PORT=([pushrelay]="$RELAY_POST")
@@ -411,6 +477,7 @@ fi
 CASES=(direct)
 for p in "${PROXIES[@]}"; do CASES+=("pre:$p"); done
 for p in "${PROXIES[@]}"; do CASES+=("post:$p"); done
+[[ $CHAIN -eq 1 ]] && CASES+=("chain:pushrelay")
 
 # h2load arguments for a case (without -n / --rps / --log-file).
 case_args() {
@@ -422,6 +489,8 @@ case_args() {
       echo "--h1 -c $H1_CLIENTS --connect-to=127.0.0.1:$ORIGIN_PORT https://$AUTHORITY$PATH_Q" ;;
     pre)
       echo "-c $CLIENTS -m $STREAMS --connect-to=127.0.0.1:${PRE_PORT[$proxy]} https://$AUTHORITY$PATH_Q" ;;
+    chain)
+      echo "-c $CLIENTS -m $STREAMS --connect-to=127.0.0.1:$CHAIN_PRE https://$AUTHORITY$PATH_Q" ;;
     post)
       # The Host header names the destination, as a legacy proxy would send it.
       echo "--h1 -c $H1_CLIENTS --connect-to=127.0.0.1:${POST_PORT[$proxy]} http://$AUTHORITY$PATH_Q" ;;
@@ -433,8 +502,20 @@ case_clients() {
   [[ ${1%%:*} == post || $1 == direct-h1 ]] && echo "$H1_CLIENTS" || echo "$CLIENTS"
 }
 
+# The processes whose CPU a case costs (the chain: both relays).
 case_pid() {
-  [[ $1 == direct* ]] && echo "$ORIGIN_PID" || echo "${PROXY_PID[${1#*:}]}"
+  case "$1" in
+    direct*) echo "$ORIGIN_PID" ;;
+    chain:*) echo "$INSIDE_PID $DMZ_PID" ;;
+    *) echo "${PROXY_PID[${1#*:}]}" ;;
+  esac
+}
+
+# cpu_ticks summed over several PIDs.
+cpu_ticks_of() {
+  local total=0 p
+  for p in "$@"; do total=$((total + $(cpu_ticks "$p"))); done
+  echo "$total"
 }
 
 # The half-load baseline for a role: the origin with the same client shape.
@@ -456,19 +537,21 @@ run_case() {
     extra=(--rps="$(((rps + $(case_clients "$c") - 1) / $(case_clients "$c")))")
   fi
   if [[ -n "${SYS_ROUND:-}" ]]; then
-    perf stat -x, -o "$WORK/perf-stat.${c/:/-}.txt" -e "$SYS_EVENTS" -p "$pid" >/dev/null 2>&1 &
+    perf stat -x, -o "$WORK/perf-stat.${c/:/-}.txt" -e "$SYS_EVENTS" -p "${pid// /,}" >/dev/null 2>&1 &
     perf_pid=$!
     PIDS+=("$perf_pid")
     sleep 0.5
   fi
-  before="$(cpu_ticks "$pid")"
+  # shellcheck disable=SC2086 # one or more PIDs
+  before="$(cpu_ticks_of $pid)"
   # shellcheck disable=SC2046 # case_args is split on purpose
   if ! timeout "$RUN_TIMEOUT" h2load -t 1 -n "$REQUESTS" "${extra[@]}" -d "$PAYLOAD" \
     -H 'apns-topic: com.example.bench' -H 'apns-push-type: alert' ${AUTH[@]+"${AUTH[@]}"} \
     --log-file="$log" $(case_args "$c") >"$out" 2>&1; then
     echo "bench.sh: h2load failed or timed out for $c (round $round); see $out" >&2
   fi
-  after="$(cpu_ticks "$pid")"
+  # shellcheck disable=SC2086 # one or more PIDs
+  after="$(cpu_ticks_of $pid)"
   if [[ -n "$perf_pid" ]]; then
     kill -INT "$perf_pid" 2>/dev/null || true
     wait "$perf_pid" 2>/dev/null || true
@@ -531,7 +614,7 @@ ms() {
 
 if [[ $HALF_LOAD -eq 1 ]]; then
   declare -A HALF_RATE=()
-  for role in pre post; do
+  for role in pre post chain; do
     peak="$(median "$role:pushrelay" 3)"
     if [[ "$peak" == NA ]]; then
       continue
@@ -539,11 +622,16 @@ if [[ $HALF_LOAD -eq 1 ]]; then
     HALF_RATE[$role]="$(awk -v p="$peak" 'BEGIN { printf "%d", p / 2 }')"
   done
   for ((r = 1; r <= HALF_ROUNDS; r++)); do
-    for role in pre post; do
+    for role in pre post chain; do
       rate="${HALF_RATE[$role]:-}"
       [[ -n "$rate" ]] || continue
       half_cases=("$(baseline_of "$role")")
-      for p in "${PROXIES[@]}"; do half_cases+=("$role:$p"); done
+      if [[ $role == chain ]]; then
+        # The chain against pre-proxy straight to the origin, at the same offered rate.
+        half_cases+=("chain:pushrelay" "pre:pushrelay")
+      else
+        for p in "${PROXIES[@]}"; do half_cases+=("$role:$p"); done
+      fi
       m=${#half_cases[@]}
       for ((k = 0; k < m; k++)); do
         run_case "${half_cases[$(((k + r - 1) % m))]}" "h-$role-$r" "$rate"
@@ -648,6 +736,7 @@ role_name() {
   case "$1" in
     direct) echo "direct (baseline)" ;;
     pre) echo "pre-proxy (TLS h2 in)" ;;
+    chain) echo "relay chain (inside + DMZ relay, HTTP/1.1 between)" ;;
     post) echo "post-proxy (HTTP/1.1 in)" ;;
   esac
 }
@@ -705,15 +794,23 @@ report() {
     echo "| case | offered req/s | achieved req/s | p50 ms | p99 ms [range] | p99 added over direct ms | CPU µs/req |"
     echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     local rate d99 rx label p99 base
-    for role in pre post; do
+    local members
+    for role in pre post chain; do
       rate="${HALF_RATE[$role]:-}"
       [[ -n "$rate" ]] || continue
       rx="^h-$role-"
       base="$(baseline_of "$role")"
       d99="$(median "$base" 5 "$rx")"
-      for c in "$base" "${PROXIES[@]/#/$role:}"; do
+      if [[ $role == chain ]]; then
+        members=("$base" "chain:pushrelay" "pre:pushrelay")
+      else
+        members=("$base" "${PROXIES[@]/#/$role:}")
+      fi
+      for c in "${members[@]}"; do
         if [[ $c == direct ]]; then
           label="direct (baseline for $role)"
+        elif [[ $role == chain && $c == pre:pushrelay ]]; then
+          label="pre-proxy: pushrelay (the same load, for the chain)"
         elif [[ $c == direct-h1 ]]; then
           label="direct over HTTP/1.1 (baseline for $role)"
         else
@@ -730,6 +827,16 @@ report() {
     echo
     echo "h2load --rps is per connection: the offered rate is split evenly over the case's connections."
     echo "The post-proxy rows compare with the origin answering the same h2load --h1 load over HTTP/1.1 + TLS."
+  fi
+  if [[ $CHAIN -eq 1 ]]; then
+    local cc pc
+    cc="$(median chain:pushrelay 6)"
+    pc="$(median pre:pushrelay 6)"
+    echo
+    echo "Relay chain against pre-proxy straight to the origin (full load): CPU per push" \
+      "$cc µs (both relays) vs $pc µs, ×$(ratio "$cc" "$pc");" \
+      "p50 +$(awk -v a="$(median chain:pushrelay 4)" -v b="$(median pre:pushrelay 4)" 'BEGIN { if (a == "NA" || b == "NA") print "NA"; else printf "%.2f", (a - b) / 1000 }') ms," \
+      "p99 +$(awk -v a="$(median chain:pushrelay 5)" -v b="$(median pre:pushrelay 5)" 'BEGIN { if (a == "NA" || b == "NA") print "NA"; else printf "%.2f", (a - b) / 1000 }') ms."
   fi
   echo
   if [[ $SYSCALLS -eq 1 ]]; then
