@@ -315,11 +315,6 @@ impl Chain {
         self.inner.lock_idle().clear();
     }
 
-    /// Idle connections now, for tests and metrics.
-    pub fn idle_connections(&self) -> usize {
-        self.inner.lock_idle().len()
-    }
-
     /// Sends one request (its body whole) through the DMZ relay and reads the answer whole,
     /// until `deadline`: the answer, the connection that carried it, and whether it was sent on
     /// a second connection because the first was found dead before the write.

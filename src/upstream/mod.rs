@@ -312,10 +312,6 @@ impl Upstream {
         &self.pool
     }
 
-    pub fn chain(&self) -> Option<&Chain> {
-        self.chain.as_ref()
-    }
-
     /// Closes every upstream connection (at shutdown, once clients are drained).
     pub fn close(&self) {
         self.pool.close();
