@@ -484,11 +484,12 @@ impl Inner {
                 false
             }
         };
+        // Cleared however the attempt ends, cancellation (the request's deadline) included: a
+        // flag left set would make every later request fail fast for good.
+        let probe_guard = probe.then_some(ProbeGuard(self));
         let result = self.open().await;
+        drop(probe_guard);
         let mut health = self.lock_health();
-        if probe {
-            health.probing = false;
-        }
         match result {
             Ok(conn) => {
                 *health = Health::default();
@@ -496,9 +497,17 @@ impl Inner {
                 Ok(conn)
             }
             Err(e) => {
-                health.failures = health.failures.saturating_add(1);
-                let delay = backoff_delay(&self.backoff, health.failures, jitter());
-                health.retry_at = Some(Instant::now() + delay);
+                // Connects made together while the relay was healthy fail together: they are one
+                // failure, not many, or a short outage would back off for a minute. After that,
+                // only the one probe at a time counts.
+                if probe || health.last_error.is_none() {
+                    health.failures = health.failures.saturating_add(1);
+                    let delay = backoff_delay(&self.backoff, health.failures, jitter());
+                    health.retry_at = Some(Instant::now() + delay);
+                }
+                let delay = health.retry_at.map_or(Duration::ZERO, |at| {
+                    at.saturating_duration_since(Instant::now())
+                });
                 match &e {
                     ChainConnectError::Route(ConnectError::Tunnel(t)) => {
                         self.metrics.proxy_failure(&match t {
@@ -597,6 +606,15 @@ impl Inner {
         };
         let _ = stream.set_nodelay(true);
         Ok(stream)
+    }
+}
+
+/// The one connect attempt made while the DMZ relay is down; dropped, it lets the next start.
+struct ProbeGuard<'a>(&'a Inner);
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.lock_health().probing = false;
     }
 }
 
