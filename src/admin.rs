@@ -38,6 +38,8 @@ pub struct StatusSources {
     pub max_connections: usize,
     /// The route each destination takes (upstream settings change only with a restart).
     pub routes: Connector,
+    /// `upstream.relay`'s URL: with a relay chain every destination goes through the DMZ relay.
+    pub chain: Option<String>,
 }
 
 impl StatusSources {
@@ -79,9 +81,13 @@ impl StatusSources {
             .map(|dest| {
                 let name = dest.to_string();
                 let (connections, streams_in_flight) = pool.get(&name).copied().unwrap_or_default();
-                let route = match self.routes.route(dest) {
-                    Route::Direct { addr } => format!("direct to {addr}"),
-                    Route::Proxy { proxy, target } => {
+                let route = match (&self.chain, self.routes.route(dest)) {
+                    (Some(relay), Route::Proxy { proxy, .. }) => {
+                        format!("via relay {relay} (through proxy {proxy})")
+                    }
+                    (Some(relay), Route::Direct { .. }) => format!("via relay {relay}"),
+                    (None, Route::Direct { addr }) => format!("direct to {addr}"),
+                    (None, Route::Proxy { proxy, target }) => {
                         format!("via proxy {proxy} (CONNECT {target})")
                     }
                 };

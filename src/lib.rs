@@ -366,6 +366,12 @@ impl App {
                 .collect(),
             max_connections: self.config.limits.max_connections,
             routes: self.routes.clone(),
+            chain: self
+                .config
+                .upstream
+                .relay
+                .as_ref()
+                .map(|r| r.url.to_string()),
         }
     }
 }

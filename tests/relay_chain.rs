@@ -536,3 +536,29 @@ async fn dmz_relay_restarted_under_load_delivers_no_push_twice_and_names_every_f
     );
     dmz.stop().await;
 }
+
+/// The inside relay's status page names the DMZ relay as each destination's route, and never
+/// the shared secret.
+#[tokio::test]
+async fn status_page_names_the_dmz_relay_as_the_route() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let secret = chain::secret_file(&pki, "relay.secret", SECRET);
+    let url = "https://localhost:1";
+    let inside =
+        relay::start_with_admin(&chain::inside_yaml(&pki, origin.port(), None, url, &secret)).await;
+    let admin = inside.admin.unwrap();
+    let answer = support::http1::exchange(
+        admin,
+        b"GET /status.json HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let body = String::from_utf8_lossy(&answer.body);
+    assert!(
+        body.contains(&format!("\"route\": \"via relay {url}\""))
+            || body.contains(&format!("\"route\":\"via relay {url}\"")),
+        "{body}"
+    );
+    assert!(!body.contains(SECRET), "the secret must not show: {body}");
+}
