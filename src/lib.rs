@@ -21,6 +21,8 @@
 //! - `swap`: the cell a reloadable value lives in (a leaf: everything may use it).
 //! - `upstream`: CONNECT tunnel, connections, the shared HTTP/2 pool, safe resend.
 //! - `h2_body`: an HTTP/2 stream as a body, for the front door and the upstream alike (a leaf).
+//! - `h2client`: pushrelay's own HTTP/2 client codec (frames, HPACK, connection, driver); not
+//!   yet used by the pool.
 //! - `error`: the one place an error becomes an HTTP answer.
 //! - `probe`: step-by-step diagnosis of the upstream path (`pushrelay probe`).
 //! - `workers`: one single-threaded runtime per core; a connection stays on the one that took it.
@@ -47,6 +49,7 @@ pub mod config;
 mod error;
 mod fasthash;
 mod h2_body;
+pub mod h2client;
 mod listen;
 pub mod log;
 pub mod metrics;

@@ -1,0 +1,372 @@
+//! A thin tokio driver over [`Connection`]: one task owns the I/O stream (TLS or TCP) and the
+//! connection state; [`Client`] handles send whole requests to it and get whole answers back.
+//! Requests beyond the peer's live SETTINGS_MAX_CONCURRENT_STREAMS wait in the task, in order,
+//! and start as streams close. A PING goes out every `ping_interval`; no ACK within
+//! `ping_timeout` ends the connection (a black-holed tunnel looks exactly like that).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, StatusCode};
+use rustc_hash::FxHashMap;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::conn::{Config, Connection, Event, Failure, OpenError, RequestHead};
+use super::frame::{ErrorCode, H2Error};
+
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub conn: Config,
+    pub ping_interval: Option<Duration>,
+    pub ping_timeout: Duration,
+    /// Most bytes of answer body kept per request; more resets the stream (CANCEL).
+    pub max_body: usize,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            conn: Config::default(),
+            ping_interval: None,
+            ping_timeout: Duration::from_secs(10),
+            max_body: 64 << 10,
+        }
+    }
+}
+
+/// A whole answer.
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("the request could not start: {0}")]
+    NotStarted(OpenError),
+    #[error("the stream failed: {0:?}")]
+    Stream(Failure),
+    #[error("the answer body is larger than {0} bytes")]
+    BodyTooLarge(usize),
+    #[error("the connection ended: {0}")]
+    ConnectionLost(String),
+    #[error("the request has no authority")]
+    NoAuthority,
+}
+
+impl RequestError {
+    /// True when the peer provably never processed the request: it may go on another connection.
+    pub fn never_processed(&self) -> bool {
+        match self {
+            RequestError::NotStarted(_) | RequestError::NoAuthority => true,
+            RequestError::Stream(f) => f.never_processed(),
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error("upstream I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Protocol(#[from] H2Error),
+    #[error("no PING ACK within {0:?}")]
+    PingTimeout(Duration),
+}
+
+struct Command {
+    request: http::Request<Bytes>,
+    reply: oneshot::Sender<Result<Answer, RequestError>>,
+}
+
+/// What the handles can see of the connection, kept current by the task.
+#[derive(Debug, Default)]
+struct Shared {
+    max_concurrent: AtomicU32,
+    open: AtomicUsize,
+    closed: AtomicBool,
+}
+
+/// A handle for sending requests on one connection.
+#[derive(Clone)]
+pub struct Client {
+    tx: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl Client {
+    /// Sends `request` and waits for the whole answer.
+    pub async fn send(&self, request: http::Request<Bytes>) -> Result<Answer, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command { request, reply }).is_err() {
+            return Err(RequestError::NotStarted(OpenError::GoingAway));
+        }
+        rx.await
+            .unwrap_or(Err(RequestError::NotStarted(OpenError::GoingAway)))
+    }
+
+    /// The peer's SETTINGS_MAX_CONCURRENT_STREAMS as last seen.
+    pub fn max_concurrent_streams(&self) -> u32 {
+        self.shared.max_concurrent.load(Ordering::Relaxed)
+    }
+
+    /// Streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.shared.open.load(Ordering::Relaxed)
+    }
+
+    /// The connection takes no new requests.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Relaxed) || self.tx.is_closed()
+    }
+}
+
+struct InFlight {
+    reply: oneshot::Sender<Result<Answer, RequestError>>,
+    status: StatusCode,
+    headers: HeaderMap,
+    body: BytesMut,
+}
+
+/// Starts HTTP/2 on `io` (already TLS-negotiated, or plain TCP for h2c): returns the handle and
+/// the future that drives the connection until it ends; spawn it on the worker that owns `io`.
+pub fn connect<IO>(
+    io: IO,
+    cfg: DriverConfig,
+) -> (Client, impl Future<Output = Result<(), DriverError>>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared::default());
+    let client = Client {
+        tx,
+        shared: shared.clone(),
+    };
+    (client, drive(io, cfg, rx, shared))
+}
+
+async fn drive<IO>(
+    io: IO,
+    cfg: DriverConfig,
+    mut rx: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Shared>,
+) -> Result<(), DriverError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut conn = Connection::new(cfg.conn.clone());
+    let (mut rd, mut wr) = tokio::io::split(io);
+    let mut waiting: VecDeque<Command> = VecDeque::new();
+    let mut in_flight: FxHashMap<u32, InFlight> = FxHashMap::default();
+    let mut handles_gone = false;
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let mut next_ping = cfg.ping_interval.map_or(far, |i| Instant::now() + i);
+    let mut pong_due: Option<Instant> = None;
+    let mut ping_seq = 0u64;
+    let result = loop {
+        start_waiting(&mut conn, &mut waiting, &mut in_flight);
+        shared
+            .max_concurrent
+            .store(conn.max_concurrent_streams(), Ordering::Relaxed);
+        shared.open.store(conn.open_streams(), Ordering::Relaxed);
+        if conn.has_output() {
+            let out = conn.take_output();
+            if let Err(e) = async {
+                wr.write_all(&out).await?;
+                wr.flush().await
+            }
+            .await
+            {
+                break Err(DriverError::Io(e));
+            }
+        }
+        if let Some(e) = conn.error() {
+            break Err(DriverError::Protocol(e.clone()));
+        }
+        if conn.is_finished() && waiting.is_empty() {
+            break Ok(());
+        }
+        if handles_gone && in_flight.is_empty() && waiting.is_empty() {
+            conn.go_away(ErrorCode::NO_ERROR);
+            let out = conn.take_output();
+            let _ = wr.write_all(&out).await;
+            let _ = wr.shutdown().await;
+            break Ok(());
+        }
+        let deadline = pong_due.unwrap_or(next_ping);
+        let buf = conn.recv_buf();
+        buf.reserve(16 << 10);
+        tokio::select! {
+            read = rd.read_buf(buf) => match read {
+                Ok(0) => break Err(DriverError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+                Ok(_) => {
+                    let processed = conn.process();
+                    dispatch(&mut conn, &mut in_flight, &mut pong_due, cfg.max_body);
+                    if let Err(e) = processed {
+                        let out = conn.take_output();
+                        let _ = wr.write_all(&out).await;
+                        break Err(DriverError::Protocol(e));
+                    }
+                }
+                Err(e) => break Err(DriverError::Io(e)),
+            },
+            cmd = rx.recv(), if !handles_gone => match cmd {
+                Some(cmd) => waiting.push_back(cmd),
+                None => handles_gone = true,
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                if pong_due.is_some() {
+                    break Err(DriverError::PingTimeout(cfg.ping_timeout));
+                }
+                ping_seq += 1;
+                conn.ping(ping_seq.to_be_bytes());
+                pong_due = Some(Instant::now() + cfg.ping_timeout);
+                next_ping = cfg.ping_interval.map_or(far, |i| Instant::now() + i);
+            }
+        }
+    };
+    shared.closed.store(true, Ordering::Relaxed);
+    let reason = match &result {
+        Ok(()) => "connection closed".to_owned(),
+        Err(e) => e.to_string(),
+    };
+    for (_, f) in in_flight.drain() {
+        let _ = f
+            .reply
+            .send(Err(RequestError::ConnectionLost(reason.clone())));
+    }
+    rx.close();
+    while let Ok(cmd) = rx.try_recv() {
+        waiting.push_back(cmd);
+    }
+    for cmd in waiting {
+        let _ = cmd
+            .reply
+            .send(Err(RequestError::NotStarted(OpenError::GoingAway)));
+    }
+    result
+}
+
+/// Opens streams for waiting requests while the peer's limit allows.
+fn start_waiting(
+    conn: &mut Connection,
+    waiting: &mut VecDeque<Command>,
+    in_flight: &mut FxHashMap<u32, InFlight>,
+) {
+    while conn.can_open() {
+        let Some(cmd) = waiting.pop_front() else {
+            return;
+        };
+        let (parts, body) = cmd.request.into_parts();
+        let Some(authority) = parts.uri.authority() else {
+            let _ = cmd.reply.send(Err(RequestError::NoAuthority));
+            continue;
+        };
+        let head = RequestHead {
+            method: &parts.method,
+            scheme: parts.uri.scheme_str().unwrap_or("https"),
+            authority: authority.as_str(),
+            path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
+            headers: &parts.headers,
+        };
+        match conn.send_request(&head, body) {
+            Ok(id) => {
+                in_flight.insert(
+                    id,
+                    InFlight {
+                        reply: cmd.reply,
+                        status: StatusCode::OK,
+                        headers: HeaderMap::new(),
+                        body: BytesMut::new(),
+                    },
+                );
+            }
+            Err(e) => {
+                let _ = cmd.reply.send(Err(RequestError::NotStarted(e)));
+            }
+        }
+    }
+    // Going away or failed: nothing waiting will ever start here.
+    if !conn.can_open() && (conn.is_finished() || conn.error().is_some()) {
+        for cmd in waiting.drain(..) {
+            let _ = cmd
+                .reply
+                .send(Err(RequestError::NotStarted(OpenError::GoingAway)));
+        }
+    }
+}
+
+fn dispatch(
+    conn: &mut Connection,
+    in_flight: &mut FxHashMap<u32, InFlight>,
+    pong_due: &mut Option<Instant>,
+    max_body: usize,
+) {
+    while let Some(event) = conn.poll_event() {
+        match event {
+            Event::Response {
+                stream,
+                status,
+                headers,
+                end_stream,
+            } => {
+                if let Some(f) = in_flight.get_mut(&stream) {
+                    f.status = status;
+                    f.headers = headers;
+                }
+                if end_stream {
+                    finish(in_flight, stream, None);
+                }
+            }
+            Event::Data {
+                stream,
+                data,
+                end_stream,
+            } => {
+                let Some(f) = in_flight.get_mut(&stream) else {
+                    continue;
+                };
+                if f.body.len() + data.len() > max_body {
+                    conn.cancel(stream);
+                    if let Some(f) = in_flight.remove(&stream) {
+                        let _ = f.reply.send(Err(RequestError::BodyTooLarge(max_body)));
+                    }
+                    continue;
+                }
+                f.body.extend_from_slice(&data);
+                if end_stream {
+                    finish(in_flight, stream, None);
+                }
+            }
+            Event::Trailers { stream, trailers } => finish(in_flight, stream, Some(trailers)),
+            Event::Failed { stream, failure } => {
+                if let Some(f) = in_flight.remove(&stream) {
+                    let _ = f.reply.send(Err(RequestError::Stream(failure)));
+                }
+            }
+            Event::Pong { .. } => *pong_due = None,
+            Event::Settings | Event::GoAway { .. } => {}
+        }
+    }
+}
+
+fn finish(in_flight: &mut FxHashMap<u32, InFlight>, stream: u32, trailers: Option<HeaderMap>) {
+    if let Some(f) = in_flight.remove(&stream) {
+        let _ = f.reply.send(Ok(Answer {
+            status: f.status,
+            headers: f.headers,
+            body: f.body.freeze(),
+            trailers,
+        }));
+    }
+}
