@@ -101,11 +101,21 @@ fn decode_int(buf: &[u8], pos: &mut usize, n: u32) -> Result<usize, HpackError> 
     }
 }
 
-/// Appends a string literal, Huffman-coded when allowed and shorter.
-fn encode_str(s: &[u8], huffman: bool, out: &mut BytesMut) {
-    if huffman {
+/// When a string is Huffman-coded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Coding {
+    Raw,
+    /// When it is strictly shorter: a per-push value gains nothing from a tie but CPU.
+    IfShorter,
+    /// When it is no longer: a constant is coded once per connection (RFC 7541 C.6 does this).
+    IfNotLonger,
+}
+
+/// Appends a string literal, Huffman-coded as `coding` says.
+fn encode_str(s: &[u8], coding: Coding, out: &mut BytesMut) {
+    if coding != Coding::Raw {
         let coded = huffman::encoded_len(s);
-        if coded < s.len() {
+        if coded < s.len() || (coding == Coding::IfNotLonger && coded == s.len()) {
             encode_int(coded, 7, 0x80, out);
             huffman::encode(s, out);
             return;
@@ -168,24 +178,34 @@ impl Encoder {
         {
             return encode_int(i, 7, INDEXED, out);
         }
-        let (prefix, bits, huffman) = match kind {
+        let constants = if self.huffman_constants {
+            Coding::IfNotLonger
+        } else {
+            Coding::Raw
+        };
+        let literals = if self.huffman_literals {
+            Coding::IfShorter
+        } else {
+            Coding::Raw
+        };
+        let (prefix, bits, coding) = match kind {
             Kind::Constant => {
                 if let Some(at) = self.table.find(name, value) {
                     return encode_int(table::STATIC.len() + 1 + at, 7, INDEXED, out);
                 }
-                (LITERAL_INDEXED, 6, self.huffman_constants)
+                (LITERAL_INDEXED, 6, constants)
             }
-            Kind::PerRequest => (LITERAL_NOT_INDEXED, 4, self.huffman_literals),
-            Kind::Secret => (LITERAL_NEVER_INDEXED, 4, self.huffman_literals),
+            Kind::PerRequest => (LITERAL_NOT_INDEXED, 4, literals),
+            Kind::Secret => (LITERAL_NEVER_INDEXED, 4, literals),
         };
         match static_name_index(name) {
             Some(i) => encode_int(i, bits, prefix, out),
             None => {
                 out.put_u8(prefix);
-                encode_str(name, self.huffman_constants, out);
+                encode_str(name, constants, out);
             }
         }
-        encode_str(value, huffman, out);
+        encode_str(value, coding, out);
         if prefix == LITERAL_INDEXED {
             self.table
                 .insert(Bytes::copy_from_slice(name), Bytes::copy_from_slice(value));
@@ -377,5 +397,259 @@ mod tests {
             decode_int(&huge, &mut pos, 5),
             Err(HpackError::IntegerOverflow)
         );
+    }
+
+    /// Encodes `list` (kinds as given) and checks the bytes, then decodes them back and checks
+    /// the fields and the decoder's table size: one step of an RFC 7541 Appendix C example.
+    fn step(
+        enc: &mut Encoder,
+        dec: &mut Decoder,
+        list: &[(&str, &str, Kind)],
+        wire: &str,
+        table_size: usize,
+    ) {
+        let mut out = BytesMut::new();
+        enc.begin(&mut out);
+        for (n, v, k) in list {
+            enc.field(n.as_bytes(), v.as_bytes(), *k, &mut out);
+        }
+        assert_eq!(hex_of(&out), hex_of(&hex(wire)), "encoding of {list:?}");
+        let fields: Vec<(&str, &str)> = list.iter().map(|(n, v, _)| (*n, *v)).collect();
+        assert_eq!(decode_all(dec, &hex(wire)), pairs(&fields));
+        assert_eq!(dec.table_size(), table_size);
+    }
+
+    fn hex_of(b: &[u8]) -> String {
+        b.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    use Kind::{Constant as C, PerRequest as P, Secret as S};
+
+    #[test]
+    fn field_representations_of_rfc_7541_c2() {
+        let plain = || {
+            let mut e = Encoder::default();
+            e.huffman_constants = false;
+            e
+        };
+        let mut d = Decoder::new(4096, 1 << 16);
+        step(
+            &mut plain(),
+            &mut d,
+            &[("custom-key", "custom-header", C)],
+            "400a 6375 7374 6f6d 2d6b 6579 0d63 7573 746f 6d2d 6865 6164 6572",
+            55,
+        );
+        let mut d = Decoder::new(4096, 1 << 16);
+        step(
+            &mut plain(),
+            &mut d,
+            &[(":path", "/sample/path", P)],
+            "040c 2f73 616d 706c 652f 7061 7468",
+            0,
+        );
+        step(
+            &mut plain(),
+            &mut d,
+            &[("password", "secret", S)],
+            "1008 7061 7373 776f 7264 0673 6563 7265 74",
+            0,
+        );
+        step(&mut plain(), &mut d, &[(":method", "GET", C)], "82", 0);
+    }
+
+    const REQ1: [(&str, &str, Kind); 4] = [
+        (":method", "GET", C),
+        (":scheme", "http", C),
+        (":path", "/", P),
+        (":authority", "www.example.com", C),
+    ];
+    const REQ2: [(&str, &str, Kind); 5] = [
+        (":method", "GET", C),
+        (":scheme", "http", C),
+        (":path", "/", P),
+        (":authority", "www.example.com", C),
+        ("cache-control", "no-cache", C),
+    ];
+    const REQ3: [(&str, &str, Kind); 5] = [
+        (":method", "GET", C),
+        (":scheme", "https", C),
+        (":path", "/index.html", P),
+        (":authority", "www.example.com", C),
+        ("custom-key", "custom-value", C),
+    ];
+
+    #[test]
+    fn requests_without_huffman_of_rfc_7541_c3() {
+        let mut e = Encoder::default();
+        e.huffman_constants = false;
+        let mut d = Decoder::new(4096, 1 << 16);
+        step(
+            &mut e,
+            &mut d,
+            &REQ1,
+            "8286 8441 0f77 7777 2e65 7861 6d70 6c65 2e63 6f6d",
+            57,
+        );
+        step(
+            &mut e,
+            &mut d,
+            &REQ2,
+            "8286 84be 5808 6e6f 2d63 6163 6865",
+            110,
+        );
+        step(
+            &mut e,
+            &mut d,
+            &REQ3,
+            "8287 85bf 400a 6375 7374 6f6d 2d6b 6579 0c63 7573 746f 6d2d 7661 6c75 65",
+            164,
+        );
+    }
+
+    #[test]
+    fn requests_with_huffman_of_rfc_7541_c4() {
+        let mut e = Encoder::default();
+        let mut d = Decoder::new(4096, 1 << 16);
+        step(
+            &mut e,
+            &mut d,
+            &REQ1,
+            "8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff",
+            57,
+        );
+        step(&mut e, &mut d, &REQ2, "8286 84be 5886 a8eb 1064 9cbf", 110);
+        step(
+            &mut e,
+            &mut d,
+            &REQ3,
+            "8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf",
+            164,
+        );
+        assert_eq!(e.table_len(), 3);
+    }
+
+    const DATE1: &str = "Mon, 21 Oct 2013 20:13:21 GMT";
+    const DATE2: &str = "Mon, 21 Oct 2013 20:13:22 GMT";
+    const LOC: &str = "https://www.example.com";
+    const COOKIE: &str = "foo=ASDJKHQKBZXOQWEOPIUAXQWEOIU; max-age=3600; version=1";
+
+    fn responses(e: &mut Encoder, d: &mut Decoder, wires: [&str; 3]) {
+        let r1 = [
+            (":status", "302", C),
+            ("cache-control", "private", C),
+            ("date", DATE1, C),
+            ("location", LOC, C),
+        ];
+        let r2 = [
+            (":status", "307", C),
+            ("cache-control", "private", C),
+            ("date", DATE1, C),
+            ("location", LOC, C),
+        ];
+        let r3 = [
+            (":status", "200", C),
+            ("cache-control", "private", C),
+            ("date", DATE2, C),
+            ("location", LOC, C),
+            ("content-encoding", "gzip", C),
+            ("set-cookie", COOKIE, C),
+        ];
+        step(e, d, &r1, wires[0], 222);
+        step(e, d, &r2, wires[1], 222);
+        step(e, d, &r3, wires[2], 215);
+        assert_eq!(d.table_len(), 3);
+    }
+
+    #[test]
+    fn responses_without_huffman_and_with_evictions_of_rfc_7541_c5() {
+        let mut e = Encoder::with_table_size(256);
+        e.huffman_constants = false;
+        let mut d = Decoder::new(256, 1 << 16);
+        responses(
+            &mut e,
+            &mut d,
+            [
+                "4803 3330 3258 0770 7269 7661 7465 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133
+                 2032 303a 3133 3a32 3120 474d 546e 1768 7474 7073 3a2f 2f77 7777 2e65 7861 6d70
+                 6c65 2e63 6f6d",
+                "4803 3330 37c1 c0bf",
+                "88c1 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133 2032 303a 3133 3a32 3220 474d
+                 54c0 5a04 677a 6970 7738 666f 6f3d 4153 444a 4b48 514b 425a 584f 5157 454f 5049
+                 5541 5851 5745 4f49 553b 206d 6178 2d61 6765 3d33 3630 303b 2076 6572 7369 6f6e
+                 3d31",
+            ],
+        );
+    }
+
+    #[test]
+    fn responses_with_huffman_and_with_evictions_of_rfc_7541_c6() {
+        let mut e = Encoder::with_table_size(256);
+        let mut d = Decoder::new(256, 1 << 16);
+        responses(
+            &mut e,
+            &mut d,
+            [
+                "4882 6402 5885 aec3 771a 4b61 96d0 7abe 9410 54d4 44a8 2005 9504 0b81 66e0 82a6
+                 2d1b ff6e 919d 29ad 1718 63c7 8f0b 97c8 e9ae 82ae 43d3",
+                "4883 640e ffc1 c0bf",
+                "88c1 6196 d07a be94 1054 d444 a820 0595 040b 8166 e084 a62d 1bff c05a 839b d9ab
+                 77ad 94e7 821d d7f2 e6c7 b335 dfdf cd5b 3960 d5af 2708 7f36 72c1 ab27 0fb5 291f
+                 9587 3160 65c0 03ed 4ee5 b106 3d50 07",
+            ],
+        );
+    }
+
+    #[test]
+    fn a_smaller_peer_table_is_announced_at_the_next_block() {
+        let mut e = Encoder::default();
+        let mut d = Decoder::new(4096, 1 << 16);
+        let mut out = BytesMut::new();
+        e.begin(&mut out);
+        e.field(b"apns-topic", b"com.example.app", C, &mut out);
+        decode_all(&mut d, &out);
+        assert_eq!(d.table_len(), 1);
+        e.set_peer_table_size(0);
+        let mut out = BytesMut::new();
+        e.begin(&mut out);
+        e.field(b"apns-topic", b"com.example.app", C, &mut out);
+        assert_eq!(out[0], 0x20, "size update to 0 first");
+        assert_eq!(
+            decode_all(&mut d, &out),
+            pairs(&[("apns-topic", "com.example.app")])
+        );
+        assert_eq!(d.table_len(), 0);
+    }
+
+    #[test]
+    fn decoder_rejects_what_rfc_7541_forbids() {
+        let mut d = Decoder::new(4096, 1 << 16);
+        let mut bad = |b: &[u8]| d.decode(&Bytes::copy_from_slice(b), |_, _| {}).unwrap_err();
+        assert_eq!(bad(&[0x80]), HpackError::BadIndex(0));
+        assert_eq!(bad(&[0xbe]), HpackError::BadIndex(62));
+        assert_eq!(
+            bad(&[0x3f, 0xe2, 0x1f]),
+            HpackError::TableSizeTooLarge(4097)
+        );
+        assert_eq!(bad(&[0x82, 0x20]), HpackError::LateTableSizeUpdate);
+        assert_eq!(bad(&[0x04, 0x05, b'a']), HpackError::Truncated);
+        assert_eq!(
+            bad(&[0x04, 0x81, 0x00]),
+            HpackError::Huffman(huffman::HuffmanError::Padding)
+        );
+    }
+
+    #[test]
+    fn decoder_stops_emitting_past_the_header_list_limit() {
+        let mut d = Decoder::new(4096, 100);
+        let mut out = BytesMut::new();
+        let mut e = Encoder::default();
+        for i in 0..5 {
+            e.field(format!("x-{i}").as_bytes(), b"0123456789", P, &mut out);
+        }
+        let mut n = 0;
+        let r = d.decode(&out.freeze(), |_, _| n += 1).unwrap();
+        assert!(r.too_large);
+        assert_eq!(n, 2, "45 bytes each: two fit in 100");
     }
 }
