@@ -427,10 +427,9 @@ mod tests {
 
     #[test]
     fn field_representations_of_rfc_7541_c2() {
-        let plain = || {
-            let mut e = Encoder::default();
-            e.huffman_constants = false;
-            e
+        let plain = || Encoder {
+            huffman_constants: false,
+            ..Encoder::default()
         };
         let mut d = Decoder::new(4096, 1 << 16);
         step(
@@ -481,8 +480,10 @@ mod tests {
 
     #[test]
     fn requests_without_huffman_of_rfc_7541_c3() {
-        let mut e = Encoder::default();
-        e.huffman_constants = false;
+        let mut e = Encoder {
+            huffman_constants: false,
+            ..Encoder::default()
+        };
         let mut d = Decoder::new(4096, 1 << 16);
         step(
             &mut e,
