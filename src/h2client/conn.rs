@@ -264,6 +264,12 @@ impl Connection {
         self.peer.max_concurrent
     }
 
+    /// Whether the server's preface (its first SETTINGS) has arrived: until then its limits are
+    /// unknown, and streams opened above them would be refused.
+    pub fn settings_received(&self) -> bool {
+        self.seen_settings
+    }
+
     /// Whether a new stream may be opened now.
     pub fn can_open(&self) -> bool {
         self.open_error().is_none()

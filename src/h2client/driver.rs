@@ -257,13 +257,15 @@ where
     result
 }
 
-/// Opens streams for waiting requests while the peer's limit allows.
+/// Opens streams for waiting requests while the peer's limit allows. Nothing opens before the
+/// server's first SETTINGS: its MAX_CONCURRENT_STREAMS may be below what is waiting (APNs starts
+/// at 1), and streams above it would come back REFUSED_STREAM.
 fn start_waiting(
     conn: &mut Connection,
     waiting: &mut VecDeque<Command>,
     in_flight: &mut FxHashMap<u32, InFlight>,
 ) {
-    while conn.can_open() {
+    while conn.settings_received() && conn.can_open() {
         let Some(cmd) = waiting.pop_front() else {
             return;
         };
