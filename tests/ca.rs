@@ -488,7 +488,7 @@ fn check_warns_about_a_ca_without_name_constraints() {
     );
     let config = |ca: &str, dest: &str| {
         format!(
-            "listeners:\n  - name: apns\n    mode: pre-proxy\n    bind: \"127.0.0.1:8443\"\n    upstream_port: 443\n    \
+            "listeners:\n  - name: apns\n    mode: pre-proxy\n    bind: \"127.0.0.1:0\"\n    upstream_port: 443\n    \
              tls:\n      ca_cert: {ca}/ca.pem\n      ca_key: {ca}/ca.key\n    allow_sources: [\"127.0.0.1/32\"]\n\
              destinations: [\"{dest}:443\"]\n"
         )
