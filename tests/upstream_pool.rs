@@ -293,13 +293,10 @@ async fn identities_never_share_a_connection() {
     .await;
     let (cert_a, key_a) = pki.write_client_cert("app-one");
     let (cert_b, key_b) = pki.write_client_cert("app-two");
-    let identities = format!(
-        "  identities:\n    - {{topic: com.example.one, cert: \"{}\", key: \"{}\", listeners: [apns]}}\n    - {{topic: com.example.two, cert: \"{}\", key: \"{}\", listeners: [apns]}}\n",
-        cert_a.display(),
-        key_a.display(),
-        cert_b.display(),
-        key_b.display()
-    );
+    let identities = identities_yaml(&[
+        ("com.example.one", &cert_a, &key_a, "listeners: [apns]"),
+        ("com.example.two", &cert_b, &key_b, "listeners: [apns]"),
+    ]);
     let relay = relay::start(&yaml_with(&pki, &origin, Via::Direct, &identities)).await;
     let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
     // (label, apns-topic, authorization)
@@ -669,15 +666,16 @@ async fn identity_topics_are_refused_outside_their_listeners() {
     .await;
     let (cert_a, key_a) = pki.write_client_cert("app-one");
     let (cert_b, key_b) = pki.write_client_cert("app-two");
-    let identities = format!(
-        "  identities:\n    - {{topic: com.example.one, cert: \"{}\", key: \"{}\", listeners: [apns]}}\n    - {{topic: com.example.other, cert: \"{}\", key: \"{}\", listeners: [elsewhere]}}\n    - {{topic: com.example.unbound, cert: \"{}\", key: \"{}\"}}\n",
-        cert_a.display(),
-        key_a.display(),
-        cert_b.display(),
-        key_b.display(),
-        cert_b.display(),
-        key_b.display()
-    );
+    let identities = identities_yaml(&[
+        ("com.example.one", &cert_a, &key_a, "listeners: [apns]"),
+        (
+            "com.example.other",
+            &cert_b,
+            &key_b,
+            "listeners: [elsewhere]",
+        ),
+        ("com.example.unbound", &cert_b, &key_b, ""),
+    ]);
     // A second listener named `elsewhere`, so the binding itself is valid.
     let yaml = yaml_with(&pki, &origin, Via::Direct, &identities).replace(
         "listeners:\n",
@@ -739,11 +737,12 @@ async fn identity_with_client_subjects_needs_that_client_certificate() {
         pki.ca_cert.display(),
         pki.ca_key.display()
     );
-    let identities = format!(
-        "  identities:\n    - {{topic: com.example.one, cert: \"{}\", key: \"{}\", listeners: [legacy], client_subjects: [corp-proxy]}}\n",
-        cert.display(),
-        key.display()
-    );
+    let identities = identities_yaml(&[(
+        "com.example.one",
+        &cert,
+        &key,
+        "listeners: [legacy], client_subjects: [corp-proxy]",
+    )]);
     let yaml = relay::post_proxy_yaml(&pki, &origin, "")
         .replace(
             "    allow_sources: [\"127.0.0.1/32\"]\n",
@@ -799,11 +798,7 @@ async fn renewed_identity_certificate_is_presented_on_new_connections() {
     )
     .await;
     let (cert, key) = pki.write_client_cert("app-one");
-    let identities = format!(
-        "  identities:\n    - {{topic: com.example.one, cert: \"{}\", key: \"{}\", listeners: [apns]}}\n",
-        cert.display(),
-        key.display()
-    );
+    let identities = identities_yaml(&[("com.example.one", &cert, &key, "listeners: [apns]")]);
     let yaml = yaml_with(&pki, &origin, Via::Direct, &identities);
     let relay = relay::start(&yaml).await;
     let client = H2Client::connect(&pki, relay.addr()).await;
@@ -1178,4 +1173,22 @@ async fn clients_filling_the_pool_leave_a_normal_client_its_share() {
     for a in attackers {
         within(15, "attackers", a).await.unwrap();
     }
+}
+
+/// An `upstream.identities` section: one item per (topic, certificate, key, further keys).
+fn identities_yaml(items: &[(&str, &std::path::Path, &std::path::Path, &str)]) -> String {
+    let mut yaml = String::from("  identities:\n");
+    for (topic, cert, key, more) in items {
+        let more = if more.is_empty() {
+            String::new()
+        } else {
+            format!(", {more}")
+        };
+        yaml += &format!(
+            "    - {{topic: {topic}, cert: \"{}\", key: \"{}\"{more}}}\n",
+            cert.display(),
+            key.display()
+        );
+    }
+    yaml
 }
