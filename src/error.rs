@@ -5,7 +5,7 @@
 use http::{HeaderValue, Response, StatusCode, header};
 
 use crate::policy::Authority;
-use crate::upstream::chain::{ChainConnectError, ChainError};
+use crate::upstream::chain::ChainError;
 use crate::upstream::connect::ConnectError;
 use crate::upstream::identity::IdentityRefused;
 use crate::upstream::tunnel::TunnelError;
@@ -277,10 +277,6 @@ fn classify_upstream(e: &UpstreamError) -> (StatusCode, &'static str, Fault) {
             (S::GATEWAY_TIMEOUT, "RelayUpstreamTimeout", Fault::Upstream)
         }
         UpstreamError::Stream { .. } => (S::BAD_GATEWAY, "RelayUpstreamReset", Fault::Upstream),
-        UpstreamError::BodyTooLarge { .. } => {
-            (S::PAYLOAD_TOO_LARGE, "RelayRequestTooLarge", Fault::Client)
-        }
-        UpstreamError::ClientBody(_) => (S::BAD_REQUEST, "RelayClientBodyFailed", Fault::Client),
         UpstreamError::Chain(e) => classify_chain(e),
     }
 }
@@ -290,12 +286,6 @@ fn classify_chain(e: &ChainError) -> (StatusCode, &'static str, Fault) {
     use StatusCode as S;
     let up = Fault::Upstream;
     match e {
-        ChainError::Connect { source, .. } => classify_chain_connect(source),
-        ChainError::BackingOff { source, .. } | ChainError::Reconnecting { source, .. } => {
-            let (_, reason, fault) = classify_chain_connect(source);
-            (S::BAD_GATEWAY, reason, fault)
-        }
-        ChainError::Busy { .. } => (S::SERVICE_UNAVAILABLE, "RelayOverloaded", Fault::Relay),
         ChainError::ProxyAnswered { status: 407, .. } => {
             (S::BAD_GATEWAY, "RelayProxyAuthenticationRequired", up)
         }
@@ -309,15 +299,15 @@ fn classify_chain(e: &ChainError) -> (StatusCode, &'static str, Fault) {
     }
 }
 
-fn classify_chain_connect(e: &ChainConnectError) -> (StatusCode, &'static str, Fault) {
+/// A step on the way to a relay chain's DMZ relay: the proxy's failures keep their reasons.
+fn classify_chain_connect(e: &ConnectError) -> (StatusCode, &'static str, Fault) {
     use StatusCode as S;
     let up = Fault::Upstream;
     match e {
-        ChainConnectError::Route(route @ ConnectError::Tunnel(_)) => classify_connect(route),
-        ChainConnectError::Route(ConnectError::TcpTimeout { .. })
-        | ChainConnectError::TlsTimeout { .. } => (S::GATEWAY_TIMEOUT, "RelayChainTimeout", up),
-        ChainConnectError::Route(_) => (S::BAD_GATEWAY, "RelayChainUnreachable", up),
-        ChainConnectError::Tls { .. } => (S::BAD_GATEWAY, "RelayChainTlsFailed", up),
+        ConnectError::Tunnel(_) => classify_connect(e),
+        e if e.is_timeout() => (S::GATEWAY_TIMEOUT, "RelayChainTimeout", up),
+        ConnectError::Tls { .. } => (S::BAD_GATEWAY, "RelayChainTlsFailed", up),
+        _ => (S::BAD_GATEWAY, "RelayChainUnreachable", up),
     }
 }
 
@@ -347,6 +337,7 @@ fn classify_connect(e: &ConnectError) -> (StatusCode, &'static str, Fault) {
         | ConnectError::TcpTimeout { .. }
         | ConnectError::TlsTimeout { .. }
         | ConnectError::H2Timeout { .. } => (S::GATEWAY_TIMEOUT, "RelayUpstreamTimeout", up),
+        ConnectError::Relay { source, .. } => classify_chain_connect(source),
     }
 }
 
@@ -357,13 +348,10 @@ pub fn hop_of(e: &RelayError) -> (&'static str, Option<u16>) {
             PoolError::Connect { source, .. }
             | PoolError::BackingOff { source, .. }
             | PoolError::Reconnecting { source, .. },
-        )) => {
-            let status = match source.as_ref() {
-                ConnectError::Tunnel(t) => t.proxy_status(),
-                _ => None,
-            };
-            (source.hop(), status)
-        }
+        )) => (
+            source.hop(),
+            source.tunnel().and_then(TunnelError::proxy_status),
+        ),
         RelayError::Upstream(UpstreamError::Pool(_)) => ("pool", None),
         RelayError::Tunnel { source, .. } => {
             let status = match source.as_ref() {
@@ -375,9 +363,6 @@ pub fn hop_of(e: &RelayError) -> (&'static str, Option<u16>) {
         RelayError::Upstream(UpstreamError::Chain(e)) => (e.hop(), e.proxy_status()),
         RelayError::Upstream(UpstreamError::Timeout { .. } | UpstreamError::Stream { .. }) => {
             ("origin", None)
-        }
-        RelayError::Upstream(UpstreamError::BodyTooLarge { .. } | UpstreamError::ClientBody(_)) => {
-            ("client", None)
         }
         RelayError::AnswerBody { .. } => ("origin", None),
         _ => ("client", None),
@@ -404,7 +389,7 @@ mod tests {
             RelayError::Upstream(UpstreamError::Timeout {
                 after: std::time::Duration::from_secs(1),
             }),
-            RelayError::Upstream(UpstreamError::BodyTooLarge { limit: 1 }),
+            RelayError::RequestBody(ReadError::TooLarge { limit: 1 }),
         ];
         for e in errors {
             let (_, reason, _) = e.classify();

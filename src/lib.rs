@@ -82,7 +82,7 @@ use relay::pre_proxy::PreProxy;
 use reload::Reloader;
 use swap::Swap;
 use tls::TlsSetupError;
-use upstream::chain::Chain;
+use upstream::chain::ChainKind;
 use upstream::connect::Connector;
 use upstream::pool::PoolSettings;
 use upstream::{Pool, Upstream};
@@ -135,32 +135,30 @@ impl App {
         metrics.status().config_origin("given in-process");
         metrics.status().config_loaded(config.to_yaml(), false);
         let routes = Connector::new(&config.upstream);
-        let pool = Pool::new(
-            routes.clone(),
-            tls_by_identity,
-            PoolSettings {
-                shards: workers.max(1),
-                ..PoolSettings::from_config(&config.upstream)
-            },
-            metrics.clone(),
-        );
-        let chain = match &config.upstream.relay {
+        let settings = PoolSettings {
+            shards: workers.max(1),
+            ..PoolSettings::from_config(&config.upstream)
+        };
+        let upstream = match &config.upstream.relay {
+            // A relay chain: the pool's connections are HTTP/1.1 to the DMZ relay.
             Some(r) => {
                 let secret = config::read_secret(&r.secret_file).map_err(|e| {
                     TlsSetupError::new("upstream.relay.secret_file", &r.secret_file, e)
                 })?;
                 let tls = tls::client::build_http11(&config.upstream.extra_roots)?;
-                Some(Chain::new(
-                    r,
-                    secret,
-                    &config.upstream,
-                    tls,
-                    metrics.clone(),
-                ))
+                let kind = ChainKind::new(r, secret, &config.upstream, tls);
+                let relay = kind.relay_name();
+                let settings = PoolSettings {
+                    max_connections: r.max_connections,
+                    ..settings
+                };
+                Upstream::new(Pool::chain(kind, settings, metrics.clone()), Some(relay))
             }
-            None => None,
+            None => Upstream::new(
+                Pool::new(routes.clone(), tls_by_identity, settings, metrics.clone()),
+                None,
+            ),
         };
-        let upstream = Upstream::new(pool, chain);
         let relay = Arc::new(Relay::new(&config, upstream, metrics));
         let mut listeners = Vec::new();
         for (i, l) in config.listeners.iter().enumerate() {

@@ -562,3 +562,104 @@ async fn status_page_names_the_dmz_relay_as_the_route() {
     );
     assert!(!body.contains(SECRET), "the secret must not show: {body}");
 }
+
+/// The DMZ relay goes down under load (drained and stopped, its port closed for about a second)
+/// and comes back on the same port: the inside relay rides it out as it rides out an origin
+/// outage (`upstream.reconnect_wait`), so requests wait instead of failing fast. No push is lost
+/// except those in flight at the cut (at most one per sender, `RelayChainReset`), and none
+/// reaches the origin twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dmz_relay_outage_is_ridden_out_like_an_origin_outage() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+    const SENDERS: usize = 16;
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let secret = chain::secret_file(&pki, "relay.secret", SECRET);
+    let dmz_yaml = format!(
+        "{}shutdown_grace: 1s\n",
+        chain::dmz_yaml(&pki, &origin, &secret, "\"127.0.0.1/32\"")
+    );
+    let socket = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dmz_addr = socket.local_addr().unwrap();
+    let dmz = relay::start_on(&dmz_yaml, vec![socket]).await;
+    let url = format!("https://localhost:{}", dmz_addr.port());
+    let inside_yaml = chain::inside_yaml(&pki, origin.port(), None, &url, &secret)
+        .replace("request_timeout: 5s", "request_timeout: 8s");
+    assert!(inside_yaml.contains("request_timeout: 8s"));
+    let inside = relay::start(&inside_yaml).await;
+    let client = Arc::new(H2Client::connect(&pki, inside.addr()).await);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..SENDERS)
+        .map(|s| {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                let mut pace = tokio::time::interval(Duration::from_millis(20));
+                let until = tokio::time::Instant::now() + Duration::from_secs(60);
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) && tokio::time::Instant::now() < until {
+                    pace.tick().await;
+                    let id = format!("00000000-0000-4000-8000-{s:04}{n:08}");
+                    let mut req = push_request("api.push.apple.com", &token(s * 100_000 + n));
+                    req.headers_mut().insert("apns-id", id.parse().unwrap());
+                    let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+                    outcomes.push((id, answer.status.as_u16(), answer.reason()));
+                    n += 1;
+                }
+                outcomes
+            })
+        })
+        .collect();
+    within(20, "pushes before the outage", origin.wait_received(100)).await;
+    within(10, "DMZ relay stopped", dmz.stop()).await;
+    let before = origin.received().len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let socket = tokio::net::TcpListener::bind(dmz_addr).await.unwrap();
+    let dmz = relay::start_on(&dmz_yaml, vec![socket]).await;
+    within(
+        20,
+        "pushes after the outage",
+        origin.wait_received(before + 100),
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
+    let mut outcomes = Vec::new();
+    for s in senders {
+        outcomes.extend(within(20, "senders", s).await.unwrap());
+    }
+
+    let mut at_origin: HashMap<String, usize> = HashMap::new();
+    for r in origin.received() {
+        let id = r.headers["apns-id"].to_str().unwrap().to_owned();
+        *at_origin.entry(id).or_insert(0) += 1;
+    }
+    let twice: Vec<_> = at_origin.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "pushes delivered twice: {twice:?}");
+    let mut lost = Vec::new();
+    for (id, status, reason) in &outcomes {
+        if *status == 200 {
+            assert!(
+                at_origin.contains_key(id),
+                "{id} answered 200, never delivered"
+            );
+        } else {
+            lost.push((id.clone(), *status, reason.clone()));
+        }
+    }
+    assert!(
+        lost.len() <= SENDERS
+            && lost.iter().all(|(_, status, reason)| *status == 502
+                && reason.as_deref() == Some("RelayChainReset")),
+        "only pushes in flight at the cut may fail, {} of {}: {lost:?}",
+        lost.len(),
+        outcomes.len()
+    );
+    eprintln!(
+        "{} pushes, {} lost at the cut: {lost:?}",
+        outcomes.len(),
+        lost.len()
+    );
+    dmz.stop().await;
+}

@@ -243,8 +243,8 @@ pub struct RelayUpstreamConfig {
     pub url: RelayUrl,
     /// The shared secret the DMZ relay's `relay_secret_file` holds (one line).
     pub secret_file: PathBuf,
-    /// HTTP/1.1 connections to the DMZ relay at most; each carries one request at a time.
-    /// Default 64.
+    /// HTTP/1.1 connections to the DMZ relay at most, per destination (in place of
+    /// `max_connections_per_destination`); each carries one request at a time. Default 64.
     #[serde(default = "default_relay_connections")]
     pub max_connections: usize,
     /// An unused connection is closed after this long. Keep it below the proxy's idle timeout

@@ -31,7 +31,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Authority, DestinationPolicy};
 use crate::swap::Swap;
 use crate::upstream::identity::{Identities, Sender};
-use crate::upstream::{self, BoxError, Pool, PoolKey, ReplayBody, Upstream};
+use crate::upstream::{BoxError, Pool, PoolKey, Upstream};
 use body::{RelayBody, read_whole};
 use h2_server::{CLIENT_MAX_STREAMS, Committed};
 
@@ -294,14 +294,15 @@ impl Relay {
         if let Some(committed) = parts.extensions.get::<Committed>() {
             committed.set();
         }
-        let mut body = ReplayBody::new(body, limit);
+        let (data, trailers) = body.into_parts();
+        let request = head.map(|()| data.unwrap_or_default());
         let ex = self
             .upstream
             .exchange(
                 &key,
                 Some(ctx.client),
-                head,
-                &mut body,
+                request,
+                trailers,
                 deadline,
                 self.request_timeout,
             )
@@ -314,9 +315,7 @@ impl Relay {
             .await
             .map_err(|e| match e {
                 ReadError::Timeout { .. } => {
-                    RelayError::Upstream(upstream::UpstreamError::Timeout {
-                        after: self.request_timeout,
-                    })
+                    RelayError::Upstream(self.upstream.timeout(self.request_timeout))
                 }
                 source => RelayError::AnswerBody { conn, source },
             })?;

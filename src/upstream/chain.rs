@@ -1,37 +1,39 @@
-//! The HTTP/1.1 route of a relay chain: every destination is reached through one DMZ pushrelay
-//! (a post-proxy listener), over keep-alive connections that carry one request at a time, at most
-//! `upstream.relay.max_connections` of them. `https://`: a CONNECT tunnel through the proxy, TLS to
-//! the DMZ relay, requests in origin form with `Host` naming the DMZ relay and the APNs host in
-//! `pushrelay-destination`. `http://`: requests in absolute form for the APNs host to the proxy
-//! (whose parent is the DMZ relay), or to the DMZ relay when there is no proxy. HTTP/1.1 cannot say a request
-//! went unprocessed, so once a byte of a push was written it is never sent again; an idle
-//! connection found dead before the write is replaced, and the push goes once on the new one.
-//! Failed connects back off as the HTTP/2 pool's do, one attempt at a time while the relay is down.
+//! The HTTP/1.1 connection kind of a relay chain: every destination is reached through one DMZ
+//! pushrelay (a post-proxy listener), over keep-alive connections that carry one request at a
+//! time (capacity 1 in the pool), at most `upstream.relay.max_connections` of them per
+//! destination. `https://`: a CONNECT tunnel through the proxy, TLS to the DMZ relay, requests in
+//! origin form with `Host` naming the DMZ relay and the APNs host in `pushrelay-destination`.
+//! `http://`: requests in absolute form for the APNs host to the proxy (whose parent is the DMZ
+//! relay), or to the DMZ relay when there is no proxy. Each connection has a driver task that owns
+//! the socket: it writes a request and reads its answer whole, notices a connection closed while
+//! idle (and tells the pool at once), and closes it after `upstream.relay.idle_timeout` unused.
+//! HTTP/1.1 cannot say a request went unprocessed, so once a byte of a push was written it is
+//! never sent again; a connection found dead before the write says "nothing written", and the
+//! pool sends the push once on another. The pool (`pool.rs`) does the rest, as for HTTP/2:
+//! checkout, queue, fairness, back-off, riding out an outage, metrics, the status page.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use bytes::Bytes;
 use http::header::HeaderName;
-use http::{Request, Response};
+use http::{Method, Request, Response};
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
+use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
-use tokio::time::{Instant, timeout, timeout_at};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, sleep, timeout_at};
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
-use super::connect::{ConnectError, Connector};
+use super::connect::{ConnectError, Connector, Route};
 pub use super::http1_client::WireError;
 use super::http1_client::{self, Io};
-use super::pool::{PoolKey, PoolSettings, backoff_delay};
 use super::tunnel::TunnelError;
 use crate::config::{Config, ProxyUrl, RelayUpstreamConfig, Secret, UpstreamConfig};
-use crate::metrics::Metrics;
 use crate::policy::Authority;
 
 /// The header that carries the shared secret to the DMZ relay; pushrelay's own, stripped there
@@ -49,71 +51,20 @@ pub const DESTINATION_HEADER: HeaderName = HeaderName::from_static("pushrelay-de
 /// it were Apple's.
 pub const DMZ_HEADER: HeaderName = HeaderName::from_static("pushrelay-dmz");
 
-/// Why a connection to the DMZ relay could not be opened; each names its hop.
-#[derive(Debug, thiserror::Error)]
-pub enum ChainConnectError {
-    /// DNS, TCP, or the proxy's CONNECT (the HTTP/2 pool's own steps).
-    #[error(transparent)]
-    Route(#[from] ConnectError),
-    #[error("TLS handshake with DMZ relay {relay} failed: {source}")]
-    Tls {
-        relay: String,
-        #[source]
-        source: io::Error,
+/// Why a request failed on a connection to the DMZ relay.
+#[derive(Debug)]
+pub enum ChainFailure {
+    /// The proxy in between answered in the DMZ relay's place.
+    ProxyAnswered {
+        status: u16,
     },
-    #[error("TLS handshake with DMZ relay {relay} timed out after {after:?}")]
-    TlsTimeout { relay: String, after: Duration },
+    Wire(WireError),
 }
 
-impl ChainConnectError {
-    /// The hop that failed, for logs.
-    pub fn hop(&self) -> &'static str {
-        match self {
-            ChainConnectError::Route(ConnectError::Tunnel(_)) => "proxy",
-            ChainConnectError::Route(ConnectError::Resolve { .. }) => "dns",
-            ChainConnectError::Route(_) => "relay",
-            ChainConnectError::Tls { .. } | ChainConnectError::TlsTimeout { .. } => "relay-tls",
-        }
-    }
-
-    pub fn proxy_status(&self) -> Option<u16> {
-        match self {
-            ChainConnectError::Route(ConnectError::Tunnel(t)) => t.proxy_status(),
-            _ => None,
-        }
-    }
-}
-
-/// Why a request could not be exchanged with the DMZ relay.
+/// Why a request could not be exchanged with the DMZ relay (connecting is the pool's, and
+/// fails with a `ConnectError::Relay`).
 #[derive(Debug, thiserror::Error)]
 pub enum ChainError {
-    #[error("connecting to DMZ relay {relay} failed: {source}")]
-    Connect {
-        relay: String,
-        #[source]
-        source: Arc<ChainConnectError>,
-    },
-    #[error(
-        "DMZ relay {relay} is backing off after failures ({remaining:?} left); last error: {source}"
-    )]
-    BackingOff {
-        relay: String,
-        remaining: Duration,
-        #[source]
-        source: Arc<ChainConnectError>,
-    },
-    #[error(
-        "DMZ relay {relay} is down and another request is reconnecting now; last error: {source}"
-    )]
-    Reconnecting {
-        relay: String,
-        #[source]
-        source: Arc<ChainConnectError>,
-    },
-    #[error(
-        "all {max} connections to DMZ relay {relay} stayed busy (upstream.relay.max_connections)"
-    )]
-    Busy { relay: String, max: usize },
     #[error("DMZ relay {relay} did not answer within {after:?} (the push may have been delivered)")]
     Timeout { relay: String, after: Duration },
     #[error("the proxy answered {status} instead of DMZ relay {relay} (connection {conn})")]
@@ -132,55 +83,41 @@ pub enum ChainError {
 }
 
 impl ChainError {
-    /// The connect error behind a connect failure or a fail-fast, if that is what this is.
-    pub fn connect_error(&self) -> Option<&ChainConnectError> {
-        match self {
-            ChainError::Connect { source, .. }
-            | ChainError::BackingOff { source, .. }
-            | ChainError::Reconnecting { source, .. } => Some(source),
-            _ => None,
+    pub fn new(relay: String, conn: u64, failure: ChainFailure) -> Self {
+        match failure {
+            ChainFailure::ProxyAnswered { status } => ChainError::ProxyAnswered {
+                relay,
+                conn,
+                status,
+            },
+            ChainFailure::Wire(source) => ChainError::Exchange {
+                relay,
+                conn,
+                source,
+            },
         }
     }
 
-    /// The proxy's own status, when it answered in the DMZ relay's place or refused a tunnel.
+    /// Whether nothing of the request was written.
+    pub fn never_processed(&self) -> bool {
+        matches!(self, ChainError::Exchange { source, .. } if source.nothing_written())
+    }
+
+    /// The proxy's own status, when it answered in the DMZ relay's place.
     pub fn proxy_status(&self) -> Option<u16> {
         match self {
             ChainError::ProxyAnswered { status, .. } => Some(*status),
-            _ => self
-                .connect_error()
-                .and_then(ChainConnectError::proxy_status),
+            _ => None,
         }
     }
 
     /// The hop that failed, for logs.
     pub fn hop(&self) -> &'static str {
         match self {
-            ChainError::Busy { .. } => "pool",
             ChainError::ProxyAnswered { .. } => "proxy",
             ChainError::Timeout { .. } | ChainError::Exchange { .. } => "relay",
-            _ => self.connect_error().map_or("relay", ChainConnectError::hop),
         }
     }
-}
-
-/// One keep-alive connection to the DMZ relay.
-struct Conn {
-    id: u64,
-    io: Box<dyn Io>,
-}
-
-struct Idle {
-    conn: Conn,
-    since: Instant,
-}
-
-/// Whether the DMZ relay is reachable, as the HTTP/2 pool's `Health`.
-#[derive(Default)]
-struct Health {
-    failures: u32,
-    retry_at: Option<Instant>,
-    last_error: Option<Arc<ChainConnectError>>,
-    probing: bool,
 }
 
 /// How requests are written for this route.
@@ -198,43 +135,39 @@ enum Form {
     },
 }
 
-/// The HTTP/1.1 route to the DMZ relay. Cheap to clone.
-#[derive(Clone)]
-pub struct Chain {
-    inner: Arc<Inner>,
-}
-
-struct Inner {
+/// What every connection to the DMZ relay shares: where it goes and how requests are written.
+struct Relay {
     relay: Authority,
     form: Form,
     secret: Secret,
-    max_connections: usize,
     idle_timeout: Duration,
-    step_timeout: Duration,
-    backoff: PoolSettings,
-    /// One per connection in use: bounds the connections, idle ones included (see `checkout`).
-    permits: Semaphore,
-    idle: Mutex<Vec<Idle>>,
-    health: Mutex<Health>,
-    next_id: AtomicU64,
-    metrics: Arc<Metrics>,
-    closing: CancellationToken,
 }
 
-/// A connection in use, with its permit; dropped without `release`, the connection closes.
-struct InUse<'a> {
-    conn: Conn,
-    _permit: tokio::sync::SemaphorePermit<'a>,
+/// Opens HTTP/1.1 connections to the DMZ relay, whatever the destination.
+pub struct ChainKind {
+    relay: Arc<Relay>,
 }
 
-impl Chain {
+/// The request side of one connection to the DMZ relay: a request goes to its driver.
+pub struct ChainLink {
+    relay: Arc<Relay>,
+    jobs: mpsc::Sender<Job>,
+}
+
+/// One request for the driver, and where its answer goes.
+struct Job {
+    bytes: Vec<u8>,
+    method: Method,
+    answer: oneshot::Sender<Result<Response<Bytes>, ChainFailure>>,
+}
+
+impl ChainKind {
     /// The route for `relay` (validated configuration), with `secret` read from its file.
     pub fn new(
         relay: &RelayUpstreamConfig,
         secret: Secret,
         upstream: &UpstreamConfig,
         tls: Arc<ClientConfig>,
-        metrics: Arc<Metrics>,
     ) -> Self {
         let dmz = relay.url.authority.clone();
         let form = if relay.url.tls {
@@ -268,150 +201,132 @@ impl Chain {
                 proxy_auth,
             }
         };
-        let closing = CancellationToken::new();
-        let chain = Chain {
-            inner: Arc::new(Inner {
+        ChainKind {
+            relay: Arc::new(Relay {
                 relay: dmz,
                 form,
                 secret,
-                max_connections: relay.max_connections,
                 idle_timeout: relay.idle_timeout,
-                step_timeout: upstream.connect_timeout,
-                backoff: PoolSettings::from_config(upstream),
-                permits: Semaphore::new(relay.max_connections),
-                idle: Mutex::new(Vec::new()),
-                health: Mutex::new(Health::default()),
-                next_id: AtomicU64::new(1),
-                metrics,
-                closing: closing.clone(),
             }),
-        };
-        // Idle connections close after `idle_timeout` even when no request comes to notice.
-        let weak = Arc::downgrade(&chain.inner);
-        let every = relay.idle_timeout / 2;
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = closing.cancelled() => break,
-                        _ = tokio::time::sleep(every) => {}
-                    }
-                    let Some(inner) = weak.upgrade() else { break };
-                    inner
-                        .lock_idle()
-                        .retain(|i| i.since.elapsed() < inner.idle_timeout);
-                }
-                if let Some(inner) = weak.upgrade() {
-                    inner.lock_idle().clear();
-                }
-            });
         }
-        chain
     }
 
-    /// Closes every idle connection and stops keeping any (at shutdown).
-    pub fn close(&self) {
-        self.inner.closing.cancel();
-        self.inner.lock_idle().clear();
+    /// The DMZ relay, as errors name it.
+    pub fn relay_name(&self) -> String {
+        self.relay.relay.to_string()
     }
 
-    /// Sends one request (its body whole) through the DMZ relay and reads the answer whole,
-    /// until `deadline`: the answer, the connection that carried it, and whether it was sent on
-    /// a second connection because the first was found dead before the write.
-    pub async fn exchange(
+    /// Opens one connection to the DMZ relay by `deadline`: TCP (through the tunnel for
+    /// https://), then TLS for https://; starts its driver, which ends the connection when
+    /// `close` is cancelled and says why it ended on the returned receiver (`None`: closed by
+    /// `close`).
+    pub async fn open(
         &self,
-        key: &PoolKey,
-        head: &Request<()>,
-        body: &[u8],
         deadline: Instant,
-        request_timeout: Duration,
-    ) -> Result<(Response<Bytes>, u64, bool), ChainError> {
-        let inner = &self.inner;
-        let bytes = inner.request_bytes(key, head, body);
-        let relay = inner.relay.to_string();
-        let permit = match timeout_at(deadline, inner.permits.acquire()).await {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(_)) | Err(_) => {
-                return Err(ChainError::Busy {
-                    relay,
-                    max: inner.max_connections,
-                });
-            }
+        close: CancellationToken,
+    ) -> Result<(ChainLink, Route, oneshot::Receiver<Option<String>>), ConnectError> {
+        let relay = &self.relay;
+        let name = relay.relay.to_string();
+        let wrap = |source: ConnectError| ConnectError::Relay {
+            relay: name.clone(),
+            source: Box::new(source),
         };
-        let attempts = async {
-            let mut resent = false;
-            let mut in_use = InUse {
-                conn: inner.checkout().await?,
-                _permit: permit,
-            };
-            loop {
-                let conn = in_use.conn.id;
-                let wrote = http1_client::write_request(&mut in_use.conn.io, &bytes).await;
-                let result = match wrote {
-                    Ok(()) => http1_client::read_answer(&mut in_use.conn.io, head.method()).await,
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(answer) if !answer.response.headers().contains_key(DMZ_HEADER) => {
-                        return Err(ChainError::ProxyAnswered {
-                            relay: relay.clone(),
-                            conn,
-                            status: answer.response.status().as_u16(),
-                        });
+        let (io, route): (Box<dyn Io>, Route) = match &relay.form {
+            Form::Tls { tls, connector } => {
+                let (tcp, route) = connector
+                    .tcp_until(&relay.relay, deadline)
+                    .await
+                    .map_err(wrap)?;
+                let host = relay.relay.host().to_owned();
+                let server = ServerName::try_from(host.clone()).map_err(|e| {
+                    wrap(ConnectError::Tls {
+                        host: host.clone(),
+                        source: io::Error::new(io::ErrorKind::InvalidInput, e),
+                    })
+                })?;
+                match timeout_at(
+                    deadline,
+                    TlsConnector::from(tls.clone()).connect(server, tcp),
+                )
+                .await
+                {
+                    Err(_) => {
+                        return Err(wrap(ConnectError::TlsTimeout {
+                            host,
+                            after: connector.budget(),
+                        }));
                     }
-                    Ok(answer) => {
-                        if answer.reusable && !inner.closing.is_cancelled() {
-                            inner.lock_idle().push(Idle {
-                                conn: in_use.conn,
-                                since: Instant::now(),
-                            });
-                        }
-                        return Ok((answer.response, conn, resent));
-                    }
-                    // Nothing of it left: one more connection may take it.
-                    Err(e) if e.nothing_written() && !resent => {
-                        tracing::debug!(upstream.conn = conn, error = %e, "connection to the DMZ relay dead before the write; sending on a new one");
-                        resent = true;
-                        in_use.conn = inner.checkout().await?;
-                    }
-                    Err(source) => {
-                        return Err(ChainError::Exchange {
-                            relay: relay.clone(),
-                            conn,
-                            source,
-                        });
-                    }
+                    Ok(Err(source)) => return Err(wrap(ConnectError::Tls { host, source })),
+                    Ok(Ok(stream)) => (Box::new(stream), route),
                 }
             }
+            Form::Plain { to, via_proxy, .. } => {
+                let tcp = tcp(to, via_proxy.as_ref(), deadline).await.map_err(wrap)?;
+                let route = match via_proxy {
+                    Some(p) => Route::Proxy {
+                        proxy: p.to_string(),
+                        target: name.clone(),
+                    },
+                    None => Route::Direct {
+                        addr: to.to_string(),
+                    },
+                };
+                (Box::new(tcp), route)
+            }
         };
-        match timeout_at(deadline, attempts).await {
-            Ok(r) => r,
-            Err(_) => Err(ChainError::Timeout {
-                relay,
-                after: request_timeout,
-            }),
-        }
+        let (jobs, queue) = mpsc::channel(1);
+        let (ended_tx, ended_rx) = oneshot::channel();
+        tokio::spawn(drive(io, queue, relay.idle_timeout, close, ended_tx));
+        Ok((
+            ChainLink {
+                relay: relay.clone(),
+                jobs,
+            },
+            route,
+            ended_rx,
+        ))
     }
 }
 
-impl Inner {
-    fn lock_idle(&self) -> MutexGuard<'_, Vec<Idle>> {
-        // A panic while holding this lock leaves at worst a connection too many or too few.
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+impl ChainLink {
+    /// Sends one request for `dest` (its body whole) and reads the answer whole.
+    pub async fn send(
+        &self,
+        dest: &Authority,
+        head: &Request<()>,
+        body: &[u8],
+    ) -> Result<Response<Bytes>, ChainFailure> {
+        let nothing_written = || {
+            ChainFailure::Wire(WireError::Write {
+                written: 0,
+                source: io::ErrorKind::NotConnected.into(),
+            })
+        };
+        let (answer, answered) = oneshot::channel();
+        let job = Job {
+            bytes: self.relay.request_bytes(dest, head, body),
+            method: head.method().clone(),
+            answer,
+        };
+        // The driver gone: the connection ended before anything of this was written.
+        if self.jobs.try_send(job).is_err() {
+            return Err(nothing_written());
+        }
+        answered
+            .await
+            .unwrap_or_else(|_| Err(ChainFailure::Wire(WireError::Closed)))
     }
+}
 
-    fn lock_health(&self) -> MutexGuard<'_, Health> {
-        self.health.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
+impl Relay {
     /// The request as written on this route: origin form over TLS (`Host` the DMZ relay, the
     /// destination in its own header), absolute form in plain; the relay secret (and proxy
     /// credentials) added.
-    fn request_bytes(&self, key: &PoolKey, head: &Request<()>, body: &[u8]) -> Vec<u8> {
+    fn request_bytes(&self, dest: &Authority, head: &Request<()>, body: &[u8]) -> Vec<u8> {
         let host = head
             .uri()
             .authority()
-            .map_or_else(|| key.dest.as_shared_str().as_ref(), |a| a.as_str());
+            .map_or_else(|| dest.as_shared_str().as_ref(), |a| a.as_str());
         let path = head.uri().path_and_query().map_or("/", |p| p.as_str());
         let mut extra = vec![(SECRET_HEADER, self.secret.expose())];
         match &self.form {
@@ -443,186 +358,116 @@ impl Inner {
             }
         }
     }
+}
 
-    /// A live idle connection, or a new one (subject to back-off). Idle connections found dead
-    /// (closed by the DMZ relay or the proxy meanwhile) are dropped on the way.
-    async fn checkout(&self) -> Result<Conn, ChainError> {
-        loop {
-            let Some(mut idle) = self.lock_idle().pop() else {
-                break;
-            };
-            if idle.since.elapsed() < self.idle_timeout && !http1_client::is_dead(&mut idle.conn.io)
-            {
-                return Ok(idle.conn);
-            }
-            tracing::debug!(
-                upstream.conn = idle.conn.id,
-                "idle connection to the DMZ relay closed; dropped"
-            );
-        }
-        let relay = self.relay.to_string();
-        let probe = {
-            let mut health = self.lock_health();
-            let now = Instant::now();
-            if let Some(error) = health.last_error.clone() {
-                if let Some(at) = health.retry_at.filter(|at| *at > now) {
-                    return Err(ChainError::BackingOff {
-                        relay,
-                        remaining: at - now,
-                        source: error,
-                    });
-                }
-                if health.probing {
-                    return Err(ChainError::Reconnecting {
-                        relay,
-                        source: error,
-                    });
-                }
-                health.probing = true;
-                true
-            } else {
-                false
-            }
+/// Owns one connection: waits for a request while watching the idle socket (a close, stray
+/// bytes, `idle_timeout`, `close`), exchanges it, and goes on while the connection may be
+/// reused; then says why it ended. A request whose caller left before its answer ends the
+/// connection (the answer could no longer be told from the next one's).
+async fn drive(
+    mut io: Box<dyn Io>,
+    mut jobs: mpsc::Receiver<Job>,
+    idle_timeout: Duration,
+    close: CancellationToken,
+    ended: oneshot::Sender<Option<String>>,
+) {
+    let why = loop {
+        let mut byte = [0u8; 1];
+        let job = tokio::select! {
+            job = jobs.recv() => match job {
+                Some(job) => job,
+                None => break Some("no longer used".to_owned()),
+            },
+            read = io.read(&mut byte) => break Some(match read {
+                Ok(0) => "closed by the peer while idle".to_owned(),
+                Ok(_) => "the peer sent bytes nobody asked for".to_owned(),
+                Err(e) => format!("error while idle: {e}"),
+            }),
+            () = sleep(idle_timeout) => break Some(format!("unused for {idle_timeout:?}")),
+            () = close.cancelled() => break None,
         };
-        // Cleared however the attempt ends, cancellation (the request's deadline) included: a
-        // flag left set would make every later request fail fast for good.
-        let probe_guard = probe.then_some(ProbeGuard(self));
-        let result = self.open().await;
-        drop(probe_guard);
-        let mut health = self.lock_health();
+        let Job {
+            bytes,
+            method,
+            mut answer,
+        } = job;
+        // Closed meanwhile: nothing of the request goes out, another connection may take it.
+        if http1_client::is_dead(&mut io) {
+            let _ = answer.send(Err(ChainFailure::Wire(WireError::Write {
+                written: 0,
+                source: io::ErrorKind::ConnectionReset.into(),
+            })));
+            break Some("found closed before a write".to_owned());
+        }
+        let exchange = async {
+            http1_client::write_request(&mut io, &bytes).await?;
+            http1_client::read_answer(&mut io, &method).await
+        };
+        let result = tokio::select! {
+            r = exchange => r,
+            () = answer.closed() => break Some("its request left before the answer".to_owned()),
+        };
         match result {
-            Ok(conn) => {
-                *health = Health::default();
-                tracing::info!(upstream.relay = %self.relay, upstream.conn = conn.id, "connection to the DMZ relay ready");
-                Ok(conn)
+            Ok(a) if !a.response.headers().contains_key(DMZ_HEADER) => {
+                let status = a.response.status().as_u16();
+                let _ = answer.send(Err(ChainFailure::ProxyAnswered { status }));
+                break Some(format!(
+                    "the proxy answered {status} in the DMZ relay's place"
+                ));
+            }
+            Ok(a) => {
+                let reusable = a.reusable;
+                let _ = answer.send(Ok(a.response));
+                if !reusable {
+                    break Some("the DMZ relay closes it after this answer".to_owned());
+                }
             }
             Err(e) => {
-                // Connects made together while the relay was healthy fail together: they are one
-                // failure, not many, or a short outage would back off for a minute. After that,
-                // only the one probe at a time counts.
-                if probe || health.last_error.is_none() {
-                    health.failures = health.failures.saturating_add(1);
-                    let delay = backoff_delay(&self.backoff, health.failures, jitter());
-                    health.retry_at = Some(Instant::now() + delay);
-                }
-                let delay = health.retry_at.map_or(Duration::ZERO, |at| {
-                    at.saturating_duration_since(Instant::now())
-                });
-                match &e {
-                    ChainConnectError::Route(ConnectError::Tunnel(t)) => {
-                        self.metrics.proxy_failure(&match t {
-                            TunnelError::Refused { status, .. } => status.to_string(),
-                            TunnelError::ConnectTimeout { .. }
-                            | TunnelError::ReplyTimeout { .. } => "timeout".into(),
-                            TunnelError::Connect { .. } => "unreachable".into(),
-                            _ => "malformed".into(),
-                        })
-                    }
-                    ChainConnectError::Tls { .. } | ChainConnectError::TlsTimeout { .. } => {
-                        self.metrics.tls_failure("upstream")
-                    }
-                    ChainConnectError::Route(_) => {}
-                }
-                let e = Arc::new(e);
-                health.last_error = Some(e.clone());
-                tracing::warn!(
-                    upstream.relay = %self.relay,
-                    upstream.hop = e.hop(),
-                    proxy.status = e.proxy_status(),
-                    retry_in_ms = delay.as_millis() as u64,
-                    error = %e,
-                    "connect to the DMZ relay failed"
-                );
-                Err(ChainError::Connect { relay, source: e })
+                let why = format!("exchange failed: {e}");
+                let _ = answer.send(Err(ChainFailure::Wire(e)));
+                break Some(why);
             }
         }
+    };
+    // A request that came in as the connection ended was never written: say so.
+    jobs.close();
+    while let Ok(job) = jobs.try_recv() {
+        let _ = job.answer.send(Err(ChainFailure::Wire(WireError::Write {
+            written: 0,
+            source: io::ErrorKind::NotConnected.into(),
+        })));
     }
-
-    /// Opens one connection: TCP (through the tunnel for https://), then TLS for https://.
-    async fn open(&self) -> Result<Conn, ChainConnectError> {
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let io: Box<dyn Io> = match &self.form {
-            Form::Tls { tls, connector } => {
-                let (tcp, _route) = connector.tcp(&self.relay).await?;
-                let relay = self.relay.to_string();
-                let name = ServerName::try_from(self.relay.host().to_owned()).map_err(|e| {
-                    ChainConnectError::Tls {
-                        relay: relay.clone(),
-                        source: io::Error::new(io::ErrorKind::InvalidInput, e),
-                    }
-                })?;
-                match timeout(
-                    self.step_timeout,
-                    TlsConnector::from(tls.clone()).connect(name, tcp),
-                )
-                .await
-                {
-                    Err(_) => {
-                        return Err(ChainConnectError::TlsTimeout {
-                            relay,
-                            after: self.step_timeout,
-                        });
-                    }
-                    Ok(Err(source)) => return Err(ChainConnectError::Tls { relay, source }),
-                    Ok(Ok(stream)) => Box::new(stream),
-                }
-            }
-            Form::Plain { to, via_proxy, .. } => Box::new(self.tcp(to, via_proxy.as_ref()).await?),
-        };
-        Ok(Conn { id, io })
-    }
-
-    /// Plain TCP to `to`; a failure names the proxy when `to` is the proxy.
-    async fn tcp(
-        &self,
-        to: &Authority,
-        proxy: Option<&ProxyUrl>,
-    ) -> Result<TcpStream, ConnectError> {
-        let addr = to.to_string();
-        let connected = timeout(self.step_timeout, TcpStream::connect(addr.as_str())).await;
-        let stream = match (connected, proxy) {
-            (Ok(Ok(s)), _) => s,
-            (Err(_), Some(p)) => {
-                return Err(TunnelError::ConnectTimeout {
-                    proxy: p.to_string(),
-                    after: self.step_timeout,
-                }
-                .into());
-            }
-            (Ok(Err(source)), Some(p)) => {
-                return Err(TunnelError::Connect {
-                    proxy: p.to_string(),
-                    source,
-                }
-                .into());
-            }
-            (Err(_), None) => {
-                return Err(ConnectError::TcpTimeout {
-                    addr,
-                    after: self.step_timeout,
-                });
-            }
-            (Ok(Err(source)), None) => return Err(ConnectError::Tcp { addr, source }),
-        };
-        let _ = stream.set_nodelay(true);
-        Ok(stream)
-    }
+    let _ = ended.send(why);
 }
 
-/// The one connect attempt made while the DMZ relay is down; dropped, it lets the next start.
-struct ProbeGuard<'a>(&'a Inner);
-
-impl Drop for ProbeGuard<'_> {
-    fn drop(&mut self) {
-        self.0.lock_health().probing = false;
-    }
-}
-
-/// In [0.5, 1.0], so relays that failed together do not retry together (the clock's nanoseconds
-/// are random enough for that).
-fn jitter() -> f64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    0.5 + f64::from(nanos % 1000) / 2000.0
+/// Plain TCP to `to` by `deadline`; a failure names the proxy when `to` is the proxy.
+async fn tcp(
+    to: &Authority,
+    proxy: Option<&ProxyUrl>,
+    deadline: Instant,
+) -> Result<TcpStream, ConnectError> {
+    let addr = to.to_string();
+    let after = deadline.saturating_duration_since(Instant::now());
+    let connected = timeout_at(deadline, TcpStream::connect(addr.as_str())).await;
+    let stream = match (connected, proxy) {
+        (Ok(Ok(s)), _) => s,
+        (Err(_), Some(p)) => {
+            return Err(TunnelError::ConnectTimeout {
+                proxy: p.to_string(),
+                after,
+            }
+            .into());
+        }
+        (Ok(Err(source)), Some(p)) => {
+            return Err(TunnelError::Connect {
+                proxy: p.to_string(),
+                source,
+            }
+            .into());
+        }
+        (Err(_), None) => return Err(ConnectError::TcpTimeout { addr, after }),
+        (Ok(Err(source)), None) => return Err(ConnectError::Tcp { addr, source }),
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }

@@ -67,6 +67,14 @@ pub enum ConnectError {
     },
     #[error("HTTP/2 handshake with {host} timed out after {after:?}")]
     H2Timeout { host: String, after: Duration },
+    /// In a relay chain, a step on the way to the DMZ relay (DNS, TCP, the proxy's CONNECT, TLS)
+    /// failed: `source` says which.
+    #[error("DMZ relay {relay}: {source}")]
+    Relay {
+        relay: String,
+        #[source]
+        source: Box<ConnectError>,
+    },
 }
 
 impl ConnectError {
@@ -75,6 +83,7 @@ impl ConnectError {
     /// on these instead of waiting for the destination to come back.
     pub fn is_lasting(&self) -> bool {
         match self {
+            ConnectError::Relay { source, .. } => source.is_lasting(),
             ConnectError::Tunnel(TunnelError::Refused { status, .. }) => {
                 matches!(status, 403 | 407)
             }
@@ -95,6 +104,9 @@ impl ConnectError {
 
     /// Whether the step that failed was a timeout.
     pub fn is_timeout(&self) -> bool {
+        if let ConnectError::Relay { source, .. } = self {
+            return source.is_timeout();
+        }
         matches!(
             self,
             ConnectError::ResolveTimeout { .. }
@@ -117,6 +129,32 @@ impl ConnectError {
             | ConnectError::TlsTimeout { .. }
             | ConnectError::NoH2 { .. } => "tls",
             ConnectError::H2 { .. } | ConnectError::H2Timeout { .. } => "h2",
+            ConnectError::Relay { source, .. } => match source.as_ref() {
+                ConnectError::Tunnel(_) => "proxy",
+                ConnectError::Resolve { .. } | ConnectError::ResolveTimeout { .. } => "dns",
+                ConnectError::Tls { .. } | ConnectError::TlsTimeout { .. } => "relay-tls",
+                _ => "relay",
+            },
+        }
+    }
+
+    /// The proxy's refusal or failure behind this, on the way to the origin or the DMZ relay.
+    pub fn tunnel(&self) -> Option<&TunnelError> {
+        match self {
+            ConnectError::Tunnel(t) => Some(t),
+            ConnectError::Relay { source, .. } => source.tunnel(),
+            _ => None,
+        }
+    }
+
+    /// Whether TLS (to the origin or the DMZ relay) is what failed.
+    pub fn is_tls(&self) -> bool {
+        match self {
+            ConnectError::Tls { .. }
+            | ConnectError::TlsTimeout { .. }
+            | ConnectError::NoH2 { .. } => true,
+            ConnectError::Relay { source, .. } => source.is_tls(),
+            _ => false,
         }
     }
 }
@@ -185,7 +223,7 @@ impl Connector {
         self.tcp_until(dest, self.deadline()).await
     }
 
-    async fn tcp_until(
+    pub async fn tcp_until(
         &self,
         dest: &Authority,
         deadline: Instant,

@@ -1,9 +1,10 @@
-//! Upstream HTTP/2 connections, shared by every client: per destination (and identity) a small set
-//! of long-lived connections, each carrying as many streams as the origin's live
-//! SETTINGS_MAX_CONCURRENT_STREAMS allows. A new connection opens only when every open one is full
-//! and none is being opened, so a burst of pushes shares one connection instead of stampeding Apple.
-//! A connection counts as ready after its first PING answer, which also means the origin's SETTINGS
-//! have been applied. PINGs keep it alive; an unanswered one closes it. A connect is a task the
+//! Upstream connections, shared by every client: per destination (and identity) a small set of
+//! long-lived connections of one kind (`link.rs`: HTTP/2 to the origin, or HTTP/1.1 to a DMZ relay
+//! in a relay chain), each carrying as many requests at once as its live capacity allows (HTTP/2:
+//! the origin's SETTINGS_MAX_CONCURRENT_STREAMS; HTTP/1.1: one). A new connection opens only when
+//! every open one is full and none is being opened, so a burst of pushes shares one connection
+//! instead of stampeding Apple. Each connection's driver (the kind's) says when it ends and why;
+//! the pool then takes it out of rotation. A connect is a task the
 //! destination owns (the request that asked for it may leave), bounded as a whole; failures back
 //! off with jitter. Requests wait for a destination that went down for up to `reconnect_wait`, then
 //! fail fast. While requests wait, client connections share the streams and queue fairly.
@@ -19,17 +20,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use h2::client::ResponseFuture;
-use h2::{Ping, SendStream};
-use http::Request;
 use rustls::ClientConfig;
 use tokio::sync::{Notify, oneshot, watch};
-use tokio::time::{Instant, sleep, timeout, timeout_at};
+use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use super::connect::{ConnectError, Connector, H2Connection, H2Send, Route};
+use super::chain::ChainKind;
+use super::connect::{ConnectError, Connector, Route};
 use super::decision::{Decision, Limits, View, decide};
+use super::h2_link::H2Kind;
+use super::link::{Link, LinkKind, Opened};
 use crate::config::UpstreamConfig;
 use crate::fasthash::FastMap;
 use crate::metrics::{DestinationGauges, Metrics, PoolGauges};
@@ -98,6 +98,8 @@ pub struct PoolSettings {
     pub reconnect_wait: Duration,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// Bounds a whole connect attempt (`upstream.connect_timeout`).
+    pub connect_timeout: Duration,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
     /// Worker threads: each has a shard of the pool (its connections) of its own, so a request
@@ -117,6 +119,7 @@ impl PoolSettings {
             reconnect_wait: upstream.reconnect_wait,
             keepalive_interval: upstream.keepalive_interval,
             keepalive_timeout: upstream.keepalive_timeout,
+            connect_timeout: upstream.connect_timeout,
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             shards: 1,
@@ -153,21 +156,19 @@ fn random_jitter() -> f64 {
     0.5 + (bits % 1000) as f64 / 2000.0
 }
 
-/// One upstream HTTP/2 connection.
+/// One upstream connection, of whichever kind.
 pub struct Conn {
     id: u64,
-    send: H2Send,
+    link: Link,
     in_flight: AtomicUsize,
     open: AtomicBool,
     route: Route,
-    /// Ends the connection (its identity evicted; a child of the pool's shutdown token).
-    close: CancellationToken,
 }
 
 impl Conn {
     fn has_room(&self) -> bool {
         self.open.load(Ordering::Acquire)
-            && self.in_flight.load(Ordering::SeqCst) < self.send.current_max_send_streams()
+            && self.in_flight.load(Ordering::SeqCst) < self.link.capacity()
     }
 
     pub fn id(&self) -> u64 {
@@ -349,7 +350,7 @@ impl DestState {
             .conns
             .iter()
             .filter(|c| c.open.load(Ordering::Acquire))
-            .map(|c| c.send.current_max_send_streams())
+            .map(|c| c.link.capacity())
             .sum::<usize>()
             + max_queued;
         let share = (capacity / (others + 2)).max(1);
@@ -418,7 +419,8 @@ impl Dest {
     }
 }
 
-/// A stream slot on a connection, held from request start until the response body ends.
+/// A request slot on a connection (an HTTP/2 stream), held from request start until the
+/// response body ends.
 pub struct Lease {
     conn: Arc<Conn>,
     dest: Arc<Dest>,
@@ -435,19 +437,9 @@ impl Lease {
         &self.conn.route
     }
 
-    /// Opens a stream. An error here means nothing was sent: the caller may try another lease.
-    pub fn send_request(
-        &self,
-        request: Request<()>,
-        end_of_stream: bool,
-    ) -> Result<(ResponseFuture, SendStream<Bytes>), h2::Error> {
-        // A handle of its own, so a stream h2 holds back (the origin lowered its limit under us)
-        // never blocks another request's handle. The pool's accounting stands in for `ready()`.
-        let result = self.conn.send.clone().send_request(request, end_of_stream);
-        if result.is_err() {
-            self.retire();
-        }
-        result
+    /// The connection's request side.
+    pub(super) fn link(&self) -> &Link {
+        &self.conn.link
     }
 
     /// Takes the connection out of rotation (GOAWAY seen, or it failed): streams on it finish,
@@ -541,8 +533,7 @@ pub struct Pool {
 }
 
 struct Inner {
-    connector: Connector,
-    tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
+    kind: LinkKind,
     /// Limits per destination (and identity), over all shards.
     settings: PoolSettings,
     /// One map per shard (worker thread).
@@ -645,18 +636,34 @@ impl PoolGauges for Pool {
 }
 
 impl Pool {
-    /// `tls` maps each identity (None: anonymous) to the client config that presents it.
+    /// HTTP/2 connections to the origins; `tls` maps each identity (None: anonymous) to the
+    /// client config that presents it.
     pub fn new(
         connector: Connector,
         tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
         settings: PoolSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let kind = H2Kind::new(
+            connector,
+            tls,
+            settings.keepalive_interval,
+            settings.keepalive_timeout,
+            metrics.clone(),
+        );
+        Self::of_kind(LinkKind::H2(Box::new(kind)), settings, metrics)
+    }
+
+    /// HTTP/1.1 connections to a relay chain's DMZ relay, whatever the destination.
+    pub fn chain(kind: ChainKind, settings: PoolSettings, metrics: Arc<Metrics>) -> Self {
+        Self::of_kind(LinkKind::Chain(kind), settings, metrics)
+    }
+
+    fn of_kind(kind: LinkKind, settings: PoolSettings, metrics: Arc<Metrics>) -> Self {
         let shards = settings.shards.max(1);
         Pool {
             inner: Arc::new(Inner {
-                connector,
-                tls,
+                kind,
                 settings,
                 dests: (0..shards)
                     .map(|_| Mutex::new(FastMap::default()))
@@ -1045,20 +1052,8 @@ impl Pool {
         // Declared first, dropped last: wakes the waiters once the outcome is recorded.
         let _guard = ConnectingGuard { dest, probe };
         let key = &dest.key;
-        let tls = self
-            .inner
-            .tls
-            .get(&key.identity)
-            .or_else(|| self.inner.tls.get(&None))
-            .cloned();
-        let deadline = self.inner.connector.deadline();
-        let result = match tls {
-            Some(tls) => self.open(dest, &tls, deadline, reservation).await,
-            None => Err(ConnectError::Tls {
-                host: key.dest.host().to_owned(),
-                source: std::io::Error::other("no TLS configuration for this identity"),
-            }),
-        };
+        let deadline = Instant::now() + self.inner.settings.connect_timeout;
+        let result = self.open(dest, deadline, reservation).await;
         let mut st = dest.lock();
         let mut health = dest.health();
         let finished = health.finished + 1;
@@ -1103,178 +1098,85 @@ impl Pool {
     fn record_failure(&self, e: &ConnectError) {
         let metrics = &self.inner.metrics;
         metrics.connect_failure(e.hop());
-        match e {
-            ConnectError::Tunnel(t) => metrics.proxy_failure(&match t {
+        if let Some(t) = e.tunnel() {
+            metrics.proxy_failure(&match t {
                 TunnelError::Refused { status, .. } => status.to_string(),
                 TunnelError::ConnectTimeout { .. } | TunnelError::ReplyTimeout { .. } => {
                     "timeout".into()
                 }
                 TunnelError::Connect { .. } => "unreachable".into(),
                 _ => "malformed".into(),
-            }),
-            ConnectError::Tls { .. } | ConnectError::NoH2 { .. } => metrics.tls_failure("upstream"),
-            _ => {}
+            });
+        } else if e.is_tls() && !e.is_timeout() {
+            metrics.tls_failure("upstream");
         }
     }
 
-    /// Connects, starts the driver task, and waits for the first PING answer, all by `deadline`.
+    /// Opens a connection of the pool's kind by `deadline`, and watches for its end.
     async fn open(
         &self,
         dest: &Arc<Dest>,
-        tls: &Arc<ClientConfig>,
         deadline: Instant,
         reservation: Reservation,
     ) -> Result<Arc<Conn>, ConnectError> {
         let key = &dest.key;
-        let mut connected = self
+        let close = dest.shared.close.child_token();
+        let Opened { link, route, ended } = self
             .inner
-            .connector
-            .connect(&key.dest, tls, deadline)
+            .kind
+            .open(&key.dest, &key.identity, deadline, close)
             .await?;
-        let ping_pong = connected.connection.ping_pong();
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
-            send: connected.send,
+            link,
             in_flight: AtomicUsize::new(0),
-            open: AtomicBool::new(false),
-            route: connected.route,
-            close: dest.shared.close.child_token(),
+            open: AtomicBool::new(true),
+            route,
         });
-        let (ready_tx, ready_rx) = oneshot::channel();
-        tokio::spawn(drive(
-            Driven {
-                connection: connected.connection,
-                ping_pong,
-                ready: ready_tx,
-                ready_by: deadline,
-                _reservation: reservation,
-            },
+        tokio::spawn(watch_end(
+            ended,
             conn.clone(),
             dest.clone(),
             self.inner.clone(),
+            reservation,
         ));
-        let host = key.dest.host().to_owned();
-        match ready_rx.await {
-            Ok(Ok(())) => {
-                conn.open.store(true, Ordering::Release);
-                self.inner.events.send_modify(|n| *n += 1);
-                tracing::info!(
-                    upstream.authority = %key.dest,
-                    upstream.conn = conn.id,
-                    upstream.route = ?conn.route,
-                    upstream.max_streams = conn.send.current_max_send_streams(),
-                    "upstream connection ready"
-                );
-                Ok(conn)
-            }
-            Ok(Err(ReadyError::Timeout)) => Err(ConnectError::H2Timeout {
-                host,
-                after: self.inner.connector.budget(),
-            }),
-            Ok(Err(ReadyError::H2(source))) => Err(ConnectError::H2 { host, source }),
-            Err(_) => Err(ConnectError::H2 {
-                host,
-                source: h2::Error::from(h2::Reason::INTERNAL_ERROR),
-            }),
-        }
+        self.inner.events.send_modify(|n| *n += 1);
+        tracing::info!(
+            upstream.authority = %key.dest,
+            upstream.conn = conn.id,
+            upstream.route = ?conn.route,
+            upstream.max_streams = conn.link.capacity(),
+            "upstream connection ready"
+        );
+        Ok(conn)
     }
 }
 
 fn e_proxy_status(e: &ConnectError) -> Option<u16> {
-    match e {
-        ConnectError::Tunnel(t) => t.proxy_status(),
-        _ => None,
-    }
+    e.tunnel().and_then(TunnelError::proxy_status)
 }
 
-enum ReadyError {
-    Timeout,
-    H2(h2::Error),
-}
-
-/// Drives one connection: first PING (readiness), then keepalive PINGs until the connection ends or
-/// a PING goes unanswered. Marks the connection closed when it returns.
-/// A new connection as its driver gets it.
-struct Driven {
-    connection: H2Connection,
-    ping_pong: Option<h2::PingPong>,
-    ready: oneshot::Sender<Result<(), ReadyError>>,
-    /// The end of the connect attempt: the first PING must be answered by then.
-    ready_by: Instant,
-    /// Counts the connection against `max_connections_per_destination` until it ends.
+/// Waits for a connection's driver to say it ended (the reservation held until then), then
+/// takes the connection out of rotation and wakes whoever waits for a change.
+async fn watch_end(
+    ended: oneshot::Receiver<Option<String>>,
+    conn: Arc<Conn>,
+    dest: Arc<Dest>,
+    pool: Arc<Inner>,
     _reservation: Reservation,
-}
-
-async fn drive(driven: Driven, conn: Arc<Conn>, dest: Arc<Dest>, pool: Arc<Inner>) {
-    let Driven {
-        connection,
-        mut ping_pong,
-        ready,
-        ready_by,
-        _reservation,
-    } = driven;
-    let settings = &pool.settings;
-    let mut connection = pin!(connection);
-    let id = conn.id;
-    let first_ping = async {
-        match ping_pong.as_mut() {
-            Some(pp) => match timeout_at(ready_by, pp.ping(Ping::opaque())).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(ReadyError::H2(e)),
-                Err(_) => Err(ReadyError::Timeout),
-            },
-            None => Ok(()),
-        }
-    };
-    let ready_result = tokio::select! {
-        r = connection.as_mut() => Err(match r {
-            Ok(()) => ReadyError::H2(h2::Error::from(h2::Reason::NO_ERROR)),
-            Err(e) => ReadyError::H2(e),
-        }),
-        r = first_ping => r,
-    };
-    let failed = ready_result.is_err();
-    if ready.send(ready_result).is_err() || failed {
-        return;
-    }
-
-    let keepalive = async {
-        let Some(pp) = ping_pong.as_mut() else {
-            return std::future::pending().await;
-        };
-        loop {
-            sleep(settings.keepalive_interval).await;
-            match timeout(settings.keepalive_timeout, pp.ping(Ping::opaque())).await {
-                Ok(Ok(_)) => continue,
-                Ok(Err(e)) => return format!("PING failed: {e}"),
-                Err(_) => return format!("PING unanswered for {:?}", settings.keepalive_timeout),
-            }
-        }
-    };
-    let reason = tokio::select! {
-        r = connection.as_mut() => match r {
-            // A clean HTTP/2 close from the origin always comes with its GOAWAY.
-            Ok(()) => {
-                pool.metrics.goaway(&dest.key.dest.to_string());
-                "closed by the origin (GOAWAY)".to_owned()
-            }
-            Err(e) if e.is_go_away() && e.is_remote() => {
-                pool.metrics.goaway(&dest.key.dest.to_string());
-                format!("GOAWAY {:?}", e.reason())
-            }
-            Err(e) => format!("error: {e}"),
-        },
-        why = keepalive => why,
-        () = conn.close.cancelled() => if pool.closing.is_cancelled() {
-            "relay shutting down".to_owned()
-        } else {
+) {
+    let reason = match ended.await {
+        Ok(Some(why)) => why,
+        Ok(None) if pool.closing.is_cancelled() => "relay shutting down".to_owned(),
+        Ok(None) => {
             "its identity was dropped (idle, over upstream.max_token_identities)".to_owned()
-        },
+        }
+        Err(_) => "its driver stopped".to_owned(),
     };
     conn.open.store(false, Ordering::Release);
     dest.changed.notify_waiters();
     pool.events.send_modify(|n| *n += 1);
-    tracing::info!(upstream.authority = %dest.key.dest, upstream.conn = id, reason = %reason, "upstream connection ended");
+    tracing::info!(upstream.authority = %dest.key.dest, upstream.conn = conn.id, reason = %reason, "upstream connection ended");
 }
 
 #[cfg(test)]
@@ -1290,6 +1192,7 @@ mod tests {
             reconnect_wait: Duration::from_secs(5),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             shards: 1,
