@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use http::StatusCode;
 use support::client::{Connect, H2Client, push_request};
+use support::http1::RawConn;
 use support::origin::{FakeApns, OriginOptions};
 use support::pki::TestPki;
 use support::proxy::{Behaviour, TestProxy};
@@ -588,27 +589,25 @@ async fn alpn_http11_client_is_never_switched_to_http2() {
 }
 
 /// The HTTP/1.1 head read on the pre-proxy door is bounded by `handshake_timeout`, not by the
-/// much longer `idle_timeout`: a client trickling a head is cut off.
+/// much longer `idle_timeout`: a client trickling a head is answered 408 and cut off.
 #[tokio::test]
 async fn http11_head_read_is_bounded_by_handshake_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
     let yaml = relay::pre_proxy_yaml(&pki, &origin, Via::Direct)
         + "limits:\n  handshake_timeout: 300ms\n  idle_timeout: 300s\n";
     let relay = relay::start(&yaml).await;
-    let mut tls = http11_over_tls(&pki, relay.addr()).await;
-    tls.write_all(b"POST /3/device/x HTTP/1.1\r\nHost: api.push.apple.com\r\n")
+    let mut conn = RawConn::over(http11_over_tls(&pki, relay.addr()).await);
+    conn.send(b"POST /3/device/x HTTP/1.1\r\nHost: api.push.apple.com\r\n")
+        .await;
+    let started = std::time::Instant::now();
+    let answer = within(5, "the relay answers", conn.read_answer())
         .await
-        .unwrap();
-    let mut rest = Vec::new();
-    let closed = within(
-        5,
-        "the relay closes the connection",
-        tls.read_to_end(&mut rest),
-    )
-    .await;
-    assert!(closed.is_ok() || rest.is_empty(), "{closed:?}");
+        .expect("an answer before close");
+    assert_eq!(answer.status, 408);
+    assert_eq!(answer.reason().as_deref(), Some("RelayRequestTimeout"));
+    assert!(started.elapsed() < std::time::Duration::from_secs(3));
+    assert!(within(5, "closed", conn.closed()).await);
     assert_eq!(origin.connection_count(), 0);
 }
 
@@ -645,26 +644,218 @@ async fn minted_leaves_are_minted_again_on_renewal() {
     };
 }
 
-/// HTTP/1.1 on the pre-proxy door: a `Content-Length` list (`N, N`) is refused with 400 by
-/// hyper's parser, never relayed as it arrived (which ended in 502).
+/// TLS to the pre-proxy door offering `alpn` (none: no ALPN, the HTTP/2 preface sniffed).
+async fn tls_with_alpn(
+    pki: &TestPki,
+    addr: std::net::SocketAddr,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("api.push.apple.com").unwrap();
+    tokio_rustls::TlsConnector::from(pki.client_config(alpn))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// One raw request on a fresh connection; the answer's status and reason, and whether the relay
+/// closed the connection after it.
+async fn refused_on<S>(mut conn: RawConn<S>, raw: &str, name: &str) -> (u16, Option<String>, bool)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    conn.send(raw.as_bytes()).await;
+    let answer = within(10, name, conn.read_answer()).await.expect(name);
+    let closed =
+        answer.header("connection") == Some("close") && within(10, name, conn.closed()).await;
+    (answer.status, answer.reason(), closed)
+}
+
+/// HTTP/1.1 on the pre-proxy door (ALPN http/1.1, or no ALPN and no preface) is read by the same
+/// strict parser as the post-proxy door: every smuggling shape gets the very answer post-proxy
+/// gives (status, reason, connection closed), and none reaches the origin.
 #[tokio::test]
-async fn http11_content_length_list_is_refused_never_a_502() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+async fn http11_hostile_shapes_are_refused_as_post_proxy_refuses_them() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let pre = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let post = relay::start(&relay::post_proxy_yaml(&pki, &origin, "")).await;
+    let hidden = format!(
+        "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: t\r\nContent-Length: 0\r\n\r\n",
+        token(93)
+    );
+    let post_head = |extra: &str| {
+        format!(
+            "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: t\r\n{extra}",
+            token(94)
+        )
+    };
+    let chunked = |chunk: &str| {
+        post_head(&format!(
+            "Transfer-Encoding: chunked\r\n\r\n{chunk}0\r\n\r\n{hidden}"
+        ))
+    };
+    let table: [(&str, String, u16); 11] = [
+        (
+            "head ending in LF LF",
+            format!(
+                "GET /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\n\n{hidden}",
+                token(95)
+            ),
+            400,
+        ),
+        (
+            "bare CR in the head",
+            post_head("X-A: a\rb\r\nContent-Length: 0\r\n\r\n"),
+            400,
+        ),
+        (
+            "header behind a bare LF",
+            post_head("Visible: v\nSmuggled: 1\r\nContent-Length: 0\r\n\r\n"),
+            400,
+        ),
+        ("LF in a chunk extension", chunked("2;\nXX\r\nab\r\n"), 400),
+        ("CR in a chunk extension", chunked("2;\rXX\r\nab\r\n"), 400),
+        (
+            "chunk extension without a name",
+            chunked("2;=v\r\nab\r\n"),
+            400,
+        ),
+        ("bare LF after a chunk", chunked("2\r\nXX\n"), 400),
+        (
+            "Content-Length values that differ",
+            post_head("Content-Length: 2, 3\r\n\r\nab"),
+            400,
+        ),
+        (
+            "Content-Length and Transfer-Encoding",
+            post_head("Content-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            400,
+        ),
+        (
+            "obs-fold hiding a length",
+            post_head("X-Fold: a\r\n Content-Length: 3\r\n\r\nabc"),
+            400,
+        ),
+        (
+            "chunk size over max_request_body",
+            post_head("Transfer-Encoding: chunked\r\n\r\nfffffffffffffff\r\nabc"),
+            413,
+        ),
+    ];
+    for (name, raw, status) in &table {
+        let on_post = refused_on(RawConn::connect(post.addr()).await, raw, name).await;
+        assert_eq!(on_post.0, *status, "{name} on post-proxy: {on_post:?}");
+        assert!(on_post.2, "{name}: post-proxy closes the connection");
+        assert!(
+            on_post.1.as_deref().is_some_and(|r| r.starts_with("Relay")),
+            "{name}: {on_post:?}"
+        );
+        for alpn in [&[&b"http/1.1"[..]][..], &[]] {
+            let tls = tls_with_alpn(&pki, pre.addr(), alpn).await;
+            let on_pre = refused_on(RawConn::over(tls), raw, name).await;
+            assert_eq!(on_pre, on_post, "{name} on pre-proxy, ALPN {alpn:?}");
+        }
+    }
+    assert!(origin.received().is_empty(), "{:?}", origin.received());
+    pre.stop().await;
+    post.stop().await;
+}
+
+/// HTTP/1.1 on the pre-proxy door: `Content-Length: N, N`, repeats and leading zeros are one
+/// length, relayed with a single canonical `content-length`, as on post-proxy (hyper refused
+/// `N, N` with 400; relayed as it arrived it ended in 502).
+#[tokio::test]
+async fn http11_content_length_lists_go_upstream_as_one_canonical_value() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
     let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
-    let mut tls = http11_over_tls(&pki, relay.addr()).await;
     let n = PAYLOAD.len();
-    let request = format!(
-        "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: com.example.app\r\n\
-         Content-Length: {n}, {n}\r\nConnection: close\r\n\r\n{PAYLOAD}",
-        token(92),
+    let lists = [
+        format!("Content-Length: {n}, {n}\r\n"),
+        format!("Content-Length: {n}\r\nContent-Length: {n}\r\n"),
+        format!("Content-Length: 00{n}\r\n"),
+    ];
+    for (i, cl) in lists.iter().enumerate() {
+        let mut conn = RawConn::over(http11_over_tls(&pki, relay.addr()).await);
+        conn.send(
+            format!(
+                "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: t\r\n{cl}\r\n{PAYLOAD}",
+                token(96 + i)
+            )
+            .as_bytes(),
+        )
+        .await;
+        let answer = within(10, cl, conn.read_answer()).await.unwrap();
+        assert_eq!(answer.status, 200, "{cl:?}: {:?}", answer.reason());
+    }
+    let got = origin.received();
+    assert_eq!(got.len(), lists.len());
+    for r in got {
+        let values: Vec<_> = r.headers.get_all("content-length").iter().collect();
+        assert_eq!(values, [n.to_string().as_str()]);
+        assert_eq!(r.body, PAYLOAD.as_bytes());
+    }
+    relay.stop().await;
+}
+
+/// HTTP/1.1 on the pre-proxy door keeps its connection alive and answers pipelined pushes in
+/// order (one written with `Content-Length`, one chunked), then a third sent after them.
+#[tokio::test]
+async fn http11_keep_alive_and_pipelining_over_tls() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let mut conn = RawConn::over(http11_over_tls(&pki, relay.addr()).await);
+    let push = |i: usize, id: &str| {
+        format!(
+            "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: t\r\n\
+             apns-id: {id}\r\nContent-Length: {}\r\n\r\n{PAYLOAD}",
+            token(i),
+            PAYLOAD.len()
+        )
+    };
+    let ids = [
+        "00000000-0000-4000-8000-000000000001",
+        "00000000-0000-4000-8000-000000000002",
+        "00000000-0000-4000-8000-000000000003",
+    ];
+    let chunked = format!(
+        "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: t\r\n\
+         apns-id: {}\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{PAYLOAD}\r\n0\r\n\r\n",
+        token(98),
+        ids[1],
+        PAYLOAD.len()
     );
-    tls.write_all(request.as_bytes()).await.unwrap();
-    let mut answer = String::new();
-    within(10, "answer", tls.read_to_string(&mut answer))
-        .await
-        .unwrap();
-    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
-    assert!(origin.received().is_empty());
+    conn.send(format!("{}{chunked}", push(97, ids[0])).as_bytes())
+        .await;
+    for id in &ids[..2] {
+        let answer = within(10, "pipelined answer", conn.read_answer())
+            .await
+            .unwrap();
+        assert_eq!(answer.status, 200);
+        assert_eq!(answer.header("apns-id"), Some(*id), "answers in order");
+        assert_eq!(answer.header("connection"), None, "kept alive");
+    }
+    conn.send(push(99, ids[2]).as_bytes()).await;
+    let third = within(10, "third", conn.read_answer()).await.unwrap();
+    assert_eq!(third.status, 200);
+    assert_eq!(third.header("apns-id"), Some(ids[2]));
+    let got: Vec<_> = origin
+        .received()
+        .into_iter()
+        .map(|r| (r.path, r.body))
+        .collect();
+    let expected: Vec<_> = [97, 98, 99]
+        .into_iter()
+        .map(|i| {
+            (
+                format!("/3/device/{}", token(i)),
+                Bytes::from_static(PAYLOAD.as_bytes()),
+            )
+        })
+        .collect();
+    assert_eq!(got, expected);
+    assert_eq!(origin.connection_count(), 1);
+    relay.stop().await;
 }

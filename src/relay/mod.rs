@@ -8,6 +8,7 @@ pub mod forward_proxy;
 pub mod h2_server;
 pub mod headers;
 pub mod http1;
+pub mod http1_server;
 pub mod post_proxy;
 pub mod pre_proxy;
 

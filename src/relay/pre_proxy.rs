@@ -2,22 +2,20 @@
 //! TLS. The certificate is chosen by SNI from the destinations on the listener's upstream port, so
 //! the SNI names the destination; the request's own host must agree (else 421). HTTP/2 is served
 //! with ALPN h2 and also without ALPN (pushy and aioapns start HTTP/2 straight away; the preface
-//! tells them apart), by `h2_server`; HTTP/1.1 (ALPN http/1.1, or no ALPN and no preface) by hyper.
+//! tells them apart), by `h2_server`; HTTP/1.1 (ALPN http/1.1, or no ALPN and no preface) by
+//! `http1_server`, with the very parser and framing rules of the post-proxy door, and nothing but
+//! HTTP/1.1 on that connection from then on.
 //!
 //! The TLS accept (`PreProxy`) and the serving of an accepted TLS stream (`TlsServer`) are apart:
 //! the forward-proxy door accepts TLS its own way, inside a CONNECT tunnel, and then serves it
 //! with the same `TlsServer`.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Request, Response};
+use http::{HeaderMap, Request, Response, Uri};
 use http_body::Body;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -30,8 +28,10 @@ use super::body::{H2Body, RelayBody};
 use super::door::{Commit, Door, Serving, listener_at};
 use super::h2_server::{self, CLIENT_MAX_STREAMS};
 use super::headers::named_host;
+use super::http1::RequestHead;
+use super::http1_server::{Http1Server, Route, Routes, request_target};
 use super::{Ctx, Relay};
-use crate::coalesce::{Coalesce, WriteDeadline};
+use crate::coalesce::WriteDeadline;
 use crate::config::{Config, ListenerConfig, ServerTls, ValidConfig};
 use crate::error::HeadError;
 use crate::error::RelayError;
@@ -59,24 +59,11 @@ pub struct PreProxy {
 pub struct TlsServer {
     name: Arc<str>,
     relay: Arc<Relay>,
-    http: auto::Builder<TokioExecutor>,
+    /// HTTP/1.1 only: a client that chose it by ALPN, or sent no HTTP/2 preface, is never
+    /// switched to HTTP/2 after all.
+    http1: Http1Server,
     h2: h2_server::Settings,
     handshake_timeout: Duration,
-}
-
-/// The HTTP/1.1 server settings (HTTP/2 clients are served by `h2_server`). HTTP/1.1 only: a
-/// client that chose it by ALPN, or sent no HTTP/2 preface, is not switched to HTTP/2 after all.
-/// A head must arrive within `handshake_timeout` (hyper's timer also covers the wait for the
-/// next request, so an idle keep-alive connection closes after it too).
-pub fn http_builder(config: &Config) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new()).http1_only();
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.limits.handshake_timeout)
-        .max_buf_size(config.limits.max_header_bytes.max(8192))
-        .auto_date_header(false);
-    builder
 }
 
 impl Door for PreProxy {
@@ -206,8 +193,8 @@ impl TlsServer {
     pub fn new(listener: &ListenerConfig, config: &Config, relay: Arc<Relay>) -> Self {
         TlsServer {
             name: listener.name.as_str().into(),
+            http1: Http1Server::new(config, relay.clone()),
             relay,
-            http: http_builder(config),
             h2: h2_server::Settings {
                 max_header_list_size: config.limits.max_header_bytes as u32,
                 handshake_timeout: config.limits.handshake_timeout,
@@ -228,13 +215,12 @@ impl TlsServer {
     ) where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let target = Arc::new(target);
         let mut ctx = Ctx::new(self.name.clone(), peer);
         ctx.client_subject = tls::client_subject(tls_stream.get_ref().1);
         // Each phase is boxed so an idle connection keeps only the state of the one it is in.
         let served = match tls_stream.get_ref().1.alpn_protocol() {
             Some(b"h2") => Box::pin(self.serve_h2(tls_stream, &ctx, &target, shutdown)).await,
-            Some(_) => Box::pin(self.serve_http1(tls_stream, &ctx, target, shutdown)).await,
+            Some(_) => Box::pin(self.serve_http1(tls_stream, &ctx, &target, shutdown)).await,
             // No ALPN: pushy and aioapns start HTTP/2 straight away; anything else is HTTP/1.1.
             None => {
                 let sniff = timeout(self.handshake_timeout, h2_server::sniff_preface(tls_stream));
@@ -243,7 +229,7 @@ impl TlsServer {
                         Box::pin(self.serve_h2(io, &ctx, &target, shutdown)).await
                     }
                     Ok(Ok((false, io))) => {
-                        Box::pin(self.serve_http1(io, &ctx, target, shutdown)).await
+                        Box::pin(self.serve_http1(io, &ctx, &target, shutdown)).await
                     }
                     Ok(Err(e)) => Err(e.into()),
                     Err(_) => Err("no request within the handshake timeout".into()),
@@ -278,27 +264,17 @@ impl TlsServer {
     }
 
     async fn serve_http1<IO>(
-        self: &Arc<Self>,
+        &self,
         io: IO,
         ctx: &Ctx,
-        target: Arc<Target>,
+        target: &Target,
         shutdown: &CancellationToken,
     ) -> Result<(), BoxError>
     where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let this = self.clone();
-        let ctx = ctx.clone();
-        let service = service_fn(move |req| {
-            let this = this.clone();
-            let ctx = ctx.clone();
-            let target = target.clone();
-            async move { Ok::<_, Infallible>(this.handle(&ctx, &target, req).await) }
-        });
-        let conn = self
-            .http
-            .serve_connection(TokioIo::new(Coalesce::new(io)), service);
-        super::drive(conn, shutdown).await
+        self.http1.serve(io, ctx, target, shutdown).await;
+        Ok(())
     }
 
     async fn handle<B>(&self, ctx: &Ctx, target: &Target, req: Request<B>) -> Response<RelayBody>
@@ -306,29 +282,10 @@ impl TlsServer {
         B: Body<Data = bytes::Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        let named = match named_host(req.uri(), req.headers()) {
-            Ok(n) => Some(n),
-            // SNI already names the host; a request without one is for it.
-            Err(HeadError::NoHost) => None,
-            Err(e) => return self.relay.refuse(ctx, req, e.into()).await,
-        };
-        if let Some(named) = &named
-            && named.host != target.sni
-        {
-            let e = RelayError::Misdirected {
-                sni: target.sni.clone(),
-                authority: named.raw.to_string(),
-            };
-            return self.relay.refuse(ctx, req, e).await;
+        match target.route(req.uri(), req.headers()) {
+            Ok((dest, authority)) => self.relay.forward(ctx, dest, authority, req).await,
+            Err(e) => self.relay.refuse(ctx, req, e).await,
         }
-        // The client's port (if any) was the relay's; the origin is told its own.
-        let authority = match named.and_then(|n| n.port) {
-            Some(_) => target.with_port.clone(),
-            None => target.bare.clone(),
-        };
-        self.relay
-            .forward(ctx, target.dest.clone(), authority, req)
-            .await
     }
 }
 
@@ -350,5 +307,47 @@ impl Target {
             dest,
             sni,
         })
+    }
+
+    /// The destination and `:authority` of a request on this connection: the host it names (if
+    /// any) must be the SNI host, else 421.
+    fn route(
+        &self,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<(Authority, http::uri::Authority), RelayError> {
+        let named = match named_host(uri, headers) {
+            Ok(n) => Some(n),
+            // SNI already names the host; a request without one is for it.
+            Err(HeadError::NoHost) => None,
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(named) = &named
+            && named.host != self.sni
+        {
+            return Err(RelayError::Misdirected {
+                sni: self.sni.clone(),
+                authority: named.raw.to_string(),
+            });
+        }
+        // The client's port (if any) was the relay's; the origin is told its own.
+        let authority = match named.and_then(|n| n.port) {
+            Some(_) => self.with_port.clone(),
+            None => self.bare.clone(),
+        };
+        Ok((self.dest.clone(), authority))
+    }
+}
+
+/// HTTP/1.1 on a connection for `Target`: every request for the SNI host.
+impl Routes for Target {
+    fn route(
+        &self,
+        head: &RequestHead,
+        _last: &mut Option<Route>,
+    ) -> Result<(Authority, http::uri::Authority, Uri), RelayError> {
+        let uri = request_target(head)?;
+        let (dest, authority) = Target::route(self, &uri, &head.headers)?;
+        Ok((dest, authority, uri))
     }
 }

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 #[derive(Debug, Clone)]
@@ -30,15 +30,22 @@ impl RawAnswer {
     }
 }
 
-pub struct RawConn {
-    pub stream: TcpStream,
+/// A raw HTTP/1.1 connection over TCP, or over any stream (TLS with ALPN http/1.1).
+pub struct RawConn<S = TcpStream> {
+    pub stream: S,
     buf: Vec<u8>,
 }
 
 impl RawConn {
     pub async fn connect(addr: SocketAddr) -> Self {
+        RawConn::over(TcpStream::connect(addr).await.unwrap())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawConn<S> {
+    pub fn over(stream: S) -> Self {
         RawConn {
-            stream: TcpStream::connect(addr).await.unwrap(),
+            stream,
             buf: Vec::new(),
         }
     }
