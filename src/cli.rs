@@ -525,13 +525,10 @@ async fn watch_for_reload(
             }
         };
         let now = files_fingerprint(file.as_deref(), &loaded.config);
-        let remint = reloader.remint_due();
-        if !by_signal && now == seen && !remint {
+        if !by_signal && now == seen {
             continue;
         }
-        if remint {
-            tracing::info!("minting listener certificates again before they expire");
-        } else if !by_signal {
+        if !by_signal {
             tracing::info!("configuration or certificate files changed on disk; reloading");
         }
         let yaml = loaded.config.to_yaml();

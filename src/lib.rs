@@ -284,6 +284,7 @@ impl App {
                 placement.clone(),
             )));
         }
+        tokio::spawn(reload::remint_loop(self.reloader.clone(), token.clone()));
         self.ready.set(true);
         tracing::info!("ready");
         shutdown.await;

@@ -5,10 +5,16 @@
 //! connections keep going (upstream ones keep the identity certificate they presented until they
 //! drain). Listener and other upstream changes need a restart and are refused / reported. Minted
 //! leaves are minted again by every reload, and at the latest `REMINT_AFTER` after the last one,
-//! well before they expire.
+//! well before they expire: `remint_loop` runs with the relay and waits for that moment, which
+//! moves whenever a reload mints (and which `make_remint_due` brings forward, the clock seam
+//! tests use instead of waiting a year).
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ValidConfig};
 use crate::policy::{DestinationPolicy, SourcePolicy};
@@ -21,6 +27,8 @@ use crate::tls::pki::LEAF_VALIDITY_DAYS;
 
 /// How long after minting listener leaves they are minted again: 30 days before they expire.
 pub const REMINT_AFTER: Duration = Duration::from_secs((LEAF_VALIDITY_DAYS as u64 - 30) * 86_400);
+/// After a minting that failed (a CA file unreadable, say), when it is tried again.
+const REMINT_RETRY: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -37,8 +45,8 @@ pub struct Reloader {
     sources: Vec<Arc<Swap<SourcePolicy>>>,
     /// The upstream identities' certificates, in `upstream.identities` order.
     identities: Vec<Arc<ClientIdentity>>,
-    /// When the listeners' certificates were last built (and minted).
-    minted: Mutex<Instant>,
+    /// When the listeners' minted leaves are next due to be minted again; a reload moves it.
+    remint_at: watch::Sender<Instant>,
 }
 
 impl Reloader {
@@ -55,17 +63,23 @@ impl Reloader {
             doors,
             sources,
             identities,
-            minted: Mutex::new(Instant::now()),
+            remint_at: watch::Sender::new(Instant::now() + REMINT_AFTER),
         }
     }
 
     /// Whether the listeners' minted leaves are due to be minted again (`REMINT_AFTER`).
     pub fn remint_due(&self) -> bool {
-        self.minted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .elapsed()
-            >= REMINT_AFTER
+        *self.remint_at.borrow() <= Instant::now()
+    }
+
+    /// When the listeners' minted leaves are next due, as it changes.
+    pub fn remint_at(&self) -> watch::Receiver<Instant> {
+        self.remint_at.subscribe()
+    }
+
+    /// The clock seam: makes the minted leaves due now, as if `REMINT_AFTER` had passed.
+    pub fn make_remint_due(&self) {
+        self.remint_at.send_replace(Instant::now());
     }
 
     /// Builds the listeners' certificates again from the running configuration: minted leaves
@@ -120,7 +134,7 @@ impl Reloader {
         for commit in commits {
             commit();
         }
-        *self.minted.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.remint_at.send_replace(Instant::now() + REMINT_AFTER);
         for (identity, next, topic) in renewed {
             identity.replace(next);
             self.relay
@@ -143,5 +157,32 @@ impl Reloader {
             "configuration reloaded: certificates, proxy users, allow_sources, destinations and tunnels"
         );
         Ok(())
+    }
+}
+
+/// Mints the listeners' leaves again whenever they are due, until `shutdown`. New handshakes
+/// get the new leaf; connections already open keep the one they were served.
+pub async fn remint_loop(reloader: Arc<Reloader>, shutdown: CancellationToken) {
+    let mut due = reloader.remint_at();
+    loop {
+        let at = *due.borrow_and_update();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            // Moved by a reload, or brought forward: wait for the new moment.
+            changed = due.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = tokio::time::sleep_until(at) => {}
+        }
+        tracing::info!("minting listener certificates again before they expire");
+        if let Err(e) = reloader.renew_certificates() {
+            tracing::error!(error = %e, retry_in = ?REMINT_RETRY, "minting listener certificates again failed; the current ones stay");
+            reloader
+                .remint_at
+                .send_replace(Instant::now() + REMINT_RETRY);
+        }
     }
 }

@@ -644,6 +644,70 @@ async fn minted_leaves_are_minted_again_on_renewal() {
     };
 }
 
+/// The serial number of the leaf `tls` was served.
+fn serial_of<IO>(tls: &tokio_rustls::client::TlsStream<IO>) -> Vec<u8> {
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
+    cert.raw_serial().to_vec()
+}
+
+/// A running relay mints its listener leaves again once they are due (made due through the
+/// reloader's clock seam, not by waiting a year): the next TLS client is served a fresh leaf,
+/// and connections opened before it (HTTP/2 and HTTP/1.1 keep-alive) go on working.
+#[tokio::test]
+async fn a_running_relay_mints_a_due_leaf_again_and_open_connections_keep_working() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let h2 = H2Client::connect(&pki, relay.addr()).await;
+    assert_eq!(h2.push(&token(120), PAYLOAD).await.status, StatusCode::OK);
+    let tls = http11_over_tls(&pki, relay.addr()).await;
+    let before = serial_of(&tls);
+    let mut http1 = RawConn::over(tls);
+    let push = |i: usize| {
+        format!(
+            "POST /3/device/{} HTTP/1.1\r\nHost: api.push.apple.com\r\napns-topic: t\r\n\
+             Content-Length: {}\r\n\r\n{PAYLOAD}",
+            token(i),
+            PAYLOAD.len()
+        )
+    };
+    http1.send(push(121).as_bytes()).await;
+    let answer = within(10, "first push", http1.read_answer()).await.unwrap();
+    assert_eq!(answer.status, 200);
+
+    let mut due = relay.reloader.remint_at();
+    let made_due = tokio::time::Instant::now();
+    relay.reloader.make_remint_due();
+    // Minted again: the next due moment is a long way off once more.
+    let next = within(
+        10,
+        "the relay mints again",
+        due.wait_for(|at| *at > made_due + std::time::Duration::from_secs(86_400)),
+    )
+    .await
+    .map(|at| *at)
+    .unwrap();
+    assert!(next >= made_due + pushrelay::reload::REMINT_AFTER);
+    assert!(!relay.reloader.remint_due());
+    let after = served_serial(&pki, relay.addr()).await;
+    assert_ne!(after, before, "a new handshake gets the fresh leaf");
+    assert_eq!(
+        served_serial(&pki, relay.addr()).await,
+        after,
+        "minted once"
+    );
+
+    assert_eq!(h2.push(&token(122), PAYLOAD).await.status, StatusCode::OK);
+    http1.send(push(123).as_bytes()).await;
+    let answer = within(10, "push on the old connection", http1.read_answer())
+        .await
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    assert_eq!(origin.received().len(), 4);
+    relay.stop().await;
+}
+
 /// TLS to the pre-proxy door offering `alpn` (none: no ALPN, the HTTP/2 preface sniffed).
 async fn tls_with_alpn(
     pki: &TestPki,
