@@ -516,8 +516,10 @@ fn check_warns_about_a_ca_without_name_constraints() {
     }
 }
 
-/// `ca issue` replaces a leaf whose key file was left 0644 with a 0600 one, atomically: the old
-/// file's mode is not kept and no temporary file stays behind.
+/// `ca issue` replaces a leaf whose key file was left 0644 with a 0600 one, atomically: a new
+/// file is moved into place (a hard link to the old one still reads the old bytes, so the old
+/// file was never rewritten in place), its mode is not the old file's, and no temporary file
+/// stays behind.
 #[test]
 fn ca_issue_replaces_a_readable_key_with_a_0600_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -525,6 +527,8 @@ fn ca_issue_replaces_a_readable_key_with_a_0600_one() {
     let key = dir.path().join("certs/relay.key");
     std::fs::write(&key, "old key").unwrap();
     std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let old = dir.path().join("old-relay.key");
+    std::fs::hard_link(&key, &old).unwrap();
     let out = pushrelay(dir.path(), &["ca", "issue", "--host", "api.push.apple.com"]);
     assert!(
         out.status.success(),
@@ -533,6 +537,11 @@ fn ca_issue_replaces_a_readable_key_with_a_0600_one() {
     );
     assert_eq!(mode(&key), 0o600);
     PrivateKeyDer::from_pem_file(&key).expect("the new key replaced the old one");
+    assert_eq!(
+        std::fs::read_to_string(&old).unwrap(),
+        "old key",
+        "the key file was rewritten in place, not replaced"
+    );
     assert_eq!(mode(&dir.path().join("certs/relay.pem")), 0o644);
     let mut names: Vec<_> = std::fs::read_dir(dir.path().join("certs"))
         .unwrap()

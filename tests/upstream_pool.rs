@@ -813,6 +813,12 @@ async fn renewed_identity_certificate_is_presented_on_new_connections() {
         within(10, "first", push(1)).await.unwrap().status,
         StatusCode::OK
     );
+    let expiry = "certificate_expiry_timestamp_seconds{listener=\"upstream\",kind=\"identity\",name=\"com.example.one\"}";
+    let metrics = relay.relay.metrics().render(relay.relay.pool());
+    assert!(
+        metrics.contains(expiry),
+        "exported from the start: {metrics}"
+    );
     // Renew: the same paths, a new certificate (a new subject, to tell them apart).
     let renewed = pki.ca.issue_client("app-one-renewed").unwrap();
     std::fs::write(&cert, &renewed.chain_pem).unwrap();
@@ -832,12 +838,7 @@ async fn renewed_identity_certificate_is_presented_on_new_connections() {
         .collect();
     assert_eq!(cns, ["app-one", "app-one-renewed"]);
     let metrics = relay.relay.metrics().render(relay.relay.pool());
-    assert!(
-        metrics.contains(
-            "certificate_expiry_timestamp_seconds{listener=\"upstream\",kind=\"identity\",name=\"com.example.one\"}"
-        ),
-        "{metrics}"
-    );
+    assert!(metrics.contains(expiry), "{metrics}");
 }
 
 /// A proxy that never answers CONNECT, no ride-out: the request that waited for the attempt and
