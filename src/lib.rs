@@ -14,9 +14,11 @@
 //! - `listen`: accept loop, connection limit, source allowlist before any TLS work.
 //! - `policy`: pure allowlists (source CIDRs, destination host:port).
 //! - `tls`: server certificates by SNI, the upstream client config, the private CA.
-//! - `relay`: the shared request pipeline, header rewriting, one file per front door; `listen`
-//!   and `reload` know a door only as a `relay::door::DoorHandle`.
-//! - `reload`: swaps certificates and allowlists into a running relay (each door reloads its own).
+//! - `relay`: the shared request pipeline, header rewriting, the one strict HTTP/1.1 parser and
+//!   connection server every HTTP/1.1 door uses, one file per front door; `listen` and `reload`
+//!   know a door only as a `relay::door::DoorHandle`.
+//! - `reload`: swaps certificates and allowlists into a running relay (each door reloads its own);
+//!   mints listener leaves again before they expire.
 //! - `status`: the status page as HTML and JSON, from a `metrics::recent::Snapshot`.
 //! - `swap`: the cell a reloadable value lives in (a leaf: everything may use it).
 //! - `upstream`: CONNECT tunnel, connections, the shared HTTP/2 pool, safe resend.

@@ -3,7 +3,10 @@
 //! listeners, rather than left in the kernel's backlog where the client hangs), then the front
 //! door. Refusals are counted and logged at most once a second per listener and reason, so a
 //! flood cannot flood the log too. Accept errors (such as running out of file descriptors) back off
-//! instead of spinning.
+//! instead of spinning. A connection that sends nothing is closed by its door `handshake_timeout`
+//! after accept; `TCP_DEFER_ACCEPT` is not set (std's setter is unstable and socket2, rustix and
+//! nix have none, and this crate has no `unsafe`), so such a connection holds its place under
+//! `max_connections` until then.
 
 use std::sync::Arc;
 use std::time::Duration;
