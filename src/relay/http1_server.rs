@@ -79,6 +79,13 @@ pub fn request_target(head: &RequestHead) -> Result<Uri, RelayError> {
     Ok(uri)
 }
 
+/// What every exchange on one connection shares.
+struct Conn<'a, D> {
+    ctx: &'a Ctx,
+    routes: &'a D,
+    shutdown: &'a CancellationToken,
+}
+
 /// The bounds every HTTP/1.1 connection is served with, from `limits`.
 pub struct Http1Server {
     relay: Arc<Relay>,
@@ -250,9 +257,11 @@ impl Http1Server {
                     &mut writer,
                     head,
                     &mut last_route,
-                    ctx,
-                    routes,
-                    shutdown,
+                    &Conn {
+                        ctx,
+                        routes,
+                        shutdown,
+                    },
                 )
                 .await;
             if let Outcome::Close(why) = outcome {
@@ -264,22 +273,24 @@ impl Http1Server {
         let _ = writer.shutdown().await;
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn exchange<R, W, D>(
         &self,
         reader: &mut Reader<R>,
         writer: &mut W,
         head: RequestHead,
         last_route: &mut Option<Route>,
-        ctx: &Ctx,
-        routes: &D,
-        shutdown: &CancellationToken,
+        conn: &Conn<'_, D>,
     ) -> Outcome
     where
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
         D: Routes,
     {
+        let Conn {
+            ctx,
+            routes,
+            shutdown,
+        } = *conn;
         let (client_keep_alive, shutting_down) = (head.keep_alive, shutdown.is_cancelled());
         let (method, version, framing) = (head.method.clone(), head.version, head.framing);
         let refused_connect = method == Method::CONNECT;
