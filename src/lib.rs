@@ -131,7 +131,10 @@ impl App {
             let identity = Arc::new(tls::client::ClientIdentity::load(&key, &id.cert, &id.key)?);
             metrics.identity_certificate(&id.topic, identity.not_after());
             let tls = tls::client::build(&config.upstream.extra_roots, Some(identity.clone()))?;
-            tls_by_identity.insert(Some(format!("cert:{}", id.topic).into()), tls);
+            tls_by_identity.insert(
+                Some(upstream::identity::certificate_identity(&id.topic)),
+                tls,
+            );
             client_identities.push(identity);
         }
         metrics.status().config_origin("given in-process");

@@ -2,12 +2,13 @@
 //! mints, and the upstream identities' certificates), forward-proxy users files and `tunnels`,
 //! `allow_sources` and `destinations`. A reload builds everything new first and swaps only when
 //! all of it built, so a bad new configuration leaves the running one untouched. Existing
-//! connections keep going (upstream ones keep the identity certificate they presented until they
-//! drain). Listener and other upstream changes need a restart and are refused / reported. Minted
-//! leaves are minted again by every reload, and at the latest `REMINT_AFTER` after the last one,
-//! well before they expire: `remint_loop` runs with the relay and waits for that moment, which
-//! moves whenever a reload mints (and which `make_remint_due` brings forward, the clock seam
-//! tests use instead of waiting a year).
+//! connections keep going, except upstream connections of a changed identity certificate: they
+//! take no new requests, finish theirs and close, so new requests go on new connections that
+//! present the new certificate. Listener and other upstream changes need a restart and are
+//! refused / reported. Minted leaves are minted again by every reload, and at the latest
+//! `REMINT_AFTER` after the last one, well before they expire: `remint_loop` runs with the relay
+//! and waits for that moment, which moves whenever a reload mints (and which `make_remint_due`
+//! brings forward, the clock seam tests use instead of waiting a year).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,6 +25,7 @@ use crate::swap::Swap;
 use crate::tls::TlsSetupError;
 use crate::tls::client::ClientIdentity;
 use crate::tls::pki::LEAF_VALIDITY_DAYS;
+use crate::upstream::identity::certificate_identity;
 
 /// How long after minting listener leaves they are minted again: 30 days before they expire.
 pub const REMINT_AFTER: Duration = Duration::from_secs((LEAF_VALIDITY_DAYS as u64 - 30) * 86_400);
@@ -136,7 +138,12 @@ impl Reloader {
         }
         self.remint_at.send_replace(Instant::now() + REMINT_AFTER);
         for (identity, next, topic) in renewed {
-            identity.replace(next);
+            // Open connections presented the old certificate: they drain, new ones present this.
+            if identity.replace(next) {
+                self.relay
+                    .pool()
+                    .drain_identity(&certificate_identity(&topic));
+            }
             self.relay
                 .metrics()
                 .identity_certificate(&topic, identity.not_after());

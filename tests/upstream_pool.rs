@@ -841,6 +841,86 @@ async fn renewed_identity_certificate_is_presented_on_new_connections() {
     assert!(metrics.contains(expiry), "{metrics}");
 }
 
+/// A changed identity certificate reloaded while a connection presenting the old one is open and
+/// carrying a push: the next push goes on a new connection presenting the new certificate, the
+/// push in flight finishes on the old one, and the old one then closes.
+#[tokio::test]
+async fn a_changed_identity_certificate_drains_the_connections_that_presented_the_old_one() {
+    let pki = TestPki::new();
+    let script = Script::new();
+    let (origin, hold) = FakeApns::start_holding(
+        &pki,
+        OriginOptions {
+            client_auth: true,
+            script: Some(script.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (cert, key) = pki.write_client_cert("app-one");
+    let identities = identities_yaml(&[("com.example.one", &cert, &key, "listeners: [apns]")]);
+    let yaml = yaml_with(&pki, &origin, Via::Direct, &identities);
+    let relay = relay::start(&yaml).await;
+    let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
+    let push = |i: usize| {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let mut req = push_request("api.push.apple.com", &token(i));
+            req.headers_mut()
+                .insert("apns-topic", "com.example.one".parse().unwrap());
+            req.headers_mut().remove("authorization");
+            client.send(req, Bytes::from(PAYLOAD)).await.unwrap().status
+        })
+    };
+    hold.add_permits(1);
+    assert_eq!(within(10, "first", push(1)).await.unwrap(), StatusCode::OK);
+    // A second push in flight on the same connection, its answer held.
+    let in_flight = push(2);
+    within(10, "second at the origin", origin.wait_received(2)).await;
+
+    // The same paths, a changed certificate (a new subject, to tell them apart).
+    let renewed = pki.ca.issue_client("app-one-renewed").unwrap();
+    std::fs::write(&cert, &renewed.chain_pem).unwrap();
+    std::fs::write(&key, &renewed.key_pem).unwrap();
+    relay
+        .reloader
+        .reload(pushrelay::config::from_yaml(&yaml).unwrap().config)
+        .unwrap();
+    let next = push(3);
+    within(10, "third at the origin", origin.wait_received(3)).await;
+    let received = origin.received();
+    let (old, new) = (&received[1], &received[2]);
+    assert_eq!(old.client_cn.as_deref(), Some("app-one"));
+    assert_eq!(
+        (new.client_cn.as_deref(), new.conn != old.conn),
+        (Some("app-one-renewed"), true),
+        "the push after the reload went on a new connection with the new certificate"
+    );
+    assert_eq!(
+        script.closed.available_permits(),
+        0,
+        "the old connection stays open while it carries a push"
+    );
+    hold.add_permits(2);
+    assert_eq!(
+        within(10, "in flight", in_flight).await.unwrap(),
+        StatusCode::OK
+    );
+    assert_eq!(within(10, "third", next).await.unwrap(), StatusCode::OK);
+    // Done with its last push, the old connection closes (the new one stays).
+    let closed = within(10, "old connection closed", script.closed.acquire()).await;
+    closed.unwrap().forget();
+    assert_eq!(origin.connection_count(), 2);
+    hold.add_permits(1);
+    assert_eq!(within(10, "fourth", push(4)).await.unwrap(), StatusCode::OK);
+    assert_eq!(
+        origin.received()[3].conn,
+        new.conn,
+        "the new connection is kept"
+    );
+    assert_eq!(script.closed.available_permits(), 0);
+}
+
 /// A proxy that never answers CONNECT, no ride-out: the request that waited for the attempt and
 /// the one failed fast after it get the same status and reason (504 RelayProxyTimeout).
 #[tokio::test]

@@ -34,10 +34,15 @@ impl ClientIdentity {
         })
     }
 
-    /// Presents `next`'s certificate from the next handshake on.
-    pub fn replace(&self, next: ClientIdentity) {
+    /// Presents `next`'s certificate from the next handshake on; whether the certificate chain
+    /// (or key) differs from the one presented so far.
+    pub fn replace(&self, next: ClientIdentity) -> bool {
         let next = next.current.into_inner().unwrap_or_else(|p| p.into_inner());
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next;
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let changed =
+            current.0.cert != next.0.cert || current.0.key.public_key() != next.0.key.public_key();
+        *current = next;
+        changed
     }
 
     /// The current certificate's not-after, as a Unix timestamp (0 when unreadable).

@@ -59,6 +59,11 @@ pub struct Identities {
     recent: Mutex<VecDeque<(HeaderValue, Option<Arc<str>>)>>,
 }
 
+/// The pool identity of the certificate configured for `topic`.
+pub fn certificate_identity(topic: &str) -> Arc<str> {
+    format!("cert:{topic}").into()
+}
+
 impl Identities {
     pub fn new(configs: &[IdentityConfig]) -> Self {
         Identities {
@@ -66,7 +71,7 @@ impl Identities {
                 .iter()
                 .map(|c| {
                     let identity = CertIdentity {
-                        id: format!("cert:{}", c.topic).into(),
+                        id: certificate_identity(&c.topic),
                         listeners: c.listeners.clone(),
                         subjects: c.client_subjects.clone(),
                     };

@@ -161,11 +161,30 @@ pub struct Conn {
     id: u64,
     link: Link,
     in_flight: AtomicUsize,
+    /// Takes new requests; cleared when it ends or is retired (drained).
     open: AtomicBool,
     route: Route,
+    /// Ends the connection: cancelled when a retired connection carries nothing more (and by
+    /// its identity's and the pool's tokens, whose child it is).
+    close: CancellationToken,
+    /// Why it was retired, for the line that says it ended.
+    retired: std::sync::OnceLock<&'static str>,
 }
 
 impl Conn {
+    /// Takes the connection out of rotation: requests on it finish, new ones go elsewhere, and
+    /// it closes once it carries nothing. SeqCst pairs with `Lease::drop`: one of the two sees
+    /// the other's change and closes it.
+    fn retire(&self, why: &'static str) {
+        if self.open.swap(false, Ordering::SeqCst) {
+            let _ = self.retired.set(why);
+            tracing::debug!(upstream.conn = self.id, why, "upstream connection retired");
+        }
+        if self.in_flight.load(Ordering::SeqCst) == 0 {
+            self.close.cancel();
+        }
+    }
+
     fn has_room(&self) -> bool {
         self.open.load(Ordering::Acquire)
             && self.in_flight.load(Ordering::SeqCst) < self.link.capacity()
@@ -229,6 +248,9 @@ struct Shared {
     evicted: AtomicBool,
     /// Ends this key's connections in every shard (a child of the pool's shutdown token).
     close: CancellationToken,
+    /// Bumped when the identity's connections are drained: a connect that started before
+    /// presented the old certificate, and its connection is retired as it opens.
+    generation: AtomicU64,
 }
 
 impl Shared {
@@ -445,9 +467,7 @@ impl Lease {
     /// Takes the connection out of rotation (GOAWAY seen, or it failed): streams on it finish,
     /// new ones go elsewhere.
     pub fn retire(&self) {
-        if self.conn.open.swap(false, Ordering::AcqRel) {
-            tracing::debug!(upstream.conn = self.conn.id, "upstream connection retired");
-        }
+        self.conn.retire("it failed or the origin sent GOAWAY");
         self.dest.changed.notify_waiters();
     }
 }
@@ -456,7 +476,12 @@ impl Drop for Lease {
     fn drop(&mut self) {
         // SeqCst pairs with `QueueSlot::new`: either a new waiter sees this slot free when it
         // checks again, or this sees the waiter and wakes it.
-        self.conn.in_flight.fetch_sub(1, Ordering::SeqCst);
+        if self.conn.in_flight.fetch_sub(1, Ordering::SeqCst) == 1
+            && !self.conn.open.load(Ordering::SeqCst)
+        {
+            // Retired, and this was its last request: it closes now.
+            self.conn.close.cancel();
+        }
         if let Some(client) = self.client {
             self.dest.lock().release(client, false);
         }
@@ -746,6 +771,7 @@ impl Pool {
             dests: Mutex::new(Vec::new()),
             evicted: AtomicBool::new(false),
             close: self.inner.closing.child_token(),
+            generation: AtomicU64::new(0),
         });
         reg.shared.insert(key.clone(), Arc::downgrade(&shared));
         if is_token_identity(key)
@@ -813,6 +839,38 @@ impl Pool {
     /// Closes every upstream connection (at shutdown, once clients are drained).
     pub fn close(&self) {
         self.inner.closing.cancel();
+    }
+
+    /// Drains every connection of `identity`, in every shard: they take no new requests,
+    /// finish what they carry and close; new requests open new connections (which present the
+    /// identity's certificate as it is now). For a renewed identity certificate.
+    pub fn drain_identity(&self, identity: &str) {
+        let mut drained = 0;
+        for shard in &self.inner.dests {
+            let dests: Vec<Arc<Dest>> = shard
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|d| d.key.identity.as_deref() == Some(identity))
+                .cloned()
+                .collect();
+            for d in dests {
+                d.shared.generation.fetch_add(1, Ordering::AcqRel);
+                for conn in d.lock().conns.iter() {
+                    if conn.open.load(Ordering::Acquire) {
+                        drained += 1;
+                    }
+                    conn.retire("its identity certificate was renewed");
+                }
+                d.changed.notify_waiters();
+            }
+        }
+        self.inner.events.send_modify(|n| *n += 1);
+        tracing::info!(
+            upstream.identity = identity,
+            connections = drained,
+            "identity certificate renewed: its upstream connections drain"
+        );
     }
 
     /// A receiver that sees a new value whenever a connection opens or ends.
@@ -1053,6 +1111,7 @@ impl Pool {
         let _guard = ConnectingGuard { dest, probe };
         let key = &dest.key;
         let deadline = Instant::now() + self.inner.settings.connect_timeout;
+        let generation = dest.shared.generation.load(Ordering::Acquire);
         let result = self.open(dest, deadline, reservation).await;
         let mut st = dest.lock();
         let mut health = dest.health();
@@ -1064,7 +1123,11 @@ impl Pool {
                     finished,
                     ..Health::default()
                 };
-                st.conns.push(conn);
+                if dest.shared.generation.load(Ordering::Acquire) == generation {
+                    st.conns.push(conn);
+                } else {
+                    conn.retire("opened before its identity certificate was renewed");
+                }
             }
             Err(e) => {
                 health.finished = finished;
@@ -1124,7 +1187,7 @@ impl Pool {
         let Opened { link, route, ended } = self
             .inner
             .kind
-            .open(&key.dest, &key.identity, deadline, close)
+            .open(&key.dest, &key.identity, deadline, close.clone())
             .await?;
         let conn = Arc::new(Conn {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
@@ -1132,6 +1195,8 @@ impl Pool {
             in_flight: AtomicUsize::new(0),
             open: AtomicBool::new(true),
             route,
+            close,
+            retired: std::sync::OnceLock::new(),
         });
         tokio::spawn(watch_end(
             ended,
@@ -1168,6 +1233,9 @@ async fn watch_end(
     let reason = match ended.await {
         Ok(Some(why)) => why,
         Ok(None) if pool.closing.is_cancelled() => "relay shutting down".to_owned(),
+        Ok(None) if let Some(why) = conn.retired.get() => {
+            format!("retired ({why}) and done with its last request")
+        }
         Ok(None) => {
             "its identity was dropped (idle, over upstream.max_token_identities)".to_owned()
         }
