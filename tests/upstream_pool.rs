@@ -921,6 +921,92 @@ async fn a_changed_identity_certificate_drains_the_connections_that_presented_th
     assert_eq!(script.closed.available_permits(), 0);
 }
 
+/// Waits (bounded) until the relay's pool holds `n` requests waiting towards any destination.
+async fn wait_queued(relay: &support::relay::RunningRelay, n: usize) {
+    within(10, &format!("{n} requests queued"), async {
+        loop {
+            let queued: usize = relay
+                .relay
+                .pool()
+                .stats()
+                .iter()
+                .map(|(_, s)| s.queued)
+                .sum();
+            if queued == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+}
+
+/// Requests queued behind a saturated destination (one connection, one stream) whose client
+/// resets them while they wait are never sent: the origin sees only the ones left.
+#[tokio::test]
+async fn requests_reset_while_queued_are_never_sent() {
+    let pki = TestPki::new();
+    let (origin, hold) = FakeApns::start_holding(
+        &pki,
+        OriginOptions {
+            max_concurrent_streams: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let yaml = yaml_with(
+        &pki,
+        &origin,
+        Via::Direct,
+        "  max_connections_per_destination: 1\n",
+    );
+    let relay = relay::start(&yaml).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let open = |i: usize| {
+        let client = &client;
+        async move {
+            let mut req = push_request("api.push.apple.com", &token(i));
+            req.headers_mut()
+                .insert("apns-id", apns_id(i).parse().unwrap());
+            let (response, mut stream) = client.open(req).await.unwrap();
+            stream.send_data(Bytes::from(PAYLOAD), true).unwrap();
+            (response, stream)
+        }
+    };
+    // The one stream, taken and held at the origin.
+    let first = open(0).await;
+    within(10, "first at the origin", origin.wait_received(1)).await;
+    let mut queued = Vec::new();
+    for i in 1..=10 {
+        queued.push((i, open(i).await));
+    }
+    wait_queued(&relay, 10).await;
+    let mut kept = Vec::new();
+    for (i, (response, mut stream)) in queued {
+        if i % 2 == 1 {
+            stream.send_reset(h2::Reason::CANCEL);
+        } else {
+            kept.push((i, response, stream));
+        }
+    }
+    wait_queued(&relay, 5).await;
+    hold.add_permits(100);
+    let answer = within(10, "first", support::client::read_answer(first.0)).await;
+    assert_eq!(answer.unwrap().status, StatusCode::OK);
+    for (i, response, _stream) in kept {
+        let answer = within(10, "kept", support::client::read_answer(response)).await;
+        assert_eq!(answer.unwrap().status, StatusCode::OK, "push {i}");
+    }
+    let mut seen: Vec<String> = origin
+        .received()
+        .iter()
+        .map(|r| r.headers["apns-id"].to_str().unwrap().to_owned())
+        .collect();
+    seen.sort();
+    let expected: Vec<String> = [0, 2, 4, 6, 8, 10].into_iter().map(apns_id).collect();
+    assert_eq!(seen, expected, "the reset requests never reach the origin");
+}
+
 /// A proxy that never answers CONNECT, no ride-out: the request that waited for the attempt and
 /// the one failed fast after it get the same status and reason (504 RelayProxyTimeout).
 #[tokio::test]

@@ -8,8 +8,6 @@
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::RelayBody;
 use crate::coalesce::Coalesce;
+pub use crate::upstream::Committed;
 use crate::upstream::send_flow_controlled;
 
 /// HTTP/2 streams a client may have open at once on one connection, announced as
@@ -223,22 +222,6 @@ where
         let _ = send.send_trailers(trailers);
     }
     Ended::Answered
-}
-
-/// Set on a request (an extension) once it is handed to the upstream: from then on a client that
-/// goes away no longer cancels it. The origin may have delivered it already; a cancel would not
-/// take the push back, and a burst of cancels is what Apple's abuse detection punishes.
-#[derive(Debug, Clone, Default)]
-pub struct Committed(Arc<AtomicBool>);
-
-impl Committed {
-    pub fn set(&self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-
-    pub fn is_set(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
-    }
 }
 
 /// Reads until the bytes seen either are the HTTP/2 preface or cannot be, and returns the stream

@@ -292,11 +292,13 @@ impl Relay {
             authority,
         )
         .map_err(|e| RelayError::BadRequest(e.to_string()))?;
-        if let Some(committed) = parts.extensions.get::<Committed>() {
-            committed.set();
-        }
         let (data, trailers) = body.into_parts();
-        let request = head.map(|()| data.unwrap_or_default());
+        let mut request = head.map(|()| data.unwrap_or_default());
+        // Set by the upstream as the request goes on a connection: until then a client's reset
+        // drops it (waiting in the queue or for a connect), after that it runs to its end.
+        if let Some(committed) = parts.extensions.remove::<Committed>() {
+            request.extensions_mut().insert(committed);
+        }
         let ex = self
             .upstream
             .exchange(

@@ -21,6 +21,7 @@ use std::error::Error as StdError;
 use std::future::poll_fn;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -69,6 +70,25 @@ impl UpstreamError {
             } => *never_processed,
             UpstreamError::Chain(e) => e.never_processed(),
         }
+    }
+}
+
+/// Set once a request is written to an upstream connection (the pipeline hands one to
+/// `Upstream::exchange` in the request's extensions): from then on a client that goes away no
+/// longer cancels it. Until then (read, waiting in the queue, waiting for a connect) a client's
+/// reset drops the request and it is never sent. Once sent, the origin may have delivered it
+/// already; a cancel would not take the push back, and a burst of cancels is what Apple's abuse
+/// detection punishes.
+#[derive(Debug, Clone, Default)]
+pub struct Committed(Arc<AtomicBool>);
+
+impl Committed {
+    pub fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -204,7 +224,8 @@ impl Upstream {
     }
 
     /// Sends one request of client connection `client` (its body whole) and waits for the
-    /// answer's head, until `deadline`. The one resend rule for every kind of connection: a
+    /// answer's head, until `deadline`. A `Committed` in the request's extensions is set as the
+    /// request goes on a connection. The one resend rule for every kind of connection: a
     /// request goes again, once, only when the upstream provably never processed it.
     pub async fn exchange(
         &self,
@@ -215,7 +236,8 @@ impl Upstream {
         deadline: Instant,
         request_timeout: Duration,
     ) -> Result<Exchange, UpstreamError> {
-        let (parts, body) = request.into_parts();
+        let (mut parts, body) = request.into_parts();
+        let committed = parts.extensions.remove::<Committed>();
         let head = Request::from_parts(parts, ());
         // A DMZ relay's connections carry any identity's requests (tokens travel in headers).
         let chain_key;
@@ -233,6 +255,9 @@ impl Upstream {
             loop {
                 let lease = self.pool.checkout_for(key, client, deadline).await?;
                 let conn = lease.conn_id();
+                if let Some(committed) = &committed {
+                    committed.set();
+                }
                 let sent = lease
                     .link()
                     .send(&key.dest, head.clone(), body.clone(), trailers.clone())

@@ -632,6 +632,8 @@ fn health_key(key: &PoolKey) -> PoolKey {
 pub struct DestStats {
     pub open_connections: usize,
     pub streams_in_flight: usize,
+    /// Requests waiting for a stream (or a connect).
+    pub queued: usize,
 }
 
 /// Whether one destination (for one identity) is reachable, as the status page shows it.
@@ -891,7 +893,9 @@ impl Pool {
                 let e = by_key.entry(d.key.clone()).or_insert(DestStats {
                     open_connections: 0,
                     streams_in_flight: 0,
+                    queued: 0,
                 });
+                e.queued += st.queued;
                 e.open_connections += st
                     .conns
                     .iter()
