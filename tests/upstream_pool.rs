@@ -1342,6 +1342,108 @@ async fn clients_filling_the_pool_leave_a_normal_client_its_share() {
     }
 }
 
+/// Fairness is between sources (client addresses) first: one source with ten connections, each
+/// keeping four pushes in flight towards a slow tenant (answered after 400 ms), fills the
+/// destination's streams and queue (10 + 10); a client from a second address (127.0.0.2) with
+/// one connection and five pushes in flight at a time still gets every push through. Counted
+/// per connection, that client would get one eleventh of the pool (one push at a time) and be
+/// refused 503 for the rest.
+#[tokio::test]
+async fn a_source_with_many_connections_leaves_another_source_its_share() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use support::client::Connect;
+    let pki = TestPki::new();
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            max_concurrent_streams: Some(10),
+            slow_topic: Some(("com.example.slow".into(), Duration::from_millis(400))),
+            ..Default::default()
+        },
+    )
+    .await;
+    let upstream = "  max_connections_per_destination: 1\n  max_queued_requests: 10\n";
+    let yaml = yaml_with(&pki, &origin, Via::Direct, upstream)
+        .replace("request_timeout: 5s", "request_timeout: 8s")
+        .replace(
+            "allow_sources: [\"127.0.0.1/32\"]",
+            "allow_sources: [\"127.0.0.1/32\", \"127.0.0.2/32\"]",
+        );
+    assert!(yaml.contains("127.0.0.2/32"));
+    let relay = relay::start(&yaml).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let overloaded = Arc::new(AtomicUsize::new(0));
+    let mut flood = Vec::new();
+    for a in 0..10 {
+        let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
+        for t in 0..4 {
+            let (client, stop, overloaded) = (client.clone(), stop.clone(), overloaded.clone());
+            flood.push(tokio::spawn(async move {
+                let mut n = 0;
+                let until = tokio::time::Instant::now() + Duration::from_secs(30);
+                while !stop.load(Ordering::SeqCst) && tokio::time::Instant::now() < until {
+                    let mut req =
+                        push_request("api.push.apple.com", &token(a * 10_000 + t * 100 + n));
+                    req.headers_mut()
+                        .insert("apns-topic", "com.example.slow".parse().unwrap());
+                    let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+                    if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+                        overloaded.fetch_add(1, Ordering::SeqCst);
+                        // Refused at once: try again a little later, as a client would.
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    n += 1;
+                }
+            }));
+        }
+    }
+    // The pool is full (every stream busy at the origin) and the flood is being refused.
+    origin.wait_received(10).await;
+    overloaded.store(0, Ordering::SeqCst);
+    within(10, "the flood fills the pool", async {
+        while overloaded.load(Ordering::SeqCst) < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let other = Connect {
+        from: Some([127, 0, 0, 2].into()),
+        ..Connect::new(relay.addr())
+    };
+    let other = Arc::new(H2Client::connect_with(&pki, other).await.unwrap());
+    // Five in flight at a time, 20 in all.
+    let pushes = (0..5).map(|lane| {
+        let other = other.clone();
+        async move {
+            let mut statuses = Vec::new();
+            for i in 0..4 {
+                let n = 900_000 + lane * 10 + i;
+                let mut req = push_request("api.push.apple.com", &token(n));
+                req.headers_mut()
+                    .insert("apns-id", apns_id(n).parse().unwrap());
+                let answer = other.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+                statuses.push((answer.status, answer.reason()));
+            }
+            statuses
+        }
+    });
+    let statuses: Vec<(StatusCode, Option<String>)> =
+        within(20, "the other source's pushes", join_all(pushes))
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        statuses.iter().all(|(s, _)| *s == StatusCode::OK),
+        "the other source: {statuses:?}"
+    );
+    assert!(overloaded.load(Ordering::SeqCst) >= 10);
+    for f in flood {
+        within(15, "flood", f).await.unwrap();
+    }
+}
+
 /// An `upstream.identities` section: one item per (topic, certificate, key, further keys).
 fn identities_yaml(items: &[(&str, &std::path::Path, &std::path::Path, &str)]) -> String {
     let mut yaml = String::from("  identities:\n");

@@ -143,6 +143,56 @@ pub fn decide<'a, E>(view: &View<'a, E>, limits: Limits) -> Decision<'a, E> {
     }
 }
 
+/// What one client connection and its source (the client's IP address, all its connections
+/// together) hold on one destination entry: stream slots plus queue places.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holds {
+    pub conn: usize,
+    pub source: usize,
+}
+
+/// A client connection's fair share of a destination's stream slots and queue, and its
+/// source's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shares {
+    pub source: usize,
+    pub conn: usize,
+}
+
+/// The shares of `capacity` (stream slots plus queue places) among `sources` sources holding
+/// any (the asking one counted even when it holds nothing yet) and, within a source, among its
+/// `conns` connections holding any (likewise): with more than one, each gets the whole divided
+/// by one more than their number, so a share is left for a newcomer; alone, the whole (a lone
+/// source: no bound of its own). A source
+/// with many connections thus gets one source's share, however many connections it opens.
+pub fn shares(capacity: usize, sources: usize, conns: usize) -> Shares {
+    let split = |whole: usize, n: usize| {
+        if n <= 1 {
+            whole
+        } else {
+            (whole / (n + 1)).max(1)
+        }
+    };
+    let source = split(capacity, sources);
+    Shares {
+        // A lone source is bounded only by its connections' shares.
+        source: if sources <= 1 { usize::MAX } else { source },
+        conn: split(source, conns),
+    }
+}
+
+impl Holds {
+    /// Under its share: the connection and its source both hold less than theirs.
+    pub fn under(self, shares: Shares) -> bool {
+        self.conn < shares.conn && self.source < shares.source
+    }
+
+    /// Over its share: the connection or its source holds more than its share.
+    pub fn over(self, shares: Shares) -> bool {
+        self.conn > shares.conn || self.source > shares.source
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +291,43 @@ mod tests {
         for (what, view, expected) in table {
             assert_eq!(decide(&view, LIMITS), expected, "{what}");
         }
+    }
+
+    #[test]
+    fn fair_shares_by_source_then_connection() {
+        let h = |conn, source| Holds { conn, source };
+        /// (what, (capacity, sources, conns of this source), holds, under, over)
+        type Row = (&'static str, (usize, usize, usize), Holds, bool, bool);
+        #[rustfmt::skip]
+        let table: Vec<Row> = vec![
+            ("alone: the whole", (20, 1, 1), h(19, 19), true, false),
+            ("one source, four connections: a fifth each", (20, 1, 4), h(3, 12), true, false),
+            ("one source, four connections, at its share", (20, 1, 4), h(4, 16), false, false),
+            ("a lone source holding everything: its connections' shares decide", (20, 1, 4), h(0, 20), true, false),
+            ("two sources: a third each", (21, 2, 1), h(6, 6), true, false),
+            ("two sources: one holding more than a third is over", (21, 2, 1), h(8, 8), false, true),
+            ("many connections of one source share one source's share", (21, 2, 10), h(0, 7), false, false),
+            ("each of them gets a part of it", (21, 2, 6), h(0, 4), true, false),
+            ("and is at it with one", (21, 2, 6), h(1, 5), false, false),
+            ("a connection under its part, its source over its share: over", (21, 2, 6), h(1, 9), false, true),
+            ("a newcomer source is under its share", (21, 3, 1), h(0, 0), true, false),
+            ("a share is never zero", (2, 5, 5), h(0, 0), true, false),
+        ];
+        for (what, (capacity, sources, conns), holds, under, over) in table {
+            let s = shares(capacity, sources, conns);
+            assert_eq!(
+                (holds.under(s), holds.over(s)),
+                (under, over),
+                "{what}: {s:?}"
+            );
+        }
+        assert_eq!(shares(21, 2, 6), Shares { source: 7, conn: 1 });
+        assert_eq!(
+            shares(20, 1, 4),
+            Shares {
+                source: usize::MAX,
+                conn: 4
+            }
+        );
     }
 }

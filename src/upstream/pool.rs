@@ -7,14 +7,15 @@
 //! the pool then takes it out of rotation. A connect is a task the
 //! destination owns (the request that asked for it may leave), bounded as a whole; failures back
 //! off with jitter. Requests wait for a destination that went down for up to `reconnect_wait`, then
-//! fail fast. While requests wait, client connections share the streams and queue fairly.
+//! fail fast. While requests wait, sources (client addresses), then the connections of each,
+//! share the streams and queue fairly (`decision::shares`).
 //! With worker threads (`crate::workers`) each worker has a shard of the connections to itself,
 //! chosen by the thread a request runs on, so its requests never touch another worker's
 //! connections; the per-destination limits and the back-off are shared by all shards.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -27,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::chain::ChainKind;
 use super::connect::{ConnectError, Connector, Route};
-use super::decision::{Decision, Limits, View, decide};
+use super::decision::{Decision, Holds, Limits, View, decide, shares};
 use super::h2_link::H2Kind;
 use super::link::{Link, LinkKind, Opened};
 use crate::config::UpstreamConfig;
@@ -319,8 +320,8 @@ struct Standing {
     under_share: bool,
     displaceable: bool,
     evicted: bool,
-    /// The share itself (stream slots plus queue places).
-    share: usize,
+    /// The waiting client over its share that would give up a queue place for this one.
+    victim: Option<SocketAddr>,
 }
 
 impl DestState {
@@ -343,18 +344,20 @@ impl DestState {
         }
     }
 
-    /// `client`'s standing against its fair share of this entry's stream slots and queue: with
-    /// other clients holding any, `capacity / (clients + 1)`, so a share is left for one more.
-    /// It yields a freed slot when it holds its share or more while a client under its share
-    /// waits; it may take a queue place only under its share, and in a full queue turn away a
-    /// waiting request of a client over its share. Only worked out when requests wait.
+    /// `client`'s standing against its fair share of this entry's stream slots and queue
+    /// (`decision::shares`): sources (client IP addresses) share them first, then the
+    /// connections of each source share its part, so a source gets one share however many
+    /// connections it opens. It yields a freed slot when it holds its share or more while a
+    /// client under its share waits; it may take a queue place only under its share, and in a
+    /// full queue turn away a waiting request of a client over its share. Only worked out when
+    /// requests wait.
     fn fairness(&self, client: Option<SocketAddr>, in_queue: bool, max_queued: usize) -> Standing {
         let free = Standing {
             yields: false,
             under_share: true,
             displaceable: false,
             evicted: false,
-            share: usize::MAX,
+            victim: None,
         };
         let Some(client) = client else {
             return free;
@@ -368,6 +371,16 @@ impl DestState {
         if others == 0 {
             return Standing { evicted, ..free };
         }
+        // Each source's holds and connections holding any.
+        let mut sources: FastMap<IpAddr, (usize, usize)> = FastMap::default();
+        for (c, u) in &self.clients {
+            let e = sources.entry(c.ip()).or_default();
+            e.0 += u.holds;
+            e.1 += 1;
+        }
+        let src = client.ip();
+        let newcomer = mine.holds == 0;
+        let n_sources = sources.len() + usize::from(!sources.contains_key(&src));
         let capacity = self
             .conns
             .iter()
@@ -375,32 +388,56 @@ impl DestState {
             .map(|c| c.link.capacity())
             .sum::<usize>()
             + max_queued;
-        let share = (capacity / (others + 2)).max(1);
-        let held = mine.holds - usize::from(in_queue && mine.holds > 0);
-        let under_share = held < share;
+        let shares_of = |ip: IpAddr| {
+            let conns = sources.get(&ip).map_or(0, |s| s.1) + usize::from(ip == src && newcomer);
+            shares(capacity, n_sources, conns)
+        };
+        let holds_of = |c: &SocketAddr, u: &ClientUse| Holds {
+            conn: u.holds,
+            source: sources.get(&c.ip()).map_or(u.holds, |s| s.0),
+        };
+        let own = usize::from(in_queue && mine.holds > 0);
+        let held = holds_of(&client, &mine);
+        let held = Holds {
+            conn: held.conn - own,
+            source: held.source.saturating_sub(own),
+        };
+        let under_share = held.under(shares_of(src));
         let waiting_others = || {
             self.clients
                 .iter()
                 .filter(|(c, u)| **c != client && u.queued > 0)
         };
+        // A waiting client's holds count its waiting request: without it, is it under?
+        let waits_under = |c: &SocketAddr, u: &ClientUse| {
+            let h = holds_of(c, u);
+            Holds {
+                conn: h.conn - 1,
+                source: h.source - 1,
+            }
+            .under(shares_of(c.ip()))
+        };
+        let victim = if under_share {
+            // The waiting client over its share whose source holds most, then itself.
+            waiting_others()
+                .filter(|(c, u)| u.queued > u.evict && holds_of(c, u).over(shares_of(c.ip())))
+                .max_by_key(|(c, u)| (holds_of(c, u).source, u.holds))
+                .map(|(c, _)| *c)
+        } else {
+            None
+        };
         Standing {
-            yields: !under_share && waiting_others().any(|(_, u)| u.holds - 1 < share),
+            yields: !under_share && waiting_others().any(|(c, u)| waits_under(c, u)),
             under_share,
-            displaceable: under_share && waiting_others().any(|(_, u)| u.holds > share),
+            displaceable: victim.is_some(),
             evicted,
-            share,
+            victim,
         }
     }
 
-    /// Tells the waiting client holding most beyond `share` (not `client`) to give up a queue
-    /// place.
-    fn displace_for(&mut self, client: Option<SocketAddr>, share: usize) {
-        let victim = self
-            .clients
-            .iter_mut()
-            .filter(|(c, u)| Some(**c) != client && u.queued > u.evict && u.holds > share)
-            .max_by_key(|(_, u)| u.holds);
-        if let Some((_, u)) = victim {
+    /// Tells `victim` (a waiting client over its share) to give up a queue place.
+    fn displace(&mut self, victim: Option<SocketAddr>) {
+        if let Some(u) = victim.and_then(|v| self.clients.get_mut(&v)) {
             u.evict += 1;
         }
     }
@@ -1048,7 +1085,7 @@ impl Pool {
                     }
                     Decision::Displace => {
                         drop(health);
-                        st.displace_for(client, standing.share);
+                        st.displace(standing.victim);
                         slot = Some(QueueSlot::new(&dest, &mut st, client));
                         drop(st);
                         dest.changed.notify_waiters();
