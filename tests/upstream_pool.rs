@@ -1444,6 +1444,104 @@ async fn a_source_with_many_connections_leaves_another_source_its_share() {
     }
 }
 
+/// The queue is shared by the worker shards fairly too: one client on one worker keeps 30 slow
+/// pushes in flight, filling its shard's streams and the whole shared queue (10); a client from
+/// another address, served by the other worker, with 15 pushes in flight at a time (its shard's
+/// 10 streams and 5 queue places) still gets every push through: a waiting request of the shard
+/// holding more than its part of the queue gives up its place.
+#[tokio::test]
+async fn the_shared_queue_is_shared_fairly_between_worker_shards() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
+    use support::client::Connect;
+    let pki = TestPki::new();
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            max_concurrent_streams: Some(10),
+            slow_topic: Some(("com.example.slow".into(), Duration::from_millis(400))),
+            ..Default::default()
+        },
+    )
+    .await;
+    let upstream = "  max_connections_per_destination: 1\n  max_queued_requests: 10\n";
+    let yaml = yaml_with(&pki, &origin, Via::Direct, upstream)
+        .replace("request_timeout: 5s", "request_timeout: 8s")
+        .replace(
+            "allow_sources: [\"127.0.0.1/32\"]",
+            "allow_sources: [\"127.0.0.1/32\", \"127.0.0.2/32\"]",
+        );
+    let relay = relay::start_on_workers(&yaml, 2).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let overloaded = Arc::new(AtomicUsize::new(0));
+    // One connection: one worker.
+    let flooder = Arc::new(H2Client::connect(&pki, relay.addr()).await);
+    let mut flood = Vec::new();
+    for t in 0..30 {
+        let (client, stop, overloaded) = (flooder.clone(), stop.clone(), overloaded.clone());
+        flood.push(tokio::spawn(async move {
+            let mut n = 0;
+            let until = tokio::time::Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::SeqCst) && tokio::time::Instant::now() < until {
+                let mut req = push_request("api.push.apple.com", &token(t * 100 + n));
+                req.headers_mut()
+                    .insert("apns-topic", "com.example.slow".parse().unwrap());
+                let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+                if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+                    overloaded.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                n += 1;
+            }
+        }));
+    }
+    origin.wait_received(10).await;
+    overloaded.store(0, Ordering::SeqCst);
+    within(10, "the flood fills its streams and the queue", async {
+        while overloaded.load(Ordering::SeqCst) < 10 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // The least busy worker takes the second connection.
+    let other = Connect {
+        from: Some([127, 0, 0, 2].into()),
+        ..Connect::new(relay.addr())
+    };
+    let other = Arc::new(H2Client::connect_with(&pki, other).await.unwrap());
+    // Its worker's upstream connection, opened by one push first.
+    assert_eq!(
+        other.push(&token(800_000), PAYLOAD).await.status,
+        StatusCode::OK
+    );
+    let pushes = (0..15).map(|lane| {
+        let other = other.clone();
+        async move {
+            let mut statuses = Vec::new();
+            for i in 0..2 {
+                let n = 900_000 + lane * 10 + i;
+                let answer = other.push(&token(n), PAYLOAD).await;
+                statuses.push((answer.status, answer.reason()));
+            }
+            statuses
+        }
+    });
+    let statuses: Vec<(StatusCode, Option<String>)> =
+        within(20, "the other worker's pushes", join_all(pushes))
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+    stop.store(true, Ordering::SeqCst);
+    assert!(
+        statuses.iter().all(|(s, _)| *s == StatusCode::OK),
+        "the other worker's client: {statuses:?}"
+    );
+    for f in flood {
+        within(15, "flood", f).await.unwrap();
+    }
+    relay.stop().await;
+}
+
 /// An `upstream.identities` section: one item per (topic, certificate, key, further keys).
 fn identities_yaml(items: &[(&str, &std::path::Path, &std::path::Path, &str)]) -> String {
     let mut yaml = String::from("  identities:\n");

@@ -48,6 +48,10 @@ pub struct View<'a, E> {
     /// Another client holds more than its share and has requests waiting: one of them may be
     /// turned away to make room for this one when the queue is full.
     pub displaceable: bool,
+    /// Another worker shard's entry for this destination holds more than its part of the
+    /// shared queue (the shards queueing, this one counted, share it evenly) and has a waiting
+    /// request to give up: one may be turned away there for this one when the queue is full.
+    pub over_part_elsewhere: bool,
     /// This request's client was told to give up a queue place for a client under its share.
     pub evicted: bool,
     pub now: Instant,
@@ -82,7 +86,8 @@ pub enum Decision<'a, E> {
     /// Take a place in the queue, then look again (a slot freed meanwhile is not missed).
     Enqueue,
     /// The queue is full, but this client is under its share: turn away a waiting request of
-    /// the client holding most, and take its place.
+    /// the client over its share holding most (in this shard, else in the shard holding more
+    /// than its part of the queue), and take its place.
     Displace,
     /// Wait for a change, or until `wake_at` (always in the future) when something is due then:
     /// the back-off ends (start the reconnect) or the ride-out ends (fail).
@@ -136,7 +141,7 @@ pub fn decide<'a, E>(view: &View<'a, E>, limits: Limits) -> Decision<'a, E> {
         Decision::Wait { wake_at }
     } else if view.awaiting || (view.under_share && view.queued < limits.max_queued) {
         Decision::Enqueue
-    } else if view.under_share && view.displaceable {
+    } else if view.under_share && (view.displaceable || view.over_part_elsewhere) {
         Decision::Displace
     } else {
         Decision::QueueFull
@@ -222,6 +227,7 @@ mod tests {
             yields: false,
             under_share: true,
             displaceable: false,
+            over_part_elsewhere: false,
             evicted: false,
             now,
         }
@@ -286,6 +292,9 @@ mod tests {
             ("queue full, under its share, nobody over theirs: fail", View { open: 2, reserved: 2, queued: 3, under_share: true, ..f }, Decision::QueueFull),
             ("queue full, under its share, another client over its share waits: take its place", View { open: 2, reserved: 2, queued: 3, under_share: true, displaceable: true, ..f }, Decision::Displace),
             ("queue full, at its share: no displacing", View { open: 2, reserved: 2, queued: 3, under_share: false, displaceable: true, ..f }, Decision::QueueFull),
+            // Fairness across worker shards: the queue is shared by all of them.
+            ("queue full of another shard's requests, that shard over its part: take a place there", View { open: 2, reserved: 2, queued: 3, over_part_elsewhere: true, ..f }, Decision::Displace),
+            ("queue full, another shard over its part, this client at its share: fail", View { open: 2, reserved: 2, queued: 3, under_share: false, over_part_elsewhere: true, ..f }, Decision::QueueFull),
             ("turned away for a client under its share: fail", View { connecting: true, evicted: true, ..q }, Decision::QueueFull),
         ];
         for (what, view, expected) in table {

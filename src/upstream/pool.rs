@@ -362,11 +362,12 @@ impl DestState {
         let Some(client) = client else {
             return free;
         };
+        // Told to give up its place (by this shard or another's), whatever else holds.
+        let evicted = in_queue && self.clients.get(&client).is_some_and(|u| u.evict > 0);
         if self.queued <= usize::from(in_queue) {
-            return free;
+            return Standing { evicted, ..free };
         }
         let mine = self.clients.get(&client).copied().unwrap_or_default();
-        let evicted = in_queue && mine.evict > 0;
         let others = self.clients.len() - usize::from(mine.holds > 0);
         if others == 0 {
             return Standing { evicted, ..free };
@@ -466,6 +467,59 @@ struct Dest {
 }
 
 impl Dest {
+    /// Whether this shard's entry (`queued_here` waiting) is under its part of the shared queue
+    /// and another shard's entry for this key over it (a part: `max_queued` over the shards
+    /// queueing, this one counted); with `evict`, tells the waiting client holding most there to
+    /// give up a place, and says whether there was one. Without `evict` it runs under this
+    /// entry's lock, so it reads the other entries' queues from their counters and takes no
+    /// lock but a `try_lock` of the list; with `evict` the caller holds no lock of this entry.
+    fn over_part_elsewhere(&self, max_queued: usize, queued_here: usize, evict: bool) -> bool {
+        let list = if evict {
+            Some(self.shared.dests.lock().unwrap_or_else(|p| p.into_inner()))
+        } else {
+            self.shared.dests.try_lock().ok()
+        };
+        let Some(list) = list else {
+            return false;
+        };
+        let others: Vec<Arc<Dest>> = list
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|d| !std::ptr::eq(Arc::as_ptr(d), self))
+            .collect();
+        drop(list);
+        let queued = |d: &Dest| d.waiting.load(Ordering::Acquire);
+        let queueing = others.iter().filter(|d| queued(d) > 0).count() + 1;
+        let part = (max_queued / queueing).max(1);
+        if queued_here >= part {
+            // This shard holds its part already.
+            return false;
+        }
+        let Some(over) = others
+            .iter()
+            .filter(|d| queued(d) > part)
+            .max_by_key(|d| queued(d))
+        else {
+            return false;
+        };
+        if !evict {
+            return true;
+        }
+        let mut st = over.lock();
+        let victim = st
+            .clients
+            .iter_mut()
+            .filter(|(_, u)| u.queued > u.evict)
+            .max_by_key(|(_, u)| u.holds);
+        let Some((_, u)) = victim else {
+            return false;
+        };
+        u.evict += 1;
+        drop(st);
+        over.changed.notify_waiters();
+        true
+    }
+
     fn lock(&self) -> MutexGuard<'_, DestState> {
         // A panic while holding this lock cannot leave the state half-written in a harmful way.
         self.state
@@ -1036,6 +1090,13 @@ impl Pool {
                     yields: standing.yields,
                     under_share: standing.under_share,
                     displaceable: standing.displaceable,
+                    // Looked at only when it can matter: the queue full, this request under its
+                    // share and no one to turn away in this shard.
+                    over_part_elsewhere: slot.is_none()
+                        && standing.under_share
+                        && !standing.displaceable
+                        && dest.shared.queued.load(Ordering::Acquire) >= settings.max_queued
+                        && dest.over_part_elsewhere(settings.max_queued, st.queued, false),
                     evicted: standing.evicted,
                     now: Instant::now(),
                 };
@@ -1085,10 +1146,23 @@ impl Pool {
                     }
                     Decision::Displace => {
                         drop(health);
+                        let here = standing.victim.is_some();
                         st.displace(standing.victim);
+                        let queued_here = st.queued;
                         slot = Some(QueueSlot::new(&dest, &mut st, client));
                         drop(st);
-                        dest.changed.notify_waiters();
+                        if here {
+                            dest.changed.notify_waiters();
+                        } else if !dest.over_part_elsewhere(settings.max_queued, queued_here, true)
+                        {
+                            // No locks of this entry held: the other shard's may be taken. Nobody
+                            // there gives up a place after all: the queue is full (the place
+                            // taken goes with `slot`).
+                            return Err(PoolError::QueueFull {
+                                dest: key.dest.to_string(),
+                                queued: dest.shared.queued.load(Ordering::Acquire),
+                            });
+                        }
                         continue;
                     }
                     Decision::Connect { probe } => {
