@@ -1007,6 +1007,61 @@ async fn requests_reset_while_queued_are_never_sent() {
     assert_eq!(seen, expected, "the reset requests never reach the origin");
 }
 
+/// Requests waiting for a destination that is down (riding out the outage, a connect pending)
+/// whose client resets them are never sent once it is back.
+#[tokio::test]
+async fn requests_reset_while_waiting_for_a_connect_are_never_sent() {
+    let pki = TestPki::new();
+    // The origin's port, closed until the origin starts on it.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let yaml = relay::pre_proxy_yaml_on(&pki, port, Via::Direct)
+        .replace("request_timeout: 5s", "request_timeout: 8s");
+    let relay = relay::start(&yaml).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let mut waiting = Vec::new();
+    for i in 1..=6 {
+        let mut req = push_request("api.push.apple.com", &token(i));
+        req.headers_mut()
+            .insert("apns-id", apns_id(i).parse().unwrap());
+        let (response, mut stream) = client.open(req).await.unwrap();
+        stream.send_data(Bytes::from(PAYLOAD), true).unwrap();
+        waiting.push((i, response, stream));
+    }
+    wait_queued(&relay, 6).await;
+    let mut kept = Vec::new();
+    for (i, response, mut stream) in waiting {
+        if i % 2 == 1 {
+            stream.send_reset(h2::Reason::CANCEL);
+        } else {
+            kept.push((i, response, stream));
+        }
+    }
+    wait_queued(&relay, 3).await;
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            port,
+            ..Default::default()
+        },
+    )
+    .await;
+    for (i, response, _stream) in kept {
+        let answer = within(10, "kept", support::client::read_answer(response)).await;
+        assert_eq!(answer.unwrap().status, StatusCode::OK, "push {i}");
+    }
+    let mut seen: Vec<String> = origin
+        .received()
+        .iter()
+        .map(|r| r.headers["apns-id"].to_str().unwrap().to_owned())
+        .collect();
+    seen.sort();
+    let expected: Vec<String> = [2, 4, 6].into_iter().map(apns_id).collect();
+    assert_eq!(seen, expected, "the reset requests never reach the origin");
+}
+
 /// A proxy that never answers CONNECT, no ride-out: the request that waited for the attempt and
 /// the one failed fast after it get the same status and reason (504 RelayProxyTimeout).
 #[tokio::test]
