@@ -663,3 +663,46 @@ async fn dmz_relay_outage_is_ridden_out_like_an_origin_outage() {
     );
     dmz.stop().await;
 }
+
+/// The connections to the DMZ relay are the pool's like any other: counted in
+/// `pushrelay_upstream_connections` and shown on the status page, per destination.
+#[tokio::test]
+async fn chain_connections_show_in_the_metrics_and_on_the_status_page() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let secret = chain::secret_file(&pki, "relay.secret", SECRET);
+    let dmz = relay::start(&chain::dmz_yaml(&pki, &origin, &secret, "\"127.0.0.1/32\"")).await;
+    let url = format!("https://localhost:{}", dmz.addr().port());
+    let inside = relay::start_with_admin(&chain::inside_yaml(
+        &pki,
+        origin.port(),
+        None,
+        &url,
+        &secret,
+    ))
+    .await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    assert_eq!(client.push(&token(1), PAYLOAD).await.status, 200);
+    let dest = format!("api.push.apple.com:{}", origin.port());
+    let metrics = inside.relay.metrics().render(inside.relay.pool());
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("pushrelay_upstream_connections{") && l.contains(&dest))
+        .unwrap_or_else(|| panic!("no upstream_connections for {dest}:\n{metrics}"));
+    assert!(line.ends_with(" 1"), "{line}");
+    let answer = support::http1::exchange(
+        inside.admin.unwrap(),
+        b"GET /status.json HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let status: serde_json::Value = serde_json::from_slice(&answer.body).unwrap();
+    let entry = status["destinations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == dest.as_str())
+        .unwrap_or_else(|| panic!("{dest} in {status}"))
+        .clone();
+    assert_eq!(entry["connections"], 1, "{entry}");
+    assert_eq!(entry["state"], "up", "{entry}");
+}
