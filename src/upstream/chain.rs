@@ -136,7 +136,7 @@ enum Form {
 }
 
 /// What every connection to the DMZ relay shares: where it goes and how requests are written.
-struct Relay {
+struct DmzRelay {
     relay: Authority,
     form: Form,
     secret: Secret,
@@ -145,12 +145,12 @@ struct Relay {
 
 /// Opens HTTP/1.1 connections to the DMZ relay, whatever the destination.
 pub struct ChainKind {
-    relay: Arc<Relay>,
+    relay: Arc<DmzRelay>,
 }
 
 /// The request side of one connection to the DMZ relay: a request goes to its driver.
 pub struct ChainLink {
-    relay: Arc<Relay>,
+    relay: Arc<DmzRelay>,
     jobs: mpsc::Sender<Job>,
 }
 
@@ -202,7 +202,7 @@ impl ChainKind {
             }
         };
         ChainKind {
-            relay: Arc::new(Relay {
+            relay: Arc::new(DmzRelay {
                 relay: dmz,
                 form,
                 secret,
@@ -318,7 +318,7 @@ impl ChainLink {
     }
 }
 
-impl Relay {
+impl DmzRelay {
     /// The request as written on this route: origin form over TLS (`Host` the DMZ relay, the
     /// destination in its own header), absolute form in plain; the relay secret (and proxy
     /// credentials) added.
