@@ -291,6 +291,11 @@ impl Connection {
         None
     }
 
+    /// No new stream will ever open here: a GOAWAY came or went, or the connection failed.
+    pub fn is_going_away(&self) -> bool {
+        self.failed.is_some() || self.goaway_recv.is_some() || self.goaway_sent
+    }
+
     /// The connection is done: it failed or is going away, and no stream is left.
     pub fn is_finished(&self) -> bool {
         (self.failed.is_some() || self.goaway_recv.is_some() || self.goaway_sent)

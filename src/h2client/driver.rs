@@ -93,6 +93,7 @@ struct Command {
 struct Shared {
     max_concurrent: AtomicU32,
     open: AtomicUsize,
+    going_away: AtomicBool,
     closed: AtomicBool,
 }
 
@@ -122,6 +123,12 @@ impl Client {
     /// Streams open now.
     pub fn open_streams(&self) -> usize {
         self.shared.open.load(Ordering::Relaxed)
+    }
+
+    /// The server sent GOAWAY (or the connection failed): requests sent from now on fail as
+    /// never processed; those in flight below its last stream id still finish.
+    pub fn is_going_away(&self) -> bool {
+        self.shared.going_away.load(Ordering::Relaxed) || self.is_closed()
     }
 
     /// The connection takes no new requests.
@@ -179,6 +186,9 @@ where
             .max_concurrent
             .store(conn.max_concurrent_streams(), Ordering::Relaxed);
         shared.open.store(conn.open_streams(), Ordering::Relaxed);
+        if conn.is_going_away() {
+            shared.going_away.store(true, Ordering::Relaxed);
+        }
         if conn.has_output() {
             let out = conn.take_output();
             if let Err(e) = async {
@@ -298,8 +308,9 @@ fn start_waiting(
             }
         }
     }
-    // Going away or failed: nothing waiting will ever start here.
-    if !conn.can_open() && (conn.is_finished() || conn.error().is_some()) {
+    // Going away or failed: nothing waiting will ever start here, and it may go elsewhere at
+    // once rather than after the streams still in flight.
+    if conn.is_going_away() {
         for cmd in waiting.drain(..) {
             let _ = cmd
                 .reply
