@@ -820,3 +820,166 @@ fn random_hpack_blocks_never_panic_and_tables_stay_bounded() {
         }
     }
 }
+
+/// Every frame type (and an unknown one) with every single flag, no flags and all flags, payloads
+/// of 0 to 24 random bytes and stream ids 0, 1, 2 and 2^31-1 (reserved bit set): the frame decoder
+/// never panics, takes exactly one whole frame when it returns one, and keeps the buffer as it was
+/// when it errs.
+#[test]
+fn frame_decoder_sweeps_types_flags_lengths_and_streams_without_panicking() {
+    let mut rng = Rng(0xd1b5_4a32_d192_ed03);
+    let flags: Vec<u8> = [0u8, 0xff]
+        .into_iter()
+        .chain((0..8).map(|b| 1 << b))
+        .collect();
+    let mut decoded = 0;
+    for k in (0u8..=10).chain([0xfa]) {
+        for &f in &flags {
+            for len in 0..=24 {
+                for stream in [0u32, 1, 2, 0xffff_ffff] {
+                    let mut b = BytesMut::new();
+                    frame::put_header(&mut b, len, k, f, stream);
+                    b.put_slice(&rng.bytes(len));
+                    // A byte of the next frame behind it must stay in the buffer.
+                    b.put_u8(0xee);
+                    match frame::decode(&mut b, frame::DEFAULT_MAX_FRAME_SIZE) {
+                        Ok(Some(_)) => {
+                            decoded += 1;
+                            assert_eq!(&b[..], &[0xee], "type {k} flags {f:#x} len {len}");
+                        }
+                        Ok(None) => panic!("a whole frame was there: type {k} len {len}"),
+                        Err(_) => {}
+                    }
+                }
+            }
+        }
+    }
+    assert!(decoded > 1000, "{decoded}");
+}
+
+/// A frame header announcing more than SETTINGS_MAX_FRAME_SIZE is refused from its 9 bytes: the
+/// decoder does not wait for (or buffer) the 16 MB announced.
+#[test]
+fn an_oversized_frame_is_refused_from_its_header_alone() {
+    for max in [frame::DEFAULT_MAX_FRAME_SIZE, 1 << 20] {
+        let mut b = BytesMut::new();
+        frame::put_header(&mut b, frame::MAX_MAX_FRAME_SIZE as usize, kind::DATA, 0, 1);
+        let err = frame::decode(&mut b, max).unwrap_err();
+        assert!(matches!(
+            err,
+            H2Error::Connection {
+                code: ErrorCode::FRAME_SIZE_ERROR,
+                ..
+            }
+        ));
+    }
+    let mut c = connected(&[]);
+    c.recv_buf()
+        .extend_from_slice(&[0xff, 0xff, 0xff, kind::DATA, 0, 0, 0, 0, 1]);
+    assert!(c.process().is_err());
+}
+
+/// HEADERS followed by CONTINUATIONs that never end: the connection fails ENHANCE_YOUR_CALM once
+/// the block passes `max_header_block`, having buffered no more than that and one frame.
+#[test]
+fn an_endless_continuation_flood_is_cut_off_at_the_header_block_limit() {
+    let cfg = Config::default();
+    let limit = cfg.max_header_block;
+    let mut c = Connection::new(cfg);
+    c.recv_buf().extend_from_slice(&settings(&[]));
+    c.process().unwrap();
+    let id = push(&mut c, "aa", b"{}").unwrap();
+    let chunk = vec![0x82u8; 16_000];
+    let mut wire = BytesMut::new();
+    frame::put_header(&mut wire, chunk.len(), kind::HEADERS, 0, id);
+    wire.put_slice(&chunk);
+    let mut fed = 0;
+    let mut result = c.process();
+    for _ in 0..1000 {
+        c.recv_buf().extend_from_slice(&wire);
+        fed += wire.len();
+        result = c.process();
+        if result.is_err() {
+            break;
+        }
+        wire.clear();
+        frame::put_header(&mut wire, chunk.len(), kind::CONTINUATION, 0, id);
+        wire.put_slice(&chunk);
+    }
+    let err = result.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            H2Error::Connection {
+                code: ErrorCode::ENHANCE_YOUR_CALM,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert!(fed <= limit + 2 * (16_000 + 9), "cut off after {fed} bytes");
+}
+
+/// A block of 20 000 indexed fields (one byte each) against an 8 KiB header list limit: the
+/// decoder emits fields only up to the limit and reports the list too large.
+#[test]
+fn hpack_header_list_bound_holds_for_tiny_indexed_fields() {
+    let mut d = Decoder::new(4096, 8192);
+    let block = Bytes::from(vec![0x82u8; 20_000]);
+    let mut list = 0;
+    let decoded = d
+        .decode(&block, |n, v| list += n.len() + v.len() + 32)
+        .unwrap();
+    assert!(decoded.too_large);
+    assert!(list <= 8192, "{list}");
+    assert!(list > 8000, "fields up to the limit were emitted: {list}");
+}
+
+/// Integers past what fits (RFC 7541 §5.1 continuation bytes without end, or beyond usize) are
+/// errors, not overflows or panics, in every position a block has one.
+#[test]
+fn hpack_integer_overflow_is_an_error() {
+    for first in [0xffu8, 0x7f, 0x3f, 0x1f, 0x0f] {
+        for n in [1usize, 5, 9, 10, 11, 20, 64] {
+            let mut b = vec![first];
+            b.extend(std::iter::repeat_n(0xffu8, n));
+            b.push(0x7f);
+            let mut d = Decoder::new(4096, 8192);
+            assert!(
+                d.decode(&Bytes::from(b), |_, _| {}).is_err(),
+                "{first:#x} + {n} × 0xff"
+            );
+        }
+    }
+}
+
+/// Huffman: random byte strings (all 256 symbols) survive encode → decode; random input never
+/// panics, and never decodes to more than the limit given.
+#[test]
+fn huffman_round_trips_random_strings_and_bounds_random_input() {
+    use pushrelay::h2client::hpack::huffman;
+    let mut rng = Rng(0x94d0_49bb_1331_11eb);
+    for _ in 0..5000 {
+        let n = rng.below(100);
+        let s = rng.bytes(n);
+        let mut enc = BytesMut::new();
+        huffman::encode(&s, &mut enc);
+        assert_eq!(enc.len(), huffman::encoded_len(&s));
+        let mut dec = BytesMut::new();
+        huffman::decode(&enc, &mut dec, s.len()).unwrap();
+        assert_eq!(&dec[..], &s[..]);
+        if !s.is_empty() {
+            let mut short = BytesMut::new();
+            assert!(huffman::decode(&enc, &mut short, s.len() - 1).is_err());
+            assert!(short.len() < s.len());
+        }
+    }
+    for _ in 0..20_000 {
+        let n = rng.below(64);
+        let noise = rng.bytes(n);
+        let max = rng.below(80);
+        let mut out = BytesMut::new();
+        let _ = huffman::decode(&noise, &mut out, max);
+        assert!(out.len() <= max, "{} > {max}", out.len());
+    }
+}
