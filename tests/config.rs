@@ -125,6 +125,11 @@ fn bad_values_name_key_value_and_file() {
             "nothere.pem",
         ),
         ("log:\n  format: xml\n", "log.format", "xml"),
+        (
+            "upstream:\n  http2_client: nghttp2\n",
+            "upstream.http2_client",
+            "nghttp2",
+        ),
     ];
     for (yaml, key, value) in table {
         let file = dir.path().join("bad.yaml");

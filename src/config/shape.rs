@@ -204,6 +204,9 @@ pub struct UpstreamConfig {
     /// Bound on waiting for an upstream answer's head, including waiting for a connection.
     #[serde(with = "duration")]
     pub request_timeout: Duration,
+    /// Which HTTP/2 client carries requests to the origin: `h2` (the h2 crate) or `native`
+    /// (pushrelay's own codec, `h2client`). Not used with `relay` (HTTP/1.1 to the DMZ relay).
+    pub http2_client: Http2Client,
     /// HTTP/2 PING interval on idle and busy upstream connections.
     #[serde(with = "duration")]
     pub keepalive_interval: Duration,
@@ -322,6 +325,17 @@ pub struct LogConfig {
     pub level: String,
 }
 
+/// `upstream.http2_client`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Http2Client {
+    /// The h2 crate's client.
+    #[default]
+    H2,
+    /// pushrelay's own HTTP/2 client codec (`crate::h2client`), written for the APNs side.
+    Native,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
@@ -385,6 +399,7 @@ impl Default for UpstreamConfig {
             connect_timeout: Duration::from_secs(10),
             reconnect_wait: Duration::from_secs(5),
             request_timeout: Duration::from_secs(30),
+            http2_client: Http2Client::H2,
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_connections_per_destination: 8,
