@@ -983,3 +983,76 @@ fn huffman_round_trips_random_strings_and_bounds_random_input() {
         assert!(out.len() <= max, "{} > {max}", out.len());
     }
 }
+
+/// Request trailers wait behind a body the window holds back, then end the stream in a HEADERS
+/// frame the server decodes to the same fields; no DATA carries END_STREAM.
+#[test]
+fn request_trailers_follow_the_whole_body_and_end_the_stream() {
+    static BODY: [u8; 70_000] = [3; 70_000];
+    let mut c = connected(&[]);
+    let headers = apns_headers("bearer x.y.z");
+    let head = RequestHead {
+        method: &Method::POST,
+        scheme: "https",
+        authority: "api.push.apple.com",
+        path: "/3/device/aa",
+        headers: &headers,
+    };
+    let mut trailers = HeaderMap::new();
+    trailers.insert("x-checksum", HeaderValue::from_static("c0ffee"));
+    let id = c
+        .send_request_with_trailers(&head, Bytes::from_static(&BODY), Some(trailers))
+        .unwrap();
+    let first = written(&mut c);
+    let heads = |frames: &[Frame]| {
+        frames
+            .iter()
+            .filter(|f| matches!(f, Frame::Headers { .. }))
+            .count()
+    };
+    assert_eq!(
+        heads(&first),
+        1,
+        "only the request head while the body waits"
+    );
+    assert!(c.has_pending(id));
+    let mut wire = BytesMut::new();
+    frame::put_window_update(&mut wire, 0, 1 << 20);
+    frame::put_window_update(&mut wire, id, 1 << 20);
+    feed(&mut c, &wire).0.unwrap();
+    let rest = written(&mut c);
+    for f in first.iter().chain(&rest) {
+        if let Frame::Data { end_stream, .. } = f {
+            assert!(!end_stream, "DATA must not end a stream with trailers");
+        }
+    }
+    let Some(Frame::Headers {
+        end_stream: true,
+        block,
+        ..
+    }) = rest.last()
+    else {
+        panic!("trailers last: {rest:?}");
+    };
+    let mut server = Server::new();
+    // The server's decoder has seen the request head first, as on the wire.
+    let Some(Frame::Headers {
+        block: head_block, ..
+    }) = first.first()
+    else {
+        panic!("{first:?}");
+    };
+    server.dec.decode(head_block, |_, _| {}).unwrap();
+    let mut fields = Vec::new();
+    server
+        .dec
+        .decode(block, |n, v| fields.push((n, v)))
+        .unwrap();
+    assert_eq!(
+        fields,
+        vec![(
+            Bytes::from_static(b"x-checksum"),
+            Bytes::from_static(b"c0ffee")
+        )]
+    );
+}

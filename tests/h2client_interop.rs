@@ -12,6 +12,7 @@ use std::task::Poll;
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use pushrelay::h2client::driver::{self, Client, DriverConfig};
+use pushrelay::h2client::frame::ErrorCode;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -442,7 +443,14 @@ async fn haproxy(pki: &TestPki, origin: &FakeApns, tune: &[&str]) -> Option<Hapr
     })
 }
 
-async fn tls_client_to(addr: std::net::SocketAddr, pki: &TestPki) -> (Client, Arc<Mutex<Tapped>>) {
+async fn tls_client_to(
+    addr: std::net::SocketAddr,
+    pki: &TestPki,
+) -> (
+    Client,
+    Arc<Mutex<Tapped>>,
+    tokio::task::JoinHandle<driver::Ended>,
+) {
     let tcp = TcpStream::connect(addr).await.unwrap();
     let tls = TlsConnector::from(pki.client_config(&[b"h2"]))
         .connect(ServerName::try_from("api.push.apple.com").unwrap(), tcp)
@@ -455,8 +463,9 @@ async fn tls_client_to(addr: std::net::SocketAddr, pki: &TestPki) -> (Client, Ar
         log: tapped.clone(),
     };
     let (client, conn) = driver::connect(io, DriverConfig::default());
-    tokio::spawn(conn);
-    (client, tapped)
+    let driving = tokio::spawn(conn);
+    assert!(within(10, "ready", client.ready()).await);
+    (client, tapped, driving)
 }
 
 /// The frames that went each way over a connection, in the order the client saw them (a frame
@@ -623,7 +632,7 @@ async fn driver_interoperates_with_haproxy_settings_windows_and_stream_limit() {
     else {
         return;
     };
-    let (client, tapped) = tls_client_to(ha.addr, &pki).await;
+    let (client, tapped, _) = tls_client_to(ha.addr, &pki).await;
     let client = Arc::new(client);
     let body: Bytes = format!("{{\"aps\":{{}},\"pad\":\"{}\"}}", "x".repeat(3000)).into();
     hold.add_permits(2);
@@ -674,7 +683,8 @@ async fn driver_interoperates_with_haproxy_settings_windows_and_stream_limit() {
 
 /// HAProxy's soft stop (SIGUSR1) sends a real GOAWAY: the four pushes in flight below its last
 /// stream id are answered, the two waiting for a stream fail as never processed (and the origin
-/// never sees them), as does every push after it; then the connection ends.
+/// never sees them), as does every push after it; then the connection ends, its end naming the
+/// GOAWAY.
 #[tokio::test]
 async fn haproxy_soft_stop_goaway_tells_never_processed_pushes_apart() {
     let pki = TestPki::new();
@@ -682,7 +692,8 @@ async fn haproxy_soft_stop_goaway_tells_never_processed_pushes_apart() {
     let Some(ha) = haproxy(&pki, &origin, &["tune.h2.max-concurrent-streams 4"]).await else {
         return;
     };
-    let client = Arc::new(tls_client_to(ha.addr, &pki).await.0);
+    let (client, _, driving) = tls_client_to(ha.addr, &pki).await;
+    let client = Arc::new(client);
     let tasks: Vec<_> = (0..6)
         .map(|i| {
             let c = client.clone();
@@ -718,10 +729,12 @@ async fn haproxy_soft_stop_goaway_tells_never_processed_pushes_apart() {
     seen.sort();
     answered.sort();
     assert_eq!(seen, answered, "the origin saw exactly the answered pushes");
-    within(10, "connection end", async {
-        while !client.is_closed() {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
-    })
-    .await;
+    let ended = within(10, "connection end", driving).await.unwrap();
+    assert_eq!(
+        ended.goaway.as_ref().map(|g| g.0),
+        Some(ErrorCode::NO_ERROR),
+        "{ended}"
+    );
+    assert!(ended.to_string().starts_with("GOAWAY"), "{ended}");
+    assert!(client.is_closed());
 }

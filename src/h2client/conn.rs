@@ -139,6 +139,9 @@ struct Stream {
     recv_unacked: u32,
     pending: Option<Bytes>,
     pending_end: bool,
+    /// Request trailers to send once `pending` is out; encoded only then, so header blocks
+    /// reach the peer in the order the HPACK encoder saw them.
+    trailers: Option<HeaderMap>,
     queued: bool,
     local_closed: bool,
     remote_closed: bool,
@@ -336,13 +339,75 @@ impl Connection {
 
     /// Opens a stream and sends the request `head` and `body` (all of it, as the windows allow).
     pub fn send_request(&mut self, head: &RequestHead<'_>, body: Bytes) -> Result<u32, OpenError> {
-        let end = body.is_empty();
+        self.send_request_with_trailers(head, body, None)
+    }
+
+    /// [`Self::send_request`], then `trailers` (a HEADERS frame ending the stream) after the
+    /// body.
+    pub fn send_request_with_trailers(
+        &mut self,
+        head: &RequestHead<'_>,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> Result<u32, OpenError> {
+        let end = body.is_empty() && trailers.is_none();
         let id = self.send_headers(head, end)?;
-        if !end {
-            // A stream just opened has no pending data: this cannot be Busy or NotOpen.
-            let _ = self.send_data(id, body, true);
+        // A stream just opened has no pending data: these cannot be Busy or NotOpen.
+        if !body.is_empty() {
+            let _ = self.send_data(id, body, trailers.is_none());
+        }
+        if let Some(trailers) = trailers {
+            let _ = self.send_trailers(id, trailers);
         }
         Ok(id)
+    }
+
+    /// Ends `stream` with trailers, sent once its pending data is out.
+    pub fn send_trailers(&mut self, stream: u32, trailers: HeaderMap) -> Result<(), SendError> {
+        let s = self
+            .streams
+            .get_mut(&stream)
+            .filter(|s| !s.local_closed && !s.pending_end && s.trailers.is_none())
+            .ok_or(SendError::NotOpen(stream))?;
+        s.trailers = Some(trailers);
+        self.flush_stream(stream);
+        Ok(())
+    }
+
+    /// Writes `id`'s trailers when nothing of its body is left to send.
+    fn flush_trailers(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.pending.is_some() {
+            return;
+        }
+        let Some(trailers) = s.trailers.take() else {
+            return;
+        };
+        s.local_closed = true;
+        let out = &mut self.scratch;
+        out.clear();
+        self.enc.begin(out);
+        for (name, value) in &trailers {
+            if is_connection_specific(name.as_str()) {
+                continue;
+            }
+            let kind = if value.is_sensitive() {
+                Kind::Secret
+            } else {
+                Kind::PerRequest
+            };
+            self.enc
+                .field(name.as_str().as_bytes(), value.as_bytes(), kind, out);
+        }
+        frame::put_headers(
+            &mut self.send,
+            id,
+            &self.scratch,
+            true,
+            self.peer.max_frame_size,
+        );
     }
 
     /// Opens a stream with the request `head`.
@@ -402,6 +467,7 @@ impl Connection {
                 recv_unacked: 0,
                 pending: None,
                 pending_end: false,
+                trailers: None,
                 queued: false,
                 local_closed: end_stream,
                 remote_closed: false,
@@ -466,6 +532,7 @@ impl Connection {
                 s.local_closed = end;
             }
         }
+        self.flush_trailers(id);
         self.close_if_done(id);
     }
 

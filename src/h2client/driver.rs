@@ -1,8 +1,10 @@
 //! A thin tokio driver over [`Connection`]: one task owns the I/O stream (TLS or TCP) and the
 //! connection state; [`Client`] handles send whole requests to it and get whole answers back.
 //! Requests beyond the peer's live SETTINGS_MAX_CONCURRENT_STREAMS wait in the task, in order,
-//! and start as streams close. A PING goes out every `ping_interval`; no ACK within
-//! `ping_timeout` ends the connection (a black-holed tunnel looks exactly like that).
+//! and start as streams close. A PING goes out at once and then every `ping_interval`; no ACK
+//! within `ping_timeout` ends the connection (a black-holed tunnel looks exactly like that). The
+//! connection is ready ([`Client::ready`]) once the server's SETTINGS came and that first PING
+//! was answered: the peer is then known to be an HTTP/2 server that reads what we send.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -85,7 +87,40 @@ pub enum DriverError {
 
 struct Command {
     request: http::Request<Bytes>,
+    trailers: Option<HeaderMap>,
     reply: oneshot::Sender<Result<Answer, RequestError>>,
+}
+
+/// How a connection ended, as the driver future returns it.
+#[derive(Debug)]
+pub struct Ended {
+    /// The server's GOAWAY, when one came: its error code and debug data.
+    pub goaway: Option<(ErrorCode, Bytes)>,
+    /// `Ok`: closed cleanly (after GOAWAY, or by us once every handle was dropped).
+    pub result: Result<(), DriverError>,
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some((code, debug)) = &self.goaway {
+            write!(f, "GOAWAY {code:?}")?;
+            if !debug.is_empty() {
+                write!(
+                    f,
+                    " {:?}",
+                    String::from_utf8_lossy(&debug[..debug.len().min(256)])
+                )?;
+            }
+            if let Err(e) = &self.result {
+                write!(f, ", then {e}")?;
+            }
+            return Ok(());
+        }
+        match &self.result {
+            Ok(()) => f.write_str("closed"),
+            Err(e) => write!(f, "{e}"),
+        }
+    }
 }
 
 /// What the handles can see of the connection, kept current by the task.
@@ -95,6 +130,9 @@ struct Shared {
     open: AtomicUsize,
     going_away: AtomicBool,
     closed: AtomicBool,
+    ready: AtomicBool,
+    /// Woken when `ready` or `closed` is set.
+    changed: tokio::sync::Notify,
 }
 
 /// A handle for sending requests on one connection.
@@ -107,12 +145,43 @@ pub struct Client {
 impl Client {
     /// Sends `request` and waits for the whole answer.
     pub async fn send(&self, request: http::Request<Bytes>) -> Result<Answer, RequestError> {
+        self.send_with_trailers(request, None).await
+    }
+
+    /// [`Self::send`], with trailers after the body.
+    pub async fn send_with_trailers(
+        &self,
+        request: http::Request<Bytes>,
+        trailers: Option<HeaderMap>,
+    ) -> Result<Answer, RequestError> {
         let (reply, rx) = oneshot::channel();
-        if self.tx.send(Command { request, reply }).is_err() {
+        let cmd = Command {
+            request,
+            trailers,
+            reply,
+        };
+        if self.tx.send(cmd).is_err() {
             return Err(RequestError::NotStarted(OpenError::GoingAway));
         }
         rx.await
             .unwrap_or(Err(RequestError::NotStarted(OpenError::GoingAway)))
+    }
+
+    /// Waits until the server's SETTINGS came and the first PING was answered (true), or the
+    /// connection ended first (false).
+    pub async fn ready(&self) -> bool {
+        loop {
+            let notified = self.shared.changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.shared.ready.load(Ordering::Acquire) {
+                return true;
+            }
+            if self.is_closed() {
+                return false;
+            }
+            notified.await;
+        }
     }
 
     /// The peer's SETTINGS_MAX_CONCURRENT_STREAMS as last seen.
@@ -146,10 +215,7 @@ struct InFlight {
 
 /// Starts HTTP/2 on `io` (already TLS-negotiated, or plain TCP for h2c): returns the handle and
 /// the future that drives the connection until it ends; spawn it on the worker that owns `io`.
-pub fn connect<IO>(
-    io: IO,
-    cfg: DriverConfig,
-) -> (Client, impl Future<Output = Result<(), DriverError>>)
+pub fn connect<IO>(io: IO, cfg: DriverConfig) -> (Client, impl Future<Output = Ended>)
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -162,12 +228,19 @@ where
     (client, drive(io, cfg, rx, shared))
 }
 
+/// Per-connection state of the driver loop that `dispatch` updates.
+struct Progress {
+    pong_due: Option<Instant>,
+    goaway: Option<(ErrorCode, Bytes)>,
+    pongs: u64,
+}
+
 async fn drive<IO>(
     io: IO,
     cfg: DriverConfig,
     mut rx: mpsc::UnboundedReceiver<Command>,
     shared: Arc<Shared>,
-) -> Result<(), DriverError>
+) -> Ended
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -178,8 +251,14 @@ where
     let mut handles_gone = false;
     let far = Instant::now() + Duration::from_secs(86_400 * 365);
     let mut next_ping = cfg.ping_interval.map_or(far, |i| Instant::now() + i);
-    let mut pong_due: Option<Instant> = None;
-    let mut ping_seq = 0u64;
+    // The first PING goes out with our SETTINGS: its ACK makes the connection ready.
+    let mut ping_seq = 1u64;
+    conn.ping(ping_seq.to_be_bytes());
+    let mut progress = Progress {
+        pong_due: Some(Instant::now() + cfg.ping_timeout),
+        goaway: None,
+        pongs: 0,
+    };
     let result = loop {
         start_waiting(&mut conn, &mut waiting, &mut in_flight);
         shared
@@ -213,7 +292,7 @@ where
             let _ = wr.shutdown().await;
             break Ok(());
         }
-        let deadline = pong_due.unwrap_or(next_ping);
+        let deadline = progress.pong_due.unwrap_or(next_ping);
         let buf = conn.recv_buf();
         buf.reserve(16 << 10);
         tokio::select! {
@@ -221,7 +300,11 @@ where
                 Ok(0) => break Err(DriverError::Io(std::io::ErrorKind::UnexpectedEof.into())),
                 Ok(_) => {
                     let processed = conn.process();
-                    dispatch(&mut conn, &mut in_flight, &mut pong_due, cfg.max_body);
+                    dispatch(&mut conn, &mut in_flight, &mut progress, cfg.max_body);
+                    if progress.pongs > 0 && !shared.ready.load(Ordering::Relaxed) {
+                        shared.ready.store(true, Ordering::Release);
+                        shared.changed.notify_waiters();
+                    }
                     if let Err(e) = processed {
                         let out = conn.take_output();
                         let _ = wr.write_all(&out).await;
@@ -235,21 +318,24 @@ where
                 None => handles_gone = true,
             },
             _ = tokio::time::sleep_until(deadline) => {
-                if pong_due.is_some() {
+                if progress.pong_due.is_some() {
                     break Err(DriverError::PingTimeout(cfg.ping_timeout));
                 }
                 ping_seq += 1;
                 conn.ping(ping_seq.to_be_bytes());
-                pong_due = Some(Instant::now() + cfg.ping_timeout);
+                progress.pong_due = Some(Instant::now() + cfg.ping_timeout);
                 next_ping = cfg.ping_interval.map_or(far, |i| Instant::now() + i);
             }
         }
     };
     shared.closed.store(true, Ordering::Relaxed);
-    let reason = match &result {
-        Ok(()) => "connection closed".to_owned(),
-        Err(e) => e.to_string(),
+    shared.going_away.store(true, Ordering::Relaxed);
+    shared.changed.notify_waiters();
+    let ended = Ended {
+        goaway: progress.goaway,
+        result,
     };
+    let reason = ended.to_string();
     for (_, f) in in_flight.drain() {
         let _ = f
             .reply
@@ -264,7 +350,7 @@ where
             .reply
             .send(Err(RequestError::NotStarted(OpenError::GoingAway)));
     }
-    result
+    ended
 }
 
 /// Opens streams for waiting requests while the peer's limit allows. Nothing opens before the
@@ -291,7 +377,7 @@ fn start_waiting(
             path: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
             headers: &parts.headers,
         };
-        match conn.send_request(&head, body) {
+        match conn.send_request_with_trailers(&head, body, cmd.trailers) {
             Ok(id) => {
                 in_flight.insert(
                     id,
@@ -322,7 +408,7 @@ fn start_waiting(
 fn dispatch(
     conn: &mut Connection,
     in_flight: &mut FxHashMap<u32, InFlight>,
-    pong_due: &mut Option<Instant>,
+    progress: &mut Progress,
     max_body: usize,
 ) {
     while let Some(event) = conn.poll_event() {
@@ -367,8 +453,12 @@ fn dispatch(
                     let _ = f.reply.send(Err(RequestError::Stream(failure)));
                 }
             }
-            Event::Pong { .. } => *pong_due = None,
-            Event::Settings | Event::GoAway { .. } => {}
+            Event::Pong { .. } => {
+                progress.pong_due = None;
+                progress.pongs += 1;
+            }
+            Event::GoAway { code, debug, .. } => progress.goaway = Some((code, debug)),
+            Event::Settings => {}
         }
     }
 }
