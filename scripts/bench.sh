@@ -40,6 +40,12 @@ at full load, more rounds run every case at half of pushrelay's measured peak in
 (h2load --rps) to show the p99 each proxy adds over direct at a moderate load. A last round counts
 each proxy's system calls per request with perf stat (syscall tracepoints), when perf can.
 
+Instructions per push: each proxy runs once more, alone and with one worker thread, under
+valgrind --tool=callgrind; per role, --callgrind-requests pushes (h2load as above) are counted
+after a warm-up of a fifth as many, with instrumentation switched on only for them
+(callgrind_control -i on). The count is user-space instructions only (no kernel, no waiting),
+repeatable to about 1 %, and the same harness for pushrelay, nghttpx and HAProxy.
+
 Options:
   --rounds N        rounds at full load (default 3)
   --requests N      requests per run (default 20000)
@@ -52,6 +58,9 @@ Options:
   --run-timeout S   bound on one h2load run, in seconds (default 120)
   --half-rounds N   rounds at half load (default: as --rounds)
   --no-half-load    skip the half-load rounds
+  --no-callgrind    skip the instruction-count round (it needs valgrind: apt-get install valgrind)
+  --callgrind-requests N
+                    pushes counted per proxy and role under callgrind (default 5000)
   --no-syscalls     skip the syscall-count round (it needs perf with syscall tracepoints; Debian:
                     apt-get install linux-perf, and root or kernel.perf_event_paranoid <= 1)
   --no-peers        benchmark pushrelay only, even if nghttpx / HAProxy are installed
@@ -83,6 +92,8 @@ RUN_TIMEOUT=120
 HALF_LOAD=1
 HALF_ROUNDS=""
 SYSCALLS=1
+CALLGRIND=1
+CG_REQUESTS=5000
 PEERS=1
 FORWARD=1
 TUNNELS=2000
@@ -118,6 +129,8 @@ while [[ $# -gt 0 ]]; do
     --half-rounds) need_value "$@"; positive "$1" "$2"; HALF_ROUNDS="$2"; shift 2 ;;
     --no-half-load) HALF_LOAD=0; shift ;;
     --no-syscalls) SYSCALLS=0; shift ;;
+    --no-callgrind) CALLGRIND=0; shift ;;
+    --callgrind-requests) need_value "$@"; positive "$1" "$2"; CG_REQUESTS="$2"; shift 2 ;;
     --no-peers) PEERS=0; shift ;;
     --no-forward) FORWARD=0; shift ;;
     --tunnels) need_value "$@"; positive "$1" "$2"; TUNNELS="$2"; shift 2 ;;
@@ -182,6 +195,15 @@ if [[ $SYSCALLS -eq 1 ]]; then
   [[ -z "$SYSCALLS_WHY" ]] || echo "bench.sh: skipping the syscall round: $SYSCALLS_WHY" >&2
 fi
 
+CALLGRIND_WHY=""
+if [[ $CALLGRIND -eq 1 ]]; then
+  if ! command -v valgrind >/dev/null 2>&1 || ! command -v callgrind_control >/dev/null 2>&1; then
+    CALLGRIND=0
+    CALLGRIND_WHY="valgrind / callgrind_control not found (Debian/Ubuntu: apt-get install valgrind)"
+    echo "bench.sh: skipping the instruction-count round: $CALLGRIND_WHY" >&2
+  fi
+fi
+
 if [[ $BUILD -eq 1 ]]; then
   echo "bench.sh: building (release)" >&2
   cargo build --release --locked --bin pushrelay --example fake_apns --example connect_load >&2
@@ -239,30 +261,32 @@ free_port() {
 
 # Waits (bounded) until something accepts on 127.0.0.1:$2; $1 is the PID that should be serving.
 wait_port() {
-  local pid=$1 port=$2 what=$3 i
-  for ((i = 0; i < 100; i++)); do
+  local pid=$1 port=$2 what=$3 tries=${4:-100} i
+  for ((i = 0; i < tries; i++)); do
     kill -0 "$pid" 2>/dev/null || die "$what exited at start-up; see $WORK/$what.log"
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
       return 0
     fi
     sleep 0.1
   done
-  die "$what does not listen on 127.0.0.1:$port after 10s; see $WORK/$what.log"
+  die "$what does not listen on 127.0.0.1:$port after $((tries / 10))s; see $WORK/$what.log"
 }
 
-# CPU clock ticks (user + system) used so far by a process and its descendants.
+# CPU clock ticks used so far by a process and its descendants: "user system".
 cpu_ticks() {
-  local pid=$1 total=0 t child
-  [[ -r /proc/$pid/stat ]] || { echo 0; return; }
+  local pid=$1 usr=0 sys=0 u s child
+  [[ -r /proc/$pid/stat ]] || { echo "0 0"; return; }
   # Fields after "pid (comm) ": utime and stime are the 12th and 13th.
-  t=$(awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$pid/stat" 2>/dev/null || echo 0)
-  total=$((total + t))
+  read -r u s < <(awk '{ sub(/^.*\) /, ""); print $12, $13 }' "/proc/$pid/stat" 2>/dev/null || echo "0 0")
+  usr=$((usr + ${u:-0}))
+  sys=$((sys + ${s:-0}))
   # shellcheck disable=SC2013 # the children files hold space-separated PIDs
   for child in $(cat /proc/"$pid"/task/*/children 2>/dev/null); do
-    t=$(cpu_ticks "$child")
-    total=$((total + t))
+    read -r u s < <(cpu_ticks "$child")
+    usr=$((usr + u))
+    sys=$((sys + s))
   done
-  echo "$total"
+  echo "$usr $sys"
 }
 
 CLK_TCK="$(getconf CLK_TCK)"
@@ -289,14 +313,19 @@ done
 HOST="api.push.apple.com"
 AUTHORITY="$HOST:$ORIGIN_PORT"
 
-RELAY_PRE="$(free_port)"
-RELAY_POST="$(free_port)"
-RELAY_FWD="$(free_port)"
-cat >"$WORK/pushrelay.yaml" <<EOF
+# Each start_* function starts one proxy in the background (behind an optional wrapper command,
+# e.g. valgrind) and leaves its PID in STARTED_PID; the caller waits for its ports.
+STARTED_PID=""
+
+# start_pushrelay NAME THREADS HTTP2_CLIENT PRE POST FWD [WRAPPER...]
+start_pushrelay() {
+  local name=$1 threads=$2 client=$3 pre=$4 post=$5 fwd=$6
+  shift 6
+  cat >"$WORK/$name.yaml" <<EOF
 listeners:
   - name: bench-pre
     mode: pre-proxy
-    bind: "127.0.0.1:$RELAY_PRE"
+    bind: "127.0.0.1:$pre"
     upstream_port: $ORIGIN_PORT
     tls:
       ca_cert: "$WORK/ca/ca.pem"
@@ -304,12 +333,12 @@ listeners:
     allow_sources: ["127.0.0.0/8"]
   - name: bench-post
     mode: post-proxy
-    bind: "127.0.0.1:$RELAY_POST"
+    bind: "127.0.0.1:$post"
     upstream_port: $ORIGIN_PORT
     allow_sources: ["127.0.0.0/8"]
   - name: bench-fwd
     mode: forward-proxy
-    bind: "127.0.0.1:$RELAY_FWD"
+    bind: "127.0.0.1:$fwd"
     tls:
       ca_cert: "$WORK/ca/ca.pem"
       ca_key: "$WORK/ca/ca.key"
@@ -317,17 +346,87 @@ listeners:
 destinations:
   - "$AUTHORITY"
 upstream:
+  http2_client: $client
   extra_roots: ["$WORK/ca/ca.pem"]
   connect_to:
     "$AUTHORITY": "127.0.0.1:$ORIGIN_PORT"
 log:
   level: warn
 EOF
-# RUST_LOG would win over log.level; per-request info lines would dominate the measurement.
-env -u RUST_LOG PUSHRELAY_WORKERS="$THREADS" "$PUSHRELAY" serve --config "$WORK/pushrelay.yaml" \
-  >"$WORK/pushrelay.log" 2>&1 &
-RELAY_PID=$!
-PIDS+=("$RELAY_PID")
+  # RUST_LOG would win over log.level; per-request info lines would dominate the measurement.
+  env -u RUST_LOG PUSHRELAY_WORKERS="$threads" "$@" "$PUSHRELAY" serve --config "$WORK/$name.yaml" \
+    >"$WORK/$name.log" 2>&1 &
+  STARTED_PID=$!
+  PIDS+=("$STARTED_PID")
+}
+
+# start_nghttpx NAME THREADS PRE POST [WRAPPER...]
+start_nghttpx() {
+  local name=$1 threads=$2 pre=$3 post=$4
+  shift 4
+  "$@" nghttpx --conf=/dev/null --single-process --workers="$threads" \
+    --frontend="127.0.0.1,$pre" --frontend="127.0.0.1,$post;no-tls" \
+    --backend="127.0.0.1,$ORIGIN_PORT;;proto=h2;tls;sni=$HOST" --cacert="$WORK/ca/ca.pem" \
+    --no-via --no-ocsp --log-level=WARN --errorlog-file="$WORK/$name.log" \
+    "$WORK/ca/front.key" "$WORK/ca/front.pem" >>"$WORK/$name.log" 2>&1 &
+  STARTED_PID=$!
+  PIDS+=("$STARTED_PID")
+}
+
+# start_haproxy NAME THREADS PRE POST [WRAPPER...]
+start_haproxy() {
+  local name=$1 threads=$2 pre=$3 post=$4
+  shift 4
+  cat >"$WORK/$name.cfg" <<EOF
+global
+  nbthread $threads
+  maxconn 4096
+  log stderr format short local0 warning
+
+defaults
+  mode http
+  log global
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+
+frontend pre
+  bind 127.0.0.1:$pre ssl crt $WORK/ca/front-haproxy.pem alpn h2,http/1.1
+  default_backend apns
+
+frontend post
+  bind 127.0.0.1:$post
+  # HTTP/2 answers have no reason phrase, and HAProxy sends none over HTTP/1.1 ("HTTP/1.1 200 "),
+  # which h2load counts as status 0; pushrelay and nghttpx send "200 OK".
+  http-response set-status 200 reason OK if { status 200 }
+  default_backend apns
+
+backend apns
+  server origin 127.0.0.1:$ORIGIN_PORT ssl verify required ca-file $WORK/ca/ca.pem sni str($HOST) alpn h2
+EOF
+  "$@" haproxy -db -f "$WORK/$name.cfg" >"$WORK/$name.log" 2>&1 &
+  STARTED_PID=$!
+  PIDS+=("$STARTED_PID")
+}
+
+# start_proxy PROXY NAME THREADS PRE POST [WRAPPER...]: any proxy of PROXIES.
+start_proxy() {
+  local proxy=$1 name=$2 threads=$3 pre=$4 post=$5
+  shift 5
+  case "$proxy" in
+    pushrelay) start_pushrelay "$name" "$threads" h2 "$pre" "$post" "$(free_port)" "$@" ;;
+    nghttpx) start_nghttpx "$name" "$threads" "$pre" "$post" "$@" ;;
+    haproxy) start_haproxy "$name" "$threads" "$pre" "$post" "$@" ;;
+    *) die "unknown proxy $proxy" ;;
+  esac
+}
+
+RELAY_PRE="$(free_port)"
+RELAY_POST="$(free_port)"
+RELAY_FWD="$(free_port)"
+start_pushrelay pushrelay "$THREADS" h2 "$RELAY_PRE" "$RELAY_POST" "$RELAY_FWD"
+RELAY_PID=$STARTED_PID
 wait_port "$RELAY_PID" "$RELAY_PRE" pushrelay
 wait_port "$RELAY_PID" "$RELAY_POST" pushrelay
 wait_port "$RELAY_PID" "$RELAY_FWD" pushrelay
@@ -397,65 +496,19 @@ declare -A PRE_PORT=([pushrelay]="$RELAY_PRE")
 declare -A POST_PORT=([pushrelay]="$RELAY_POST")
 PROXIES=(pushrelay)
 
-if [[ $HAVE_NGHTTPX -eq 1 ]]; then
-  NG_PRE="$(free_port)"
-  NG_POST="$(free_port)"
-  nghttpx --conf=/dev/null --single-process --workers="$THREADS" \
-    --frontend="127.0.0.1,$NG_PRE" --frontend="127.0.0.1,$NG_POST;no-tls" \
-    --backend="127.0.0.1,$ORIGIN_PORT;;proto=h2;tls;sni=$HOST" --cacert="$WORK/ca/ca.pem" \
-    --no-via --no-ocsp --log-level=WARN --errorlog-file="$WORK/nghttpx.log" \
-    "$WORK/ca/front.key" "$WORK/ca/front.pem" >>"$WORK/nghttpx.log" 2>&1 &
-  NG_PID=$!
-  PIDS+=("$NG_PID")
-  wait_port "$NG_PID" "$NG_PRE" nghttpx
-  wait_port "$NG_PID" "$NG_POST" nghttpx
-  PROXY_PID[nghttpx]="$NG_PID"
-  PRE_PORT[nghttpx]="$NG_PRE"
-  POST_PORT[nghttpx]="$NG_POST"
-  PROXIES+=(nghttpx)
-fi
-
-if [[ $HAVE_HAPROXY -eq 1 ]]; then
-  HA_PRE="$(free_port)"
-  HA_POST="$(free_port)"
-  cat >"$WORK/haproxy.cfg" <<EOF
-global
-  nbthread $THREADS
-  maxconn 4096
-  log stderr format short local0 warning
-
-defaults
-  mode http
-  log global
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-
-frontend pre
-  bind 127.0.0.1:$HA_PRE ssl crt $WORK/ca/front-haproxy.pem alpn h2,http/1.1
-  default_backend apns
-
-frontend post
-  bind 127.0.0.1:$HA_POST
-  # HTTP/2 answers have no reason phrase, and HAProxy sends none over HTTP/1.1 ("HTTP/1.1 200 "),
-  # which h2load counts as status 0; pushrelay and nghttpx send "200 OK".
-  http-response set-status 200 reason OK if { status 200 }
-  default_backend apns
-
-backend apns
-  server origin 127.0.0.1:$ORIGIN_PORT ssl verify required ca-file $WORK/ca/ca.pem sni str($HOST) alpn h2
-EOF
-  haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
-  HA_PID=$!
-  PIDS+=("$HA_PID")
-  wait_port "$HA_PID" "$HA_PRE" haproxy
-  wait_port "$HA_PID" "$HA_POST" haproxy
-  PROXY_PID[haproxy]="$HA_PID"
-  PRE_PORT[haproxy]="$HA_PRE"
-  POST_PORT[haproxy]="$HA_POST"
-  PROXIES+=(haproxy)
-fi
+for peer in nghttpx haproxy; do
+  have="HAVE_${peer^^}"
+  [[ ${!have} -eq 1 ]] || continue
+  pre="$(free_port)"
+  post="$(free_port)"
+  start_proxy "$peer" "$peer" "$THREADS" "$pre" "$post"
+  wait_port "$STARTED_PID" "$pre" "$peer"
+  wait_port "$STARTED_PID" "$post" "$peer"
+  PROXY_PID[$peer]="$STARTED_PID"
+  PRE_PORT[$peer]="$pre"
+  POST_PORT[$peer]="$post"
+  PROXIES+=("$peer")
+done
 
 # --- runs ------------------------------------------------------------------------------------------
 
@@ -488,12 +541,12 @@ case_args() {
     direct-h1)
       echo "--h1 -c $H1_CLIENTS --connect-to=127.0.0.1:$ORIGIN_PORT https://$AUTHORITY$PATH_Q" ;;
     pre)
-      echo "-c $CLIENTS -m $STREAMS --connect-to=127.0.0.1:${PRE_PORT[$proxy]} https://$AUTHORITY$PATH_Q" ;;
+      echo "-c $CLIENTS -m $STREAMS --connect-to=127.0.0.1:${PORT_OVERRIDE:-${PRE_PORT[$proxy]}} https://$AUTHORITY$PATH_Q" ;;
     chain)
       echo "-c $CLIENTS -m $STREAMS --connect-to=127.0.0.1:$CHAIN_PRE https://$AUTHORITY$PATH_Q" ;;
     post)
       # The Host header names the destination, as a legacy proxy would send it.
-      echo "--h1 -c $H1_CLIENTS --connect-to=127.0.0.1:${POST_PORT[$proxy]} http://$AUTHORITY$PATH_Q" ;;
+      echo "--h1 -c $H1_CLIENTS --connect-to=127.0.0.1:${PORT_OVERRIDE:-${POST_PORT[$proxy]}} http://$AUTHORITY$PATH_Q" ;;
     *) die "unknown case $c" ;;
   esac
 }
@@ -504,6 +557,7 @@ case_clients() {
 
 # The processes whose CPU a case costs (the chain: both relays).
 case_pid() {
+  [[ -n "${PID_OVERRIDE:-}" ]] && { echo "$PID_OVERRIDE"; return; }
   case "$1" in
     direct*) echo "$ORIGIN_PID" ;;
     chain:*) echo "$INSIDE_PID $DMZ_PID" ;;
@@ -511,11 +565,21 @@ case_pid() {
   esac
 }
 
-# cpu_ticks summed over several PIDs.
+# cpu_ticks summed over several PIDs: "user system".
 cpu_ticks_of() {
-  local total=0 p
-  for p in "$@"; do total=$((total + $(cpu_ticks "$p"))); done
-  echo "$total"
+  local usr=0 sys=0 u s p
+  for p in "$@"; do
+    read -r u s < <(cpu_ticks "$p")
+    usr=$((usr + u))
+    sys=$((sys + s))
+  done
+  echo "$usr $sys"
+}
+
+# Microseconds per answer from tick deltas: per_req TICKS ANSWERS.
+per_req() {
+  awk -v d="$1" -v n="${2:-0}" -v hz="$CLK_TCK" \
+    'BEGIN { if (n > 0) printf "%.1f", d * 1e6 / hz / n; else print "NA" }'
 }
 
 # The half-load baseline for a role: the origin with the same client shape.
@@ -524,12 +588,13 @@ baseline_of() {
 }
 
 # Results, one line per run: case round reqps p50_us p99_us cpu_us_per_req ok failed
+# usr_us_per_req sys_us_per_req
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 
 # run_case CASE ROUND [RPS_TOTAL]
 run_case() {
-  local c=$1 round=$2 rps=${3:-} pid log out before after ok failed reqps p50 p99 cpu extra=() perf_pid=""
+  local c=$1 round=$2 rps=${3:-} pid log out u0 s0 u1 s1 ok failed reqps p50 p99 cpu usr sys extra=() perf_pid=""
   pid="$(case_pid "$c")"
   log="$WORK/h2load.${c/:/-}.$round.tsv"
   out="$WORK/h2load.${c/:/-}.$round.out"
@@ -543,7 +608,7 @@ run_case() {
     sleep 0.5
   fi
   # shellcheck disable=SC2086 # one or more PIDs
-  before="$(cpu_ticks_of $pid)"
+  read -r u0 s0 < <(cpu_ticks_of $pid)
   # shellcheck disable=SC2046 # case_args is split on purpose
   if ! timeout "$RUN_TIMEOUT" h2load -t 1 -n "$REQUESTS" "${extra[@]}" -d "$PAYLOAD" \
     -H 'apns-topic: com.example.bench' -H 'apns-push-type: alert' ${AUTH[@]+"${AUTH[@]}"} \
@@ -551,7 +616,7 @@ run_case() {
     echo "bench.sh: h2load failed or timed out for $c (round $round); see $out" >&2
   fi
   # shellcheck disable=SC2086 # one or more PIDs
-  after="$(cpu_ticks_of $pid)"
+  read -r u1 s1 < <(cpu_ticks_of $pid)
   if [[ -n "$perf_pid" ]]; then
     kill -INT "$perf_pid" 2>/dev/null || true
     wait "$perf_pid" 2>/dev/null || true
@@ -564,12 +629,13 @@ run_case() {
       if (NR == 0) { print "NA NA"; exit }
       i50 = int(NR * 0.50 + 0.999999); i99 = int(NR * 0.99 + 0.999999)
       print v[i50], v[i99] }')
-  cpu="$(awk -v d=$((after - before)) -v n="${ok:-0}" -v hz="$CLK_TCK" \
-    'BEGIN { if (n > 0) printf "%.1f", d * 1e6 / hz / n; else print "NA" }')"
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$round" "${reqps:-NA}" "$p50" "$p99" "$cpu" \
-    "${ok:-0}" "${failed:-NA}" >>"$RESULTS"
-  printf 'bench.sh: %-16s round %-5s %10s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req  2xx %s\n' \
-    "$c" "$round" "${reqps:-NA}" "$p50" "$p99" "$cpu" "${ok:-0}" >&2
+  cpu="$(per_req $((u1 + s1 - u0 - s0)) "$ok")"
+  usr="$(per_req $((u1 - u0)) "$ok")"
+  sys="$(per_req $((s1 - s0)) "$ok")"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$round" "${reqps:-NA}" "$p50" "$p99" "$cpu" \
+    "${ok:-0}" "${failed:-NA}" "$usr" "$sys" >>"$RESULTS"
+  printf 'bench.sh: %-16s round %-5s %10s req/s  p50 %6s us  p99 %6s us  cpu %6s us/req (usr %s sys %s)  2xx %s\n' \
+    "$c" "$round" "${reqps:-NA}" "$p50" "$p99" "$cpu" "$usr" "$sys" "${ok:-0}" >&2
 }
 
 echo "bench.sh: warming up (connections, TLS sessions, pools)" >&2
@@ -647,6 +713,66 @@ if [[ $SYSCALLS -eq 1 ]]; then
   SYS_ROUND=""
 fi
 
+# --- instructions per push (callgrind) -------------------------------------------------------------
+
+# Results, one line per proxy and role: proxy role instructions pushes
+CG_RESULTS="$WORK/callgrind.tsv"
+: >"$CG_RESULTS"
+
+# The instruction total of the newest callgrind dump of $1 (files $1.N, or $1 itself).
+callgrind_total() {
+  local f
+  f="$(ls -1v "$1".* "$1" 2>/dev/null | tail -n1)"
+  [[ -n "$f" ]] || { echo NA; return; }
+  awk '/^(summary|totals):/ { v = $2 } END { print (v == "" ? "NA" : v) }' "$f"
+}
+
+callgrind_round() {
+  local proxy pre post pid role out n total
+  for proxy in "${PROXIES[@]}"; do
+    pre="$(free_port)"
+    post="$(free_port)"
+    out="$WORK/callgrind.$proxy.out"
+    start_proxy "$proxy" "cg-$proxy" 1 "$pre" "$post" \
+      valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out"
+    pid=$STARTED_PID
+    wait_port "$pid" "$pre" "cg-$proxy" 600
+    wait_port "$pid" "$post" "cg-$proxy" 600
+    for role in pre post; do
+      PID_OVERRIDE="$pid"
+      PORT_OVERRIDE=$([[ $role == pre ]] && echo "$pre" || echo "$post")
+      REQUESTS=$(((CG_REQUESTS + 4) / 5))
+      run_case "$role:$proxy" "cgw"
+      callgrind_control -z "$pid" >/dev/null 2>&1 || true
+      callgrind_control -i on "$pid" >/dev/null 2>&1 ||
+        echo "bench.sh: callgrind_control -i on failed for $proxy" >&2
+      REQUESTS=$CG_REQUESTS
+      run_case "$role:$proxy" "cg"
+      callgrind_control -i off "$pid" >/dev/null 2>&1 || true
+      callgrind_control -d "$pid" >/dev/null 2>&1 ||
+        echo "bench.sh: callgrind_control -d failed for $proxy" >&2
+      n="$(awk -F'\t' -v c="$role:$proxy" '$1 == c && $2 == "cg" { v = $7 } END { print v + 0 }' "$RESULTS")"
+      total="$(callgrind_total "$out")"
+      printf '%s\t%s\t%s\t%s\n' "$proxy" "$role" "$total" "$n" >>"$CG_RESULTS"
+      echo "bench.sh: callgrind $proxy $role: $total instructions for $n pushes" >&2
+      PID_OVERRIDE=""
+      PORT_OVERRIDE=""
+      REQUESTS=$SAVED_REQUESTS
+      # Each dump holds what ran since the one before: the next role starts from zero.
+    done
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+}
+
+[[ $CALLGRIND -eq 1 ]] && callgrind_round
+
+# Instructions per push for a proxy and role.
+instructions() {
+  awk -F'\t' -v p="$1" -v r="$2" '$1 == p && $2 == r {
+      if ($3 == "NA" || $4 == 0) print "NA"; else printf "%.1f", $3 / $4 / 1000 }' "$CG_RESULTS"
+}
+
 # --- forward-proxy door (connect_load) -------------------------------------------------------------
 
 # Results, one line per run: case round per_s cpu_us_per_unit ok failed resumed
@@ -666,21 +792,20 @@ door_args() {
 
 # run_door CASE ROUND: pushrelay's CPU per push (or per tunnel) over one connect_load run.
 run_door() {
-  local c=$1 round=$2 out before after ok failed per_s resumed cpu
+  local c=$1 round=$2 out u0 s0 u1 s1 ok failed per_s resumed cpu
   out="$WORK/connect_load.${c/:/-}.$round.out"
-  before="$(cpu_ticks "$RELAY_PID")"
+  read -r u0 s0 < <(cpu_ticks "$RELAY_PID")
   # shellcheck disable=SC2046 # door_args is split on purpose
   if ! "$CONNECT_LOAD" $(door_args "$c") --ca "$WORK/ca/ca.pem" --payload "$PAYLOAD" \
     --timeout "$RUN_TIMEOUT" >"$out" 2>&1; then
     echo "bench.sh: connect_load failed for $c (round $round); see $out" >&2
   fi
-  after="$(cpu_ticks "$RELAY_PID")"
+  read -r u1 s1 < <(cpu_ticks "$RELAY_PID")
   ok="$(sed -n 's/.*ok=\([0-9]*\).*/\1/p' "$out" | head -n1)"
   failed="$(sed -n 's/.*failed=\([0-9]*\).*/\1/p' "$out" | head -n1)"
   per_s="$(sed -n 's/.*per_s=\([0-9]*\).*/\1/p' "$out" | head -n1)"
   resumed="$(sed -n 's/.*resumed=\([0-9]*\).*/\1/p' "$out" | head -n1)"
-  cpu="$(awk -v d=$((after - before)) -v n="${ok:-0}" -v hz="$CLK_TCK" \
-    'BEGIN { if (n > 0) printf "%.1f", d * 1e6 / hz / n; else print "NA" }')"
+  cpu="$(per_req $((u1 + s1 - u0 - s0)) "$ok")"
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$c" "$round" "${per_s:-NA}" "$cpu" "${ok:-0}" \
     "${failed:-NA}" "${resumed:-0}" >>"$DOOR_RESULTS"
   printf 'bench.sh: %-16s round %-5s %10s /s  cpu %8s us each  ok %s  resumed %s\n' \
@@ -759,13 +884,14 @@ report() {
     "rounds after a warm-up of 2000 requests per case"
   echo "- proxies: $THREADS worker threads each (pushrelay workers, nghttpx --workers," \
     "HAProxy nbthread); pushrelay log.level warn; origin: examples/fake_apns.rs (TLS + HTTP/2, 200 + apns-id)"
-  echo "- CPU/request: the proxy's utime+stime delta (/proc/PID/stat, CLK_TCK $CLK_TCK) over a run ÷ 2xx answers;" \
+  echo "- CPU/request: the proxy's utime+stime delta (/proc/PID/stat, CLK_TCK $CLK_TCK) over a run ÷ 2xx answers," \
+    "also given as user and system time apart (medians of each, so they need not add up exactly);" \
     "for direct it is the origin's own cost"
   echo
   echo "#### Full load (median of $ROUNDS rounds; req/s range and each round's CPU in brackets)"
   echo
-  echo "| case | req/s | p50 ms | p99 ms | CPU µs/req | pushrelay CPU ÷ this | failed runs |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
+  echo "| case | req/s | p50 ms | p99 ms | CPU µs/req | user µs/req | system µs/req | pushrelay CPU ÷ this | failed runs |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
   local c role proxy own
   for c in "${CASES[@]}"; do
     role=${c%%:*}
@@ -781,10 +907,11 @@ report() {
         own="$(ratio "$(median "$role:pushrelay" 6)" "$(median "$c" 6)")"
       fi
     fi
-    printf '| %s | %.0f [%s] | %s | %s | %s [%s] | %s | %s |\n' "$label" \
+    printf '| %s | %.0f [%s] | %s | %s | %s [%s] | %s | %s | %s | %s |\n' "$label" \
       "$(median "$c" 3 | sed 's/NA/0/')" "$(spread "$c" 3)" \
       "$(ms "$(median "$c" 4)")" "$(ms "$(median "$c" 5)")" \
       "$(median "$c" 6)" "$(awk -F'\t' -v c="$c" '$1 == c && $2 ~ /^[0-9]+$/ { printf "%s%s", s, $6; s = ", " }' "$RESULTS")" \
+      "$(median "$c" 9)" "$(median "$c" 10)" \
       "$own" "$(failures "$c")/$ROUNDS"
   done
   if [[ $HALF_LOAD -eq 1 ]]; then
@@ -856,6 +983,23 @@ report() {
     done
   else
     echo "No syscall counts: ${SYSCALLS_WHY:-skipped with --no-syscalls}."
+  fi
+  echo
+  if [[ $CALLGRIND -eq 1 ]]; then
+    echo "#### Instructions per push (callgrind, thousands; one worker thread, $CG_REQUESTS pushes per role after $(((CG_REQUESTS + 4) / 5)))"
+    echo
+    echo "| proxy | pre-proxy k instr/push | pushrelay ÷ this | post-proxy k instr/push | pushrelay ÷ this |"
+    echo "| --- | ---: | ---: | ---: | ---: |"
+    local p ipre ipost
+    for p in "${PROXIES[@]}"; do
+      ipre="$(instructions "$p" pre)"
+      ipost="$(instructions "$p" post)"
+      printf '| %s | %s | %s | %s | %s |\n' "$p" "${ipre:-NA}" \
+        "$(ratio "$(instructions pushrelay pre)" "$ipre")" "${ipost:-NA}" \
+        "$(ratio "$(instructions pushrelay post)" "$ipost")"
+    done
+  else
+    echo "No instruction counts: ${CALLGRIND_WHY:-skipped with --no-callgrind}."
   fi
   if [[ $FORWARD -eq 1 ]]; then
     echo
