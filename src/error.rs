@@ -276,7 +276,9 @@ fn classify_upstream(e: &UpstreamError) -> (StatusCode, &'static str, Fault) {
         UpstreamError::Timeout { .. } => {
             (S::GATEWAY_TIMEOUT, "RelayUpstreamTimeout", Fault::Upstream)
         }
-        UpstreamError::Stream { .. } => (S::BAD_GATEWAY, "RelayUpstreamReset", Fault::Upstream),
+        UpstreamError::Stream { .. } | UpstreamError::NativeStream { .. } => {
+            (S::BAD_GATEWAY, "RelayUpstreamReset", Fault::Upstream)
+        }
         UpstreamError::Chain(e) => classify_chain(e),
     }
 }
@@ -332,7 +334,9 @@ fn classify_connect(e: &ConnectError) -> (StatusCode, &'static str, Fault) {
         ConnectError::Tcp { .. } => (S::BAD_GATEWAY, "RelayUpstreamUnreachable", up),
         ConnectError::Tls { .. } => (S::BAD_GATEWAY, "RelayUpstreamTlsFailed", up),
         ConnectError::NoH2 { .. } => (S::BAD_GATEWAY, "RelayUpstreamNoHttp2", up),
-        ConnectError::H2 { .. } => (S::BAD_GATEWAY, "RelayUpstreamProtocolError", up),
+        ConnectError::H2 { .. } | ConnectError::Http2 { .. } => {
+            (S::BAD_GATEWAY, "RelayUpstreamProtocolError", up)
+        }
         ConnectError::ResolveTimeout { .. }
         | ConnectError::TcpTimeout { .. }
         | ConnectError::TlsTimeout { .. }
@@ -361,9 +365,11 @@ pub fn hop_of(e: &RelayError) -> (&'static str, Option<u16>) {
             (source.hop(), status)
         }
         RelayError::Upstream(UpstreamError::Chain(e)) => (e.hop(), e.proxy_status()),
-        RelayError::Upstream(UpstreamError::Timeout { .. } | UpstreamError::Stream { .. }) => {
-            ("origin", None)
-        }
+        RelayError::Upstream(
+            UpstreamError::Timeout { .. }
+            | UpstreamError::Stream { .. }
+            | UpstreamError::NativeStream { .. },
+        ) => ("origin", None),
         RelayError::AnswerBody { .. } => ("origin", None),
         _ => ("client", None),
     }

@@ -35,8 +35,8 @@ fn is_uuid_v4(id: &str) -> bool {
         && &id[14..15] == "4"
 }
 
+for_each_http2_client! {
 /// pushrelay's own answers carry the client's `apns-id`, or a new UUID when it sent none.
-#[tokio::test]
 async fn relay_made_answers_carry_the_clients_apns_id_or_a_new_one() {
     let pki = TestPki::new();
     let relay = relay::start(&relay::pre_proxy_yaml_on(
@@ -76,10 +76,11 @@ async fn relay_made_answers_carry_the_clients_apns_id_or_a_new_one() {
     assert!(is_uuid_v4(answer.headers["apns-id"].to_str().unwrap()));
     relay.stop().await;
 }
+}
 
+for_each_http2_client! {
 /// A client that sends its body well after its headers still reads the 502 and its reason: the
 /// answer waits for the request, so the stream is never reset under the client.
-#[tokio::test]
 async fn a_client_that_sends_its_body_late_still_reads_the_502_and_its_reason() {
     let pki = TestPki::new();
     let relay = relay::start(&relay::pre_proxy_yaml_on(
@@ -104,10 +105,11 @@ async fn a_client_that_sends_its_body_late_still_reads_the_502_and_its_reason() 
     assert!(answer.headers.contains_key("apns-id"));
     relay.stop().await;
 }
+}
 
+for_each_http2_client! {
 /// A body that never completes is answered 408 after `request_body_timeout`, and nothing of it
 /// reaches the origin.
-#[tokio::test]
 async fn a_body_that_never_completes_is_answered_408_and_never_reaches_the_origin() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
@@ -140,11 +142,12 @@ async fn a_body_that_never_completes_is_answered_408_and_never_reaches_the_origi
     );
     relay.stop().await;
 }
+}
 
+for_each_http2_client! {
 /// Two attackers next to a normal client, all on the same destination and JWT issuer, on an
 /// upstream of one connection with 20 streams: one holds 120 half-open streams (headers, no
 /// body), one never reads its answers (window 0). The normal client gets every push through.
-#[tokio::test]
 async fn attackers_holding_streams_or_not_reading_leave_the_normal_client_every_push() {
     let pki = TestPki::new();
     let origin = FakeApns::start_with(
@@ -221,11 +224,12 @@ async fn attackers_holding_streams_or_not_reading_leave_the_normal_client_every_
     drop(held);
     relay.stop().await;
 }
+}
 
+for_each_http2_client! {
 /// A client that goes away with 60 pushes in flight (mass cancel) does not turn into 60 resets
 /// towards the origin, whose abuse protection would GOAWAY the upstream connection every client
 /// shares: the pushes finish upstream, their answers dropped.
-#[tokio::test]
 async fn a_clients_mass_cancel_does_not_get_the_shared_upstream_connection_goawayed() {
     let pki = TestPki::new();
     let (origin, hold) = FakeApns::start_holding(
@@ -282,10 +286,11 @@ async fn a_clients_mass_cancel_does_not_get_the_shared_upstream_connection_goawa
     );
     relay.stop().await;
 }
+}
 
+for_each_http2_client! {
 /// A client that opens streams and resets them (rapid reset) gets GOAWAY ENHANCE_YOUR_CALM once
 /// it has spent its budget (one full set of streams at once, then a few a second).
-#[tokio::test]
 async fn a_client_that_keeps_resetting_streams_gets_goaway_enhance_your_calm() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
@@ -334,10 +339,11 @@ async fn a_client_that_keeps_resetting_streams_gets_goaway_enhance_your_calm() {
     );
     relay.stop().await;
 }
+}
 
+for_each_http2_client! {
 /// At `max_connections` a new client is closed at once (a plain HTTP/1.1 listener answers 503
 /// first) and the refusal is counted; it is not left hanging in the backlog.
-#[tokio::test]
 async fn a_client_above_max_connections_is_closed_at_once_and_counted() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
@@ -372,9 +378,10 @@ async fn a_client_above_max_connections_is_closed_at_once_and_counted() {
     assert_eq!(first.read_answer().await.unwrap().status, 200);
     relay.stop().await;
 }
+}
 
+for_each_http2_client! {
 /// The same on a TLS listener: the client above the limit sees its connection closed at once.
-#[tokio::test]
 async fn a_tls_client_above_max_connections_is_closed_at_once() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
@@ -403,6 +410,7 @@ async fn a_tls_client_above_max_connections_is_closed_at_once() {
     );
     relay.stop().await;
 }
+}
 
 /// Reads until the relay closes the connection; how long that took.
 async fn time_to_close(addr: std::net::SocketAddr) -> Duration {
@@ -414,9 +422,9 @@ async fn time_to_close(addr: std::net::SocketAddr) -> Duration {
     started.elapsed()
 }
 
+for_each_http2_client! {
 /// A connection that sends nothing is closed `handshake_timeout` after accept, on both doors
 /// (post-proxy plain HTTP/1.1 would otherwise wait the whole idle timeout).
-#[tokio::test]
 async fn a_silent_connection_is_closed_after_handshake_timeout_on_both_doors() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
@@ -432,4 +440,5 @@ async fn a_silent_connection_is_closed_after_handshake_timeout_on_both_doors() {
     }
     post.stop().await;
     pre.stop().await;
+}
 }

@@ -21,10 +21,10 @@ use tokio::net::TcpListener;
 
 const PAYLOAD: &str = r#"{"aps":{"alert":"outage"}}"#;
 
+for_each_http2_client! {
 /// An origin that accepts TCP and never answers TLS (connect_timeout 1 s), and a client that gives
 /// up on each push after 200 ms and sends the next: the origin sees one connect attempt per
 /// back-off step (not one per push), and each failure is logged naming the hop.
-#[tokio::test]
 async fn frozen_origin_sees_one_connect_per_backoff_step_while_clients_give_up() {
     let logs = support::logs::capture_global();
     let pki = TestPki::new();
@@ -84,6 +84,7 @@ async fn frozen_origin_sees_one_connect_per_backoff_step_while_clients_give_up()
         assert!(line.contains("retry_in_ms="), "{line}");
     }
     held.abort();
+}
 }
 
 fn apns_id(sender: usize, n: usize) -> String {
@@ -153,9 +154,9 @@ fn delivered(origins: &[&FakeApns]) -> HashSet<String> {
 
 const SENDERS: usize = 16;
 
+for_each_http2_client! {
 /// The origin dies under load and comes back on the same port 2 s later: requests wait for it
 /// (upstream.reconnect_wait, 5 s by default) instead of failing fast.
-#[tokio::test]
 async fn origin_restart_under_load_loses_only_pushes_in_flight_at_the_cut() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
@@ -186,9 +187,10 @@ async fn origin_restart_under_load_loses_only_pushes_in_flight_at_the_cut() {
     assert_only_in_flight_lost(&outcomes, &delivered(&[&origin, &back]), SENDERS);
     relay.stop().await;
 }
+}
 
+for_each_http2_client! {
 /// The same for the corporate proxy: it dies (every tunnel cut) and is back on its port 2 s later.
-#[tokio::test]
 async fn proxy_restart_under_load_loses_only_pushes_in_flight_at_the_cut() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
@@ -214,4 +216,5 @@ async fn proxy_restart_under_load_loses_only_pushes_in_flight_at_the_cut() {
     assert!(back.tunnel_count() >= 1);
     assert_only_in_flight_lost(&outcomes, &delivered(&[&origin]), SENDERS);
     relay.stop().await;
+}
 }

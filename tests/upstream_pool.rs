@@ -37,9 +37,9 @@ async fn push_with_id(client: &H2Client, i: usize) -> StatusCode {
     client.send(req, Bytes::from(PAYLOAD)).await.unwrap().status
 }
 
+for_each_http2_client! {
 /// GOAWAY in the middle of 200 concurrent pushes: every push is answered 200 and reaches the
 /// origin exactly once; later pushes use a new connection.
-#[tokio::test]
 async fn goaway_during_200_concurrent_pushes_loses_none_and_duplicates_none() {
     let pki = TestPki::new();
     let origin = FakeApns::start_with(
@@ -85,9 +85,10 @@ async fn goaway_during_200_concurrent_pushes_loses_none_and_duplicates_none() {
         "the connection that went away was replaced"
     );
 }
+}
 
+for_each_http2_client! {
 /// A stream reset with REFUSED_STREAM was never processed: it is sent once more and succeeds.
-#[tokio::test]
 async fn refused_stream_is_sent_again_once() {
     let pki = TestPki::new();
     let origin = FakeApns::start_with(
@@ -108,9 +109,10 @@ async fn refused_stream_is_sent_again_once() {
         "one refused stream, one processed"
     );
 }
+}
 
+for_each_http2_client! {
 /// Refused twice: the relay gives up with its own 502 instead of sending a third time.
-#[tokio::test]
 async fn refused_twice_is_not_sent_a_third_time() {
     let pki = TestPki::new();
     let origin = FakeApns::start_with(
@@ -129,9 +131,10 @@ async fn refused_twice_is_not_sent_a_third_time() {
     assert_eq!(origin.streams.load(Ordering::SeqCst), 2);
     assert!(origin.received().is_empty());
 }
+}
 
+for_each_http2_client! {
 /// An origin that allows one stream per connection gets one connection per concurrent push.
-#[tokio::test]
 async fn max_streams_one_leads_to_several_connections() {
     let pki = TestPki::new();
     let options = OriginOptions {
@@ -164,10 +167,11 @@ async fn max_streams_one_leads_to_several_connections() {
         assert_eq!(within(10, "held push", p).await.unwrap(), StatusCode::OK);
     }
 }
+}
 
+for_each_http2_client! {
 /// SETTINGS_MAX_CONCURRENT_STREAMS lowered at run time is respected: new pushes open connections
 /// instead of queueing behind the limit.
-#[tokio::test]
 async fn max_streams_lowered_at_run_time_is_respected() {
     let pki = TestPki::new();
     let script = Script::new();
@@ -211,9 +215,10 @@ async fn max_streams_lowered_at_run_time_is_respected() {
         assert_eq!(within(10, "held push", p).await.unwrap(), StatusCode::OK);
     }
 }
+}
 
+for_each_http2_client! {
 /// A PING that goes unanswered closes the connection; the next push opens a new one and succeeds.
-#[tokio::test]
 async fn unanswered_ping_replaces_the_connection() {
     let pki = TestPki::new();
     let script = Script::new();
@@ -247,9 +252,10 @@ async fn unanswered_ping_replaces_the_connection() {
     assert_eq!(push_with_id(&client, 2).await, StatusCode::OK);
     assert_eq!(origin.connection_count(), 2);
 }
+}
 
+for_each_http2_client! {
 /// A firewall cuts the tunnel: the next push succeeds on a new tunnel.
-#[tokio::test]
 async fn cut_tunnel_is_replaced_by_a_new_one() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
@@ -277,10 +283,11 @@ async fn cut_tunnel_is_replaced_by_a_new_one() {
     assert_eq!(push_with_id(&client, 2).await, StatusCode::OK);
     assert_eq!(proxy.tunnel_count(), 2);
 }
+}
 
+for_each_http2_client! {
 /// Different JWT issuers and different certificate identities never share an upstream connection;
 /// certificate identities present their own certificate, also for the app's .voip topic.
-#[tokio::test]
 async fn identities_never_share_a_connection() {
     let pki = TestPki::new();
     let origin = FakeApns::start_with(
@@ -356,11 +363,12 @@ async fn identities_never_share_a_connection() {
     }
     assert_eq!(conns_by_label.len(), 4);
 }
+}
 
+for_each_http2_client! {
 /// Token identities are bounded (upstream.max_token_identities, 2 here): a new issuer takes the
 /// place of the least recently used idle one, whose connection goes; with every identity busy, a
 /// new one is refused with 503 RelayTooManyIdentities and nothing reaches the origin for it.
-#[tokio::test]
 async fn token_identities_are_bounded_and_the_idlest_makes_room() {
     let pki = TestPki::new();
     let (origin, hold) = FakeApns::start_holding(&pki, OriginOptions::default()).await;
@@ -409,6 +417,7 @@ async fn token_identities_are_bounded_and_the_idlest_makes_room() {
     }
     assert_eq!(origin.received().len(), 5);
     assert_eq!(origin.connection_count(), 3);
+}
 }
 
 /// A pool with `shards` worker shards towards api.push.apple.com pinned to 127.0.0.1:`port`,
@@ -556,9 +565,9 @@ async fn workers_share_backoff_and_reconnect_one_at_a_time() {
     drop(hole);
 }
 
+for_each_http2_client! {
 /// With every connection full and the queue full, a push is answered 503 RelayOverloaded at once;
 /// the queued one still succeeds when a stream frees.
-#[tokio::test]
 async fn full_queue_answers_503_relay_overloaded() {
     let pki = TestPki::new();
     let options = OriginOptions {
@@ -601,10 +610,11 @@ async fn full_queue_answers_503_relay_overloaded() {
     );
     assert_eq!(origin.connection_count(), 1);
 }
+}
 
+for_each_http2_client! {
 /// An origin that accepts TCP but never speaks TLS, with no ride-out (`reconnect_wait: 0s`): 504
 /// RelayUpstreamTimeout within connect_timeout (1 s here), not a hang.
-#[tokio::test]
 async fn silent_origin_tls_times_out_with_504() {
     let pki = TestPki::new();
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -632,10 +642,11 @@ async fn silent_origin_tls_times_out_with_504() {
     );
     held.abort();
 }
+}
 
+for_each_http2_client! {
 /// An origin that takes the push but never answers: 504 RelayUpstreamTimeout after
 /// request_timeout, and the push is not sent a second time.
-#[tokio::test]
 async fn unanswered_push_times_out_with_504_and_is_not_resent() {
     let pki = TestPki::new();
     let (origin, hold) = FakeApns::start_holding(&pki, OriginOptions::default()).await;
@@ -649,11 +660,12 @@ async fn unanswered_push_times_out_with_504_and_is_not_resent() {
     assert_eq!(origin.received().len(), 1, "sent once, never again");
     hold.add_permits(1);
 }
+}
 
+for_each_http2_client! {
 /// An identity is used only from the listeners it is bound to: a push whose apns-topic names an
 /// identity bound elsewhere (or nowhere) gets 403 RelayIdentityNotAllowed and nothing is sent,
 /// not even with a bearer token that would otherwise pass through.
-#[tokio::test]
 async fn identity_topics_are_refused_outside_their_listeners() {
     let pki = TestPki::new();
     let origin = FakeApns::start_with(
@@ -716,10 +728,11 @@ async fn identity_topics_are_refused_outside_their_listeners() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].client_cn.as_deref(), Some("app-one"));
 }
+}
 
+for_each_http2_client! {
 /// On a listener with `tls.client_ca`, an identity with `client_subjects` is used only by
 /// clients whose certificate has one of those subject names.
-#[tokio::test]
 async fn identity_with_client_subjects_needs_that_client_certificate() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let pki = TestPki::new();
@@ -781,10 +794,11 @@ async fn identity_with_client_subjects_needs_that_client_certificate() {
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     assert_eq!(origin.received()[0].client_cn.as_deref(), Some("app-one"));
 }
+}
 
+for_each_http2_client! {
 /// A renewed identity certificate (same files, new contents) is applied by a reload: the next
 /// upstream connection presents it, and its expiry is exported.
-#[tokio::test]
 async fn renewed_identity_certificate_is_presented_on_new_connections() {
     let pki = TestPki::new();
     let origin = FakeApns::start_with(
@@ -825,7 +839,11 @@ async fn renewed_identity_certificate_is_presented_on_new_connections() {
     std::fs::write(&key, &renewed.key_pem).unwrap();
     relay
         .reloader
-        .reload(pushrelay::config::from_yaml(&yaml).unwrap().config)
+        .reload(
+            pushrelay::config::from_yaml(&relay::for_current_client(&yaml))
+                .unwrap()
+                .config,
+        )
         .unwrap();
     assert_eq!(
         within(10, "second", push(2)).await.unwrap().status,
@@ -1061,10 +1079,11 @@ async fn requests_reset_while_waiting_for_a_connect_are_never_sent() {
     let expected: Vec<String> = [2, 4, 6].into_iter().map(apns_id).collect();
     assert_eq!(seen, expected, "the reset requests never reach the origin");
 }
+}
 
+for_each_http2_client! {
 /// A proxy that never answers CONNECT, no ride-out: the request that waited for the attempt and
 /// the one failed fast after it get the same status and reason (504 RelayProxyTimeout).
-#[tokio::test]
 async fn waiting_and_fast_failed_requests_get_the_same_status_for_the_same_cause() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
@@ -1086,6 +1105,7 @@ async fn waiting_and_fast_failed_requests_get_the_same_status_for_the_same_cause
         (waited.status, waited.reason())
     );
     assert_eq!(origin.received().len(), 0);
+}
 }
 
 fn token_key(dest: &pushrelay::policy::Authority, iss: &str) -> pushrelay::upstream::pool::PoolKey {
@@ -1307,12 +1327,12 @@ async fn max_connections_is_per_destination_whatever_the_workers() {
     set_worker(0);
 }
 
+for_each_http2_client! {
 /// Three client connections keep 15 pushes each in flight towards a slow tenant (answered after
 /// 400 ms), more than the destination's streams and queue hold (10 + 10); a normal client on the
 /// same destination and JWT issuer still gets every push through: while requests wait, each
 /// client connection has a fair share, freed slots go first to clients under theirs, and one
 /// under its share may wait in a full queue.
-#[tokio::test]
 async fn clients_filling_the_pool_leave_a_normal_client_its_share() {
     use std::sync::atomic::{AtomicBool, AtomicUsize};
     let pki = TestPki::new();
@@ -1395,6 +1415,7 @@ async fn clients_filling_the_pool_leave_a_normal_client_its_share() {
     for a in attackers {
         within(15, "attackers", a).await.unwrap();
     }
+}
 }
 
 /// Fairness is between sources (client addresses) first: one source with ten connections, each

@@ -67,6 +67,9 @@ pub enum ConnectError {
     },
     #[error("HTTP/2 handshake with {host} timed out after {after:?}")]
     H2Timeout { host: String, after: Duration },
+    /// The native HTTP/2 client's connection ended before it was ready, in the codec's words.
+    #[error("HTTP/2 with {host} failed: {reason}")]
+    Http2 { host: String, reason: String },
     /// In a relay chain, a step on the way to the DMZ relay (DNS, TCP, the proxy's CONNECT, TLS)
     /// failed: `source` says which.
     #[error("DMZ relay {relay}: {source}")]
@@ -128,7 +131,9 @@ impl ConnectError {
             ConnectError::Tls { .. }
             | ConnectError::TlsTimeout { .. }
             | ConnectError::NoH2 { .. } => "tls",
-            ConnectError::H2 { .. } | ConnectError::H2Timeout { .. } => "h2",
+            ConnectError::H2 { .. }
+            | ConnectError::H2Timeout { .. }
+            | ConnectError::Http2 { .. } => "h2",
             ConnectError::Relay { source, .. } => match source.as_ref() {
                 ConnectError::Tunnel(_) => "proxy",
                 ConnectError::Resolve { .. } | ConnectError::ResolveTimeout { .. } => "dns",
@@ -311,6 +316,18 @@ impl Connector {
             }
         }
         Ok(tls_stream)
+    }
+
+    /// Route and TLS by `deadline`, for a client that runs HTTP/2 itself.
+    pub async fn tls_stream(
+        &self,
+        dest: &Authority,
+        tls: &Arc<ClientConfig>,
+        deadline: Instant,
+    ) -> Result<(TlsStream<TcpStream>, Route), ConnectError> {
+        let (tcp, route) = self.tcp_until(dest, deadline).await?;
+        let tls_stream = self.tls_until(tcp, dest, tls, deadline).await?;
+        Ok((tls_stream, route))
     }
 
     /// The whole way, all by `deadline`: route, TLS and the HTTP/2 handshake.

@@ -3,7 +3,8 @@
 //! links of any kind and does everything else the same way for all of them (checkout, the
 //! decision table, fairness, queue, riding out outages, back-off, health, metrics).
 //!
-//! A kind (one file each: `h2_link.rs` for the h2 crate, `chain.rs` for HTTP/1.1 to a DMZ relay)
+//! A kind (one file each: `h2_link.rs` for the h2 crate, `native_link.rs` for pushrelay's own
+//! HTTP/2 codec, `chain.rs` for HTTP/1.1 to a DMZ relay)
 //! provides:
 //! - `open(…, deadline, close)`: connect (through `connect::Connector` and its CONNECT tunnel),
 //!   bounded by `deadline`; returns the link, its `Route`, and a receiver on which the
@@ -25,17 +26,20 @@ use tokio_util::sync::CancellationToken;
 use super::chain::{ChainFailure, ChainKind, ChainLink};
 use super::connect::{ConnectError, Route};
 use super::h2_link::{H2Failure, H2Kind, H2Link};
+use super::native_link::{NativeFailure, NativeKind, NativeLink};
 use crate::policy::Authority;
 
 /// How the pool's connections are made.
 pub enum LinkKind {
     H2(Box<H2Kind>),
+    Native(Box<NativeKind>),
     Chain(ChainKind),
 }
 
 /// One open connection's request side.
 pub enum Link {
     H2(H2Link),
+    Native(NativeLink),
     Chain(ChainLink),
 }
 
@@ -56,6 +60,7 @@ pub enum LinkAnswer {
 #[derive(Debug)]
 pub enum LinkError {
     H2(H2Failure),
+    Native(NativeFailure),
     Chain(ChainFailure),
 }
 
@@ -64,6 +69,7 @@ impl LinkError {
     pub fn ends_connection(&self) -> bool {
         match self {
             LinkError::H2(e) => e.ends_connection(),
+            LinkError::Native(e) => e.ends_connection(),
             // The driver ends the connection itself; the pool learns of it from `ended`.
             LinkError::Chain(_) => true,
         }
@@ -83,6 +89,10 @@ impl LinkKind {
                 let (link, route, ended) = kind.open(dest, identity, deadline, close).await?;
                 (Link::H2(link), route, ended)
             }
+            LinkKind::Native(kind) => {
+                let (link, route, ended) = kind.open(dest, identity, deadline, close).await?;
+                (Link::Native(link), route, ended)
+            }
             LinkKind::Chain(kind) => {
                 let (link, route, ended) = kind.open(deadline, close).await?;
                 (Link::Chain(link), route, ended)
@@ -97,6 +107,7 @@ impl Link {
     pub fn capacity(&self) -> usize {
         match self {
             Link::H2(link) => link.capacity(),
+            Link::Native(link) => link.capacity(),
             Link::Chain(_) => 1,
         }
     }
@@ -116,6 +127,11 @@ impl Link {
                 .await
                 .map(LinkAnswer::Stream)
                 .map_err(LinkError::H2),
+            Link::Native(link) => link
+                .send(head, body, trailers)
+                .await
+                .map(LinkAnswer::Whole)
+                .map_err(LinkError::Native),
             // HTTP/1.1 with a length carries no trailers; APNs takes none.
             Link::Chain(link) => link
                 .send(dest, &head, &body)

@@ -1,5 +1,6 @@
 //! The upstream side: CONNECT tunnels, connections, the shared pool, and one request's exchange,
-//! on an HTTP/2 stream to the origin (`h2_link`) or, in a relay chain (`upstream.relay`), over
+//! on an HTTP/2 stream to the origin (`h2_link` on the h2 crate, or `native_link` on pushrelay's
+//! own codec, by `upstream.http2_client`) or, in a relay chain (`upstream.relay`), over
 //! HTTP/1.1 to a DMZ relay (`chain`): connection kinds behind one seam (`link`), held by one pool
 //! (`pool`) that does checkout, queueing, fairness, back-off and health for all of them. The pipeline sees only `Upstream`, `Exchange`, `ResponseBody` and
 //! `UpstreamError`, whatever the protocol. A request is sent again only when the origin provably
@@ -14,6 +15,7 @@ mod h2_link;
 mod http1_client;
 pub(crate) mod identity;
 mod link;
+pub mod native_link;
 pub mod pool;
 pub mod tunnel;
 
@@ -52,6 +54,12 @@ pub enum UpstreamError {
         #[source]
         source: h2::Error,
     },
+    #[error("upstream stream failed on connection {conn}: {source}")]
+    NativeStream {
+        conn: u64,
+        #[source]
+        source: native_link::NativeFailure,
+    },
     #[error(transparent)]
     Chain(#[from] ChainError),
 }
@@ -68,6 +76,7 @@ impl UpstreamError {
             UpstreamError::Stream {
                 never_processed, ..
             } => *never_processed,
+            UpstreamError::NativeStream { source, .. } => source.never_processed(),
             UpstreamError::Chain(e) => e.never_processed(),
         }
     }
@@ -306,6 +315,7 @@ impl Upstream {
                 never_processed: e.never_processed(),
                 source: e.into_h2(),
             },
+            LinkError::Native(source) => UpstreamError::NativeStream { conn, source },
             LinkError::Chain(e) => {
                 let relay = self.relay.as_deref().unwrap_or_default().to_owned();
                 UpstreamError::Chain(ChainError::new(relay, conn, e))

@@ -31,6 +31,7 @@ use super::connect::{ConnectError, Connector, Route};
 use super::decision::{Decision, Holds, Limits, View, decide, shares};
 use super::h2_link::H2Kind;
 use super::link::{Link, LinkKind, Opened};
+use super::native_link::NativeKind;
 use crate::config::UpstreamConfig;
 use crate::fasthash::FastMap;
 use crate::metrics::{DestinationGauges, Metrics, PoolGauges};
@@ -770,6 +771,23 @@ impl Pool {
             metrics.clone(),
         );
         Self::of_kind(LinkKind::H2(Box::new(kind)), settings, metrics)
+    }
+
+    /// As [`Pool::new`], on pushrelay's own HTTP/2 client (`upstream.http2_client: native`).
+    pub fn native(
+        connector: Connector,
+        tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
+        settings: PoolSettings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let kind = NativeKind::new(
+            connector,
+            tls,
+            settings.keepalive_interval,
+            settings.keepalive_timeout,
+            metrics.clone(),
+        );
+        Self::of_kind(LinkKind::Native(Box::new(kind)), settings, metrics)
     }
 
     /// HTTP/1.1 connections to a relay chain's DMZ relay, whatever the destination.

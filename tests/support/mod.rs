@@ -17,6 +17,29 @@ pub mod tls_echo;
 use std::future::Future;
 use std::time::Duration;
 
+/// Defines an async test once per upstream HTTP/2 client, as `NAME::h2` and `NAME::native`: every
+/// relay the test starts through `relay::start*` gets that `upstream.http2_client`. The body is
+/// the test's; `#[doc]` lines are kept on both.
+#[macro_export]
+macro_rules! for_each_http2_client {
+    ($(#[doc = $doc:expr])* async fn $name:ident() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $(#[doc = $doc])*
+            #[tokio::test]
+            async fn h2() {
+                $crate::support::relay::with_http2_client("h2", async $body).await
+            }
+            $(#[doc = $doc])*
+            #[tokio::test]
+            async fn native() {
+                $crate::support::relay::with_http2_client("native", async $body).await
+            }
+        }
+    };
+}
+
 /// Bounds a test step in time so a bug fails the test instead of hanging it.
 pub async fn within<F: Future>(secs: u64, what: &str, f: F) -> F::Output {
     match tokio::time::timeout(Duration::from_secs(secs), f).await {

@@ -83,12 +83,47 @@ async fn start_with(yaml: &str, workers: Option<usize>, with_admin: bool) -> Run
     start_with_sockets(yaml, workers, with_admin, None).await
 }
 
+thread_local! {
+    /// The `upstream.http2_client` of relays started on this thread (`for_each_http2_client!`).
+    /// A test's runtime, and every task it spawns, runs on the test's own thread.
+    static HTTP2_CLIENT: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `test` with every relay it starts on `client` (`h2` or `native`).
+pub async fn with_http2_client<F: std::future::Future>(client: &'static str, test: F) -> F::Output {
+    HTTP2_CLIENT.with(|c| c.set(Some(client)));
+    test.await
+}
+
+/// `yaml` with the `upstream.http2_client` of this task's test, when it runs per client and the
+/// YAML does not name one itself. Reloads of a relay go through it too.
+pub fn for_current_client(yaml: &str) -> String {
+    let Some(client) = HTTP2_CLIENT.with(|c| c.get()) else {
+        return yaml.to_owned();
+    };
+    if yaml.contains("http2_client:") {
+        return yaml.to_owned();
+    }
+    let line = format!("  http2_client: {client}\n");
+    if let Some(rest) = yaml.strip_prefix("upstream:\n") {
+        return format!("upstream:\n{line}{rest}");
+    }
+    match yaml.find("\nupstream:\n") {
+        Some(at) => {
+            let (head, tail) = yaml.split_at(at + "\nupstream:\n".len());
+            format!("{head}{line}{tail}")
+        }
+        None => format!("{yaml}\nupstream:\n{line}"),
+    }
+}
+
 async fn start_with_sockets(
     yaml: &str,
     workers: Option<usize>,
     with_admin: bool,
     given: Option<Vec<TcpListener>>,
 ) -> RunningRelay {
+    let yaml = &for_current_client(yaml);
     let loaded =
         config::from_yaml(yaml).unwrap_or_else(|e| panic!("test config invalid: {e}\n{yaml}"));
     let mut sockets = Vec::new();
