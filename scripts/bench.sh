@@ -18,9 +18,14 @@ per round, the order rotated each round):
   direct-h1         h2load --h1 -> fake APNs (HTTP/1.1 + TLS, which Apple does not offer): the
                     half-load baseline for post-proxy, with the same client shape
   pre:  pushrelay   h2load (TLS + HTTP/2, SNI api.push.apple.com) -> pushrelay pre-proxy -> origin
+                    (upstream.http2_client: h2, the h2 crate)
+  pre:  pushrelay-native
+                    the same with upstream.http2_client: native (pushrelay's own codec), a
+                    second pushrelay process                                      [unless --no-native]
   pre:  nghttpx     the same through nghttpx (TLS h2 frontend, h2 + TLS backend)      [if installed]
   pre:  haproxy     the same through HAProxy (bind ssl alpn h2, server ssl alpn h2)   [if installed]
   post: pushrelay   h2load --h1 (plain HTTP/1.1) -> pushrelay post-proxy -> origin (HTTP/2 + TLS)
+  post: pushrelay-native  the same on the native client                           [unless --no-native]
   post: nghttpx     the same through nghttpx (plain HTTP/1.1 frontend)                [if installed]
   post: haproxy     the same through HAProxy (plain http frontend)                    [if installed]
   chain: pushrelay  h2load (TLS + HTTP/2) -> inside pushrelay (pre-proxy, upstream.relay) --HTTP/1.1
@@ -64,6 +69,7 @@ Options:
   --no-syscalls     skip the syscall-count round (it needs perf with syscall tracepoints; Debian:
                     apt-get install linux-perf, and root or kernel.perf_event_paranoid <= 1)
   --no-peers        benchmark pushrelay only, even if nghttpx / HAProxy are installed
+  --no-native       no pushrelay-native cases (upstream.http2_client: native)
   --no-forward      skip the forward-proxy door rounds
   --tunnels N       new tunnels per tunnel run (default 2000)
   --no-chain        skip the relay-chain case
@@ -95,6 +101,7 @@ SYSCALLS=1
 CALLGRIND=1
 CG_REQUESTS=5000
 PEERS=1
+NATIVE=1
 FORWARD=1
 TUNNELS=2000
 CHAIN=1
@@ -132,6 +139,7 @@ while [[ $# -gt 0 ]]; do
     --no-callgrind) CALLGRIND=0; shift ;;
     --callgrind-requests) need_value "$@"; positive "$1" "$2"; CG_REQUESTS="$2"; shift 2 ;;
     --no-peers) PEERS=0; shift ;;
+    --no-native) NATIVE=0; shift ;;
     --no-forward) FORWARD=0; shift ;;
     --tunnels) need_value "$@"; positive "$1" "$2"; TUNNELS="$2"; shift 2 ;;
     --no-chain) CHAIN=0; shift ;;
@@ -416,6 +424,7 @@ start_proxy() {
   shift 5
   case "$proxy" in
     pushrelay) start_pushrelay "$name" "$threads" h2 "$pre" "$post" "$(free_port)" "$@" ;;
+    pushrelay-native) start_pushrelay "$name" "$threads" native "$pre" "$post" "$(free_port)" "$@" ;;
     nghttpx) start_nghttpx "$name" "$threads" "$pre" "$post" "$@" ;;
     haproxy) start_haproxy "$name" "$threads" "$pre" "$post" "$@" ;;
     *) die "unknown proxy $proxy" ;;
@@ -496,8 +505,10 @@ declare -A PRE_PORT=([pushrelay]="$RELAY_PRE")
 declare -A POST_PORT=([pushrelay]="$RELAY_POST")
 PROXIES=(pushrelay)
 
-for peer in nghttpx haproxy; do
+HAVE_PUSHRELAY_NATIVE=$NATIVE
+for peer in pushrelay-native nghttpx haproxy; do
   have="HAVE_${peer^^}"
+  have="${have//-/_}"
   [[ ${!have} -eq 1 ]] || continue
   pre="$(free_port)"
   post="$(free_port)"
@@ -672,7 +683,7 @@ failures() {
     END { print bad + 0 }' "$RESULTS"
 }
 ratio() {
-  awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || b == 0) print "–"; else printf "%.2f", a / b }'
+  awk -v a="$1" -v b="$2" 'BEGIN { if (a == "NA" || b == "NA" || a == "" || b == "" || b == 0) print "–"; else printf "%.2f", a / b }'
 }
 ms() {
   awk -v v="$1" 'BEGIN { if (v == "NA" || v == "") print "NA"; else printf "%.2f", v / 1000 }'
@@ -850,7 +861,7 @@ syscalls_per_request() {
 cpu_model="$(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n1)"
 version_of() {
   case "$1" in
-    pushrelay) "$PUSHRELAY" --version 2>/dev/null | head -n1 ;;
+    pushrelay*) "$PUSHRELAY" --version 2>/dev/null | head -n1 ;;
     h2load) h2load --version 2>/dev/null | head -n1 ;;
     nghttpx) nghttpx --version 2>/dev/null | head -n1 ;;
     haproxy) haproxy -v 2>/dev/null | head -n1 | sed 's/ - https.*//' ;;
@@ -890,29 +901,27 @@ report() {
   echo
   echo "#### Full load (median of $ROUNDS rounds; req/s range and each round's CPU in brackets)"
   echo
-  echo "| case | req/s | p50 ms | p99 ms | CPU µs/req | user µs/req | system µs/req | pushrelay CPU ÷ this | failed runs |"
-  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-  local c role proxy own
+  echo "| case | req/s | p50 ms | p99 ms | CPU µs/req | user µs/req | system µs/req | pushrelay CPU ÷ this | pushrelay-native CPU ÷ this | failed runs |"
+  echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+  local c role proxy own native
   for c in "${CASES[@]}"; do
     role=${c%%:*}
     proxy=${c#*:}
     if [[ $c == direct ]]; then
       label="$(role_name direct)"
       own="–"
+      native="–"
     else
       label="$(role_name "$role"): $proxy"
-      if [[ $proxy == pushrelay ]]; then
-        own="1.00"
-      else
-        own="$(ratio "$(median "$role:pushrelay" 6)" "$(median "$c" 6)")"
-      fi
+      own="$(ratio "$(median "$role:pushrelay" 6)" "$(median "$c" 6)")"
+      native="$(ratio "$(median "$role:pushrelay-native" 6)" "$(median "$c" 6)")"
     fi
-    printf '| %s | %.0f [%s] | %s | %s | %s [%s] | %s | %s | %s | %s |\n' "$label" \
+    printf '| %s | %.0f [%s] | %s | %s | %s [%s] | %s | %s | %s | %s | %s |\n' "$label" \
       "$(median "$c" 3 | sed 's/NA/0/')" "$(spread "$c" 3)" \
       "$(ms "$(median "$c" 4)")" "$(ms "$(median "$c" 5)")" \
       "$(median "$c" 6)" "$(awk -F'\t' -v c="$c" '$1 == c && $2 ~ /^[0-9]+$/ { printf "%s%s", s, $6; s = ", " }' "$RESULTS")" \
       "$(median "$c" 9)" "$(median "$c" 10)" \
-      "$own" "$(failures "$c")/$ROUNDS"
+      "$own" "$native" "$(failures "$c")/$ROUNDS"
   done
   if [[ $HALF_LOAD -eq 1 ]]; then
     echo
@@ -988,15 +997,17 @@ report() {
   if [[ $CALLGRIND -eq 1 ]]; then
     echo "#### Instructions per push (callgrind, thousands; one worker thread, $CG_REQUESTS pushes per role after $(((CG_REQUESTS + 4) / 5)))"
     echo
-    echo "| proxy | pre-proxy k instr/push | pushrelay ÷ this | post-proxy k instr/push | pushrelay ÷ this |"
-    echo "| --- | ---: | ---: | ---: | ---: |"
+    echo "| proxy | pre-proxy k instr/push | pushrelay ÷ this | pushrelay-native ÷ this | post-proxy k instr/push | pushrelay ÷ this | pushrelay-native ÷ this |"
+    echo "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"
     local p ipre ipost
     for p in "${PROXIES[@]}"; do
       ipre="$(instructions "$p" pre)"
       ipost="$(instructions "$p" post)"
-      printf '| %s | %s | %s | %s | %s |\n' "$p" "${ipre:-NA}" \
-        "$(ratio "$(instructions pushrelay pre)" "$ipre")" "${ipost:-NA}" \
-        "$(ratio "$(instructions pushrelay post)" "$ipost")"
+      printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$p" "${ipre:-NA}" \
+        "$(ratio "$(instructions pushrelay pre)" "$ipre")" \
+        "$(ratio "$(instructions pushrelay-native pre)" "$ipre")" "${ipost:-NA}" \
+        "$(ratio "$(instructions pushrelay post)" "$ipost")" \
+        "$(ratio "$(instructions pushrelay-native post)" "$ipost")"
     done
   else
     echo "No instruction counts: ${CALLGRIND_WHY:-skipped with --no-callgrind}."

@@ -1056,3 +1056,31 @@ fn request_trailers_follow_the_whole_body_and_end_the_stream() {
         )]
     );
 }
+
+/// The static table's lookups by name (a match on the bytes) agree with a walk over the table
+/// for every entry, and find nothing for other names.
+#[test]
+fn static_table_lookups_agree_with_the_table() {
+    use pushrelay::h2client::hpack::table::{STATIC, static_index, static_name_index};
+    for (i, (n, v)) in STATIC.iter().enumerate() {
+        let first_name = STATIC.iter().position(|(m, _)| m == n).unwrap() + 1;
+        let first_pair = STATIC.iter().position(|e| e == &(*n, *v)).unwrap() + 1;
+        assert_eq!(static_name_index(n.as_bytes()), Some(first_name), "{n}");
+        assert_eq!(
+            static_index(n.as_bytes(), v.as_bytes()),
+            Some(first_pair),
+            "{i}"
+        );
+    }
+    for other in [
+        "",
+        ":authorit",
+        "apns-topic",
+        "Accept",
+        "x-www-authenticate",
+    ] {
+        assert_eq!(static_name_index(other.as_bytes()), None, "{other}");
+    }
+    assert_eq!(static_index(b":method", b"PUT"), None);
+    assert_eq!(static_index(b":status", b"404"), Some(13));
+}

@@ -11,18 +11,12 @@
 //!   control both ways, GOAWAY / REFUSED_STREAM → "never processed", PING.
 //! - [`driver`]: a thin tokio task over a TLS or TCP stream, with whole-request handles.
 //!
-//! Not done yet (issue 15): nothing uses this in the relay. It is neither the default nor
-//! selectable. The plan for plugging it in: the pool's per-connection handle (today an
-//! `h2::client::SendRequest` in `upstream::pool`) becomes an enum with a second arm holding a
-//! [`driver::Client`]; `Client::max_concurrent_streams` / `open_streams` stand in for
-//! `current_max_send_streams`, and [`driver::RequestError::never_processed`] is the
-//! resend decision `upstream::decision` makes from h2 errors today. A streaming request body
-//! (the pool's `ReplayBody`) needs `Connection::send_data` chunk by chunk, with the driver
-//! waiting on `Connection::has_pending`; the driver here takes whole bodies, which is what APNs
-//! pushes are (≤ 4 KiB). Answers are collected whole (bounded by `DriverConfig::max_body`);
-//! a streamed answer body would hand `Event::Data` on instead. A config key
-//! (`upstream.http2_client: h2 | native`) and the pool's existing tests run on both come with
-//! that step.
+//! The pool uses it as a connection kind (`upstream::native_link`) when
+//! `upstream.http2_client` is `native`; the default is still the h2 crate (`h2`). Request
+//! bodies go whole (APNs pushes are at most 5 KiB) and answers come back whole, bounded by
+//! `DriverConfig::max_body`. Tested frame by frame (tests/h2client.rs, with a seeded fuzz run),
+//! against the h2-crate origin, nghttpd and HAProxy (tests/h2client_interop.rs), and by the
+//! pool's own tests run on both clients.
 
 pub mod conn;
 pub mod driver;

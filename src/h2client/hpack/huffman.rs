@@ -37,6 +37,9 @@ struct Tables {
     first: [u32; MAX_LEN + 1],
     offset: [u16; MAX_LEN + 1],
     sorted: [u16; 257],
+    /// By the next 8 bits: the symbol whose code (of 8 bits or fewer) they start with, as
+    /// `length << 8 | symbol`; 0 where the code is longer. Most header text has 5–8 bit codes.
+    fast: [u16; 256],
 }
 
 const TABLES: Tables = build();
@@ -74,12 +77,27 @@ const fn build() -> Tables {
         next[l] += 1;
         s += 1;
     }
+    let mut fast = [0u16; 256];
+    let mut s = 0;
+    while s < 256 {
+        let l = LENGTHS[s] as usize;
+        if l <= 8 {
+            let base = (codes[s] << (8 - l)) as usize;
+            let mut k = 0;
+            while k < (1 << (8 - l)) {
+                fast[base + k] = ((l as u16) << 8) | s as u16;
+                k += 1;
+            }
+        }
+        s += 1;
+    }
     Tables {
         codes,
         limit,
         first,
         offset,
         sorted,
+        fast,
     }
 }
 
@@ -152,7 +170,15 @@ pub fn decode(input: &[u8], out: &mut bytes::BytesMut, max: usize) -> Result<(),
         }
         let mut found = None;
         let mut len = 5;
-        while len <= MAX_LEN && len <= bits {
+        if bits >= 8 {
+            let e = t.fast[((acc >> (bits - 8)) & 0xff) as usize];
+            if e != 0 {
+                found = Some((e & 0xff, usize::from(e >> 8)));
+            } else {
+                len = 9;
+            }
+        }
+        while found.is_none() && len <= MAX_LEN && len <= bits {
             let c = ((acc >> (bits - len)) & ((1u64 << len) - 1)) as u32;
             if c < t.limit[len] {
                 found = Some((
@@ -169,7 +195,7 @@ pub fn decode(input: &[u8], out: &mut bytes::BytesMut, max: usize) -> Result<(),
                 if out.len() - start >= max {
                     return Err(HuffmanError::TooLong);
                 }
-                out.extend_from_slice(&[sym as u8]);
+                bytes::BufMut::put_u8(out, sym as u8);
                 bits -= len;
                 acc &= (1u64 << bits) - 1;
             }

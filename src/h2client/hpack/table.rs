@@ -69,20 +69,75 @@ pub const STATIC: [(&str, &str); 61] = [
     ("www-authenticate", ""),
 ];
 
-/// The 1-based static index whose name is `name`, if any.
+/// The 1-based static index whose name is `name`, if any (the first of its entries: those of
+/// one name are consecutive).
 pub fn static_name_index(name: &[u8]) -> Option<usize> {
-    STATIC
-        .iter()
-        .position(|(n, _)| n.as_bytes() == name)
-        .map(|i| i + 1)
+    // A match on the bytes: by length, then a compare, rather than a walk over 61 entries.
+    Some(match name {
+        b":authority" => 1,
+        b":method" => 2,
+        b":path" => 4,
+        b":scheme" => 6,
+        b":status" => 8,
+        b"accept-charset" => 15,
+        b"accept-encoding" => 16,
+        b"accept-language" => 17,
+        b"accept-ranges" => 18,
+        b"accept" => 19,
+        b"access-control-allow-origin" => 20,
+        b"age" => 21,
+        b"allow" => 22,
+        b"authorization" => 23,
+        b"cache-control" => 24,
+        b"content-disposition" => 25,
+        b"content-encoding" => 26,
+        b"content-language" => 27,
+        b"content-length" => 28,
+        b"content-location" => 29,
+        b"content-range" => 30,
+        b"content-type" => 31,
+        b"cookie" => 32,
+        b"date" => 33,
+        b"etag" => 34,
+        b"expect" => 35,
+        b"expires" => 36,
+        b"from" => 37,
+        b"host" => 38,
+        b"if-match" => 39,
+        b"if-modified-since" => 40,
+        b"if-none-match" => 41,
+        b"if-range" => 42,
+        b"if-unmodified-since" => 43,
+        b"last-modified" => 44,
+        b"link" => 45,
+        b"location" => 46,
+        b"max-forwards" => 47,
+        b"proxy-authenticate" => 48,
+        b"proxy-authorization" => 49,
+        b"range" => 50,
+        b"referer" => 51,
+        b"refresh" => 52,
+        b"retry-after" => 53,
+        b"server" => 54,
+        b"set-cookie" => 55,
+        b"strict-transport-security" => 56,
+        b"transfer-encoding" => 57,
+        b"user-agent" => 58,
+        b"vary" => 59,
+        b"via" => 60,
+        b"www-authenticate" => 61,
+        _ => return None,
+    })
 }
 
 /// The 1-based static index whose name and value are these, if any.
 pub fn static_index(name: &[u8], value: &[u8]) -> Option<usize> {
-    STATIC
+    let first = static_name_index(name)?;
+    STATIC[first - 1..]
         .iter()
-        .position(|(n, v)| n.as_bytes() == name && v.as_bytes() == value)
-        .map(|i| i + 1)
+        .take_while(|(n, _)| n.as_bytes() == name)
+        .position(|(_, v)| v.as_bytes() == value)
+        .map(|k| first + k)
 }
 
 pub fn entry_size(name: &[u8], value: &[u8]) -> usize {
