@@ -151,11 +151,27 @@ pub enum HuffmanError {
 /// Appends the decoding of `input` to `out`, failing on EOS, bad padding (RFC 7541 §5.2), or an
 /// output longer than `max` bytes.
 pub fn decode(input: &[u8], out: &mut bytes::BytesMut, max: usize) -> Result<(), HuffmanError> {
+    let start = out.len();
+    // The shortest code is 5 bits: no more than this many symbols can come out. Written by
+    // index into room made once, then cut to what was decoded.
+    let room = (input.len() * 8 / 5).min(max.saturating_add(1));
+    out.resize(start + room, 0);
+    let mut n = 0;
+    let r = decode_into(input, &mut out[start..], &mut n, max);
+    out.truncate(start + n);
+    r
+}
+
+fn decode_into(
+    input: &[u8],
+    out: &mut [u8],
+    n: &mut usize,
+    max: usize,
+) -> Result<(), HuffmanError> {
     let t = &TABLES;
     let mut acc: u64 = 0;
     let mut bits: usize = 0;
     let mut rest = input;
-    let start = out.len();
     loop {
         while bits <= 56 {
             let Some((&b, tail)) = rest.split_first() else {
@@ -192,10 +208,14 @@ pub fn decode(input: &[u8], out: &mut bytes::BytesMut, max: usize) -> Result<(),
         match found {
             Some((EOS, _)) => return Err(HuffmanError::Eos),
             Some((sym, len)) => {
-                if out.len() - start >= max {
+                if *n >= max {
                     return Err(HuffmanError::TooLong);
                 }
-                bytes::BufMut::put_u8(out, sym as u8);
+                let Some(slot) = out.get_mut(*n) else {
+                    return Err(HuffmanError::TooLong);
+                };
+                *slot = sym as u8;
+                *n += 1;
                 bits -= len;
                 acc &= (1u64 << bits) - 1;
             }

@@ -282,8 +282,7 @@ impl Decoder {
         if !huffman {
             return Ok(raw);
         }
-        // Shortest code is 5 bits: the output is bounded by the input.
-        self.scratch.reserve(len * 8 / 5 + 1);
+        // Shortest code is 5 bits: the output is bounded by the input (`decode` makes the room).
         huffman::decode(&raw, &mut self.scratch, usize::MAX)?;
         Ok(self.scratch.split().freeze())
     }
