@@ -4,7 +4,9 @@
 //! and start as streams close. A PING goes out at once and then every `ping_interval`; no ACK
 //! within `ping_timeout` ends the connection (a black-holed tunnel looks exactly like that). The
 //! connection is ready ([`Client::ready`]) once the server's SETTINGS came and that first PING
-//! was answered: the peer is then known to be an HTTP/2 server that reads what we send.
+//! was answered: the peer is then known to be an HTTP/2 server that reads what we send. Writes
+//! are coalesced: before each one the task yields once, so that requests sent meanwhile go out
+//! in the same write.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -269,6 +271,23 @@ where
             shared.going_away.store(true, Ordering::Relaxed);
         }
         if conn.has_output() {
+            // Pushes arrive one by one: yield once so that requests ready right now (and the
+            // answers they wait for) join this write, one TLS record and one write(2) for a
+            // burst instead of one each, as `crate::coalesce` does for the h2 crate.
+            tokio::task::yield_now().await;
+            if !handles_gone {
+                loop {
+                    match rx.try_recv() {
+                        Ok(cmd) => waiting.push_back(cmd),
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            handles_gone = true;
+                            break;
+                        }
+                    }
+                }
+                start_waiting(&mut conn, &mut waiting, &mut in_flight);
+            }
             let out = conn.take_output();
             if let Err(e) = async {
                 wr.write_all(&out).await?;
