@@ -9,7 +9,7 @@ use std::time::Duration;
 use figment::Figment;
 
 use super::load::{Problem, origin_of};
-use super::shape::{Config, Http2Client, ListenerConfig, Mode, ServerTls};
+use super::shape::{Config, ListenerConfig, Mode, ServerTls};
 use super::values::read_proxy_users;
 use crate::policy::Authority;
 
@@ -319,13 +319,6 @@ fn upstream(config: &Config, report: &mut Report<'_>) {
     }
     if let Some(relay) = &up.relay {
         report.secret(&["upstream", "relay", "secret_file"], &relay.secret_file);
-        if up.http2_client != Http2Client::H2 {
-            report.warn(
-                "upstream.http2_client is not used with upstream.relay: the relay chain speaks \
-                 HTTP/1.1 to the DMZ relay, whose own upstream.http2_client applies"
-                    .into(),
-            );
-        }
         if !relay.url.tls {
             report.warn(format!(
                 "upstream.relay.url {} is plain http://: push contents (device tokens, payloads, \

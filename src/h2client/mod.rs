@@ -12,7 +12,7 @@
 //! - [`driver`]: a thin tokio task over a TLS or TCP stream, with whole-request handles.
 //!
 //! The pool uses it as a connection kind (`upstream::native_link`) when
-//! `upstream.http2_client` is `native`; the default is still the h2 crate (`h2`). Request
+//! `upstream.http2_client` is `native`, the default; `h2` keeps the h2 crate's client. Request
 //! bodies go whole (APNs pushes are at most 5 KiB) and answers come back whole, bounded by
 //! `DriverConfig::max_body`. Tested frame by frame (tests/h2client.rs, with a seeded fuzz run),
 //! against the h2-crate origin, nghttpd and HAProxy (tests/h2client_interop.rs), and by the
