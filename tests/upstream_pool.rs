@@ -858,11 +858,12 @@ async fn renewed_identity_certificate_is_presented_on_new_connections() {
     let metrics = relay.relay.metrics().render(relay.relay.pool());
     assert!(metrics.contains(expiry), "{metrics}");
 }
+}
 
+crate::for_each_http2_client! {
 /// A changed identity certificate reloaded while a connection presenting the old one is open and
 /// carrying a push: the next push goes on a new connection presenting the new certificate, the
 /// push in flight finishes on the old one, and the old one then closes.
-#[tokio::test]
 async fn a_changed_identity_certificate_drains_the_connections_that_presented_the_old_one() {
     let pki = TestPki::new();
     let script = Script::new();
@@ -938,6 +939,7 @@ async fn a_changed_identity_certificate_drains_the_connections_that_presented_th
     );
     assert_eq!(script.closed.available_permits(), 0);
 }
+}
 
 /// Waits (bounded) until the relay's pool holds `n` requests waiting towards any destination.
 async fn wait_queued(relay: &support::relay::RunningRelay, n: usize) {
@@ -959,9 +961,9 @@ async fn wait_queued(relay: &support::relay::RunningRelay, n: usize) {
     .await;
 }
 
+crate::for_each_http2_client! {
 /// Requests queued behind a saturated destination (one connection, one stream) whose client
 /// resets them while they wait are never sent: the origin sees only the ones left.
-#[tokio::test]
 async fn requests_reset_while_queued_are_never_sent() {
     let pki = TestPki::new();
     let (origin, hold) = FakeApns::start_holding(
@@ -1024,10 +1026,11 @@ async fn requests_reset_while_queued_are_never_sent() {
     let expected: Vec<String> = [0, 2, 4, 6, 8, 10].into_iter().map(apns_id).collect();
     assert_eq!(seen, expected, "the reset requests never reach the origin");
 }
+}
 
+crate::for_each_http2_client! {
 /// Requests waiting for a destination that is down (riding out the outage, a connect pending)
 /// whose client resets them are never sent once it is back.
-#[tokio::test]
 async fn requests_reset_while_waiting_for_a_connect_are_never_sent() {
     let pki = TestPki::new();
     // The origin's port, closed until the origin starts on it.
@@ -1418,13 +1421,13 @@ async fn clients_filling_the_pool_leave_a_normal_client_its_share() {
 }
 }
 
+crate::for_each_http2_client! {
 /// Fairness is between sources (client addresses) first: one source with ten connections, each
 /// keeping four pushes in flight towards a slow tenant (answered after 400 ms), fills the
 /// destination's streams and queue (10 + 10); a client from a second address (127.0.0.2) with
 /// one connection and five pushes in flight at a time still gets every push through. Counted
 /// per connection, that client would get one eleventh of the pool (one push at a time) and be
 /// refused 503 for the rest.
-#[tokio::test]
 async fn a_source_with_many_connections_leaves_another_source_its_share() {
     use std::sync::atomic::{AtomicBool, AtomicUsize};
     use support::client::Connect;
@@ -1519,13 +1522,14 @@ async fn a_source_with_many_connections_leaves_another_source_its_share() {
         within(15, "flood", f).await.unwrap();
     }
 }
+}
 
+crate::for_each_http2_client! {
 /// The queue is shared by the worker shards fairly too: one client on one worker keeps 30 slow
 /// pushes in flight, filling its shard's streams and the whole shared queue (10); a client from
 /// another address, served by the other worker, with 15 pushes in flight at a time (its shard's
 /// 10 streams and 5 queue places) still gets every push through: a waiting request of the shard
 /// holding more than its part of the queue gives up its place.
-#[tokio::test]
 async fn the_shared_queue_is_shared_fairly_between_worker_shards() {
     use std::sync::atomic::{AtomicBool, AtomicUsize};
     use support::client::Connect;
@@ -1616,6 +1620,7 @@ async fn the_shared_queue_is_shared_fairly_between_worker_shards() {
         within(15, "flood", f).await.unwrap();
     }
     relay.stop().await;
+}
 }
 
 /// An `upstream.identities` section: one item per (topic, certificate, key, further keys).
