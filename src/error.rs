@@ -293,6 +293,7 @@ fn classify_chain(e: &ChainError) -> (StatusCode, &'static str, Fault) {
         }
         ChainError::ProxyAnswered { .. } => (S::BAD_GATEWAY, "RelayProxyRefused", up),
         ChainError::Timeout { .. } => (S::GATEWAY_TIMEOUT, "RelayChainTimeout", up),
+        ChainError::TlsRefused { .. } => (S::BAD_GATEWAY, "RelayChainTlsFailed", up),
         ChainError::Exchange {
             source: crate::upstream::chain::WireError::Malformed(_),
             ..

@@ -144,13 +144,27 @@ impl App {
             shards: workers.max(1),
             ..PoolSettings::from_config(&config.upstream)
         };
+        let mut chain_identity = None;
         let upstream = match &config.upstream.relay {
             // A relay chain: the pool's connections are HTTP/1.1 to the DMZ relay.
             Some(r) => {
-                let secret = config::read_secret(&r.secret_file).map_err(|e| {
-                    TlsSetupError::new("upstream.relay.secret_file", &r.secret_file, e)
-                })?;
-                let tls = tls::client::build_http11(&config.upstream.extra_roots)?;
+                let secret =
+                    match &r.secret_file {
+                        None => None,
+                        Some(file) => Some(config::read_secret(file).map_err(|e| {
+                            TlsSetupError::new("upstream.relay.secret_file", file, e)
+                        })?),
+                    };
+                if let (Some(cert), Some(key)) = (&r.client_cert, &r.client_key) {
+                    chain_identity = Some(Arc::new(tls::client::ClientIdentity::load_as(
+                        ("upstream.relay.client_cert", cert),
+                        ("upstream.relay.client_key", key),
+                    )?));
+                }
+                let tls = tls::client::build_http11(
+                    &config.upstream.extra_roots,
+                    chain_identity.clone(),
+                )?;
                 let kind = ChainKind::new(r, secret, &config.upstream, tls);
                 let relay = kind.relay_name();
                 let settings = PoolSettings {
@@ -194,6 +208,7 @@ impl App {
             listeners.iter().map(|l| l.door.clone()).collect(),
             listeners.iter().map(|l| l.sources.clone()).collect(),
             client_identities,
+            chain_identity,
         ));
         Ok(App {
             config,

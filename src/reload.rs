@@ -1,5 +1,5 @@
 //! What a running relay can change without a restart: certificates (fixed files, the CA that
-//! mints, and the upstream identities' certificates), forward-proxy users files and `tunnels`,
+//! mints, the upstream identities' certificates, and a relay chain's client certificate), forward-proxy users files and `tunnels`,
 //! `allow_sources` and `destinations`. A reload builds everything new first and swaps only when
 //! all of it built, so a bad new configuration leaves the running one untouched. Existing
 //! connections keep going, except upstream connections of a changed identity certificate: they
@@ -47,6 +47,8 @@ pub struct Reloader {
     sources: Vec<Arc<Swap<SourcePolicy>>>,
     /// The upstream identities' certificates, in `upstream.identities` order.
     identities: Vec<Arc<ClientIdentity>>,
+    /// The inside relay's certificate towards its DMZ relay (`upstream.relay.client_cert`).
+    chain_identity: Option<Arc<ClientIdentity>>,
     /// When the listeners' minted leaves are next due to be minted again; a reload moves it.
     remint_at: watch::Sender<Instant>,
 }
@@ -58,6 +60,7 @@ impl Reloader {
         doors: Vec<DoorHandle>,
         sources: Vec<Arc<Swap<SourcePolicy>>>,
         identities: Vec<Arc<ClientIdentity>>,
+        chain_identity: Option<Arc<ClientIdentity>>,
     ) -> Self {
         Reloader {
             current: Mutex::new(config),
@@ -65,6 +68,7 @@ impl Reloader {
             doors,
             sources,
             identities,
+            chain_identity,
             remint_at: watch::Sender::new(Instant::now() + REMINT_AFTER),
         }
     }
@@ -133,8 +137,35 @@ impl Reloader {
                 renewed.push((identity, next, id.topic.clone()));
             }
         }
+        // The inside relay's certificate towards its DMZ relay, read again (a relay chain set up
+        // or given up is an upstream change that needs a restart).
+        let chain_renewed = match (
+            &self.chain_identity,
+            new.upstream
+                .relay
+                .as_ref()
+                .and_then(|r| r.client_cert.as_ref().zip(r.client_key.as_ref())),
+        ) {
+            (Some(identity), Some((cert, key))) => Some((
+                identity,
+                ClientIdentity::load_as(
+                    ("upstream.relay.client_cert", cert),
+                    ("upstream.relay.client_key", key),
+                )?,
+            )),
+            _ => None,
+        };
         for commit in commits {
             commit();
+        }
+        // Connections to the DMZ relay already open were authenticated with the old one and
+        // stay so; new connections present this one.
+        if let Some((identity, next)) = chain_renewed
+            && identity.replace(next)
+        {
+            tracing::info!(
+                "upstream.relay.client_cert renewed: new connections to the DMZ relay present it"
+            );
         }
         self.remint_at.send_replace(Instant::now() + REMINT_AFTER);
         for (identity, next, topic) in renewed {

@@ -449,6 +449,75 @@ fn relay_chain_keys_are_validated_and_the_secret_never_shown() {
     );
 }
 
+/// The inside relay's client certificate towards its DMZ relay: accepted alone over https://,
+/// warned about over http:// (there is no handshake to present it in), its key required with it,
+/// and an inside relay known by neither a secret nor a certificate refused.
+#[test]
+fn relay_chain_client_certificate_keys_are_validated() {
+    let dir = dir_with_ca();
+    let listener = "listeners:\n  - name: apns\n    mode: pre-proxy\n    bind: 127.0.0.1:0\n    tls: {ca_cert: certs/ca.pem, ca_key: certs/ca.key}\n    allow_sources: [127.0.0.1/32]\n";
+    std::fs::write(
+        dir.path().join("relay.secret"),
+        "s3cret-s3cret-s3cret-s3cret\n",
+    )
+    .unwrap();
+    let check = |relay: &str| {
+        let yaml = format!("{listener}upstream:\n  relay: {relay}\n");
+        std::fs::write(dir.path().join("c.yaml"), yaml).unwrap();
+        let out = pushrelay(dir.path(), &["check", "--config", "c.yaml"], &[]);
+        let (stdout, stderr) = text(&out);
+        (out.status.success(), format!("{stdout}{stderr}"))
+    };
+    let cert = "client_cert: certs/ca.pem, client_key: certs/ca.key";
+
+    let (ok, out) = check(&format!("{{url: \"https://dmz:8443\", {cert}}}"));
+    assert!(ok, "{out}");
+    assert!(out.contains("client_cert: certs/ca.pem"), "{out}");
+    assert!(!out.contains("not used"), "{out}");
+
+    let (ok, out) = check(&format!(
+        "{{url: \"http://dmz:8080\", secret_file: relay.secret, {cert}}}"
+    ));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("warning: upstream.relay.client_cert is set but upstream.relay.url http://dmz:8080 is plain http://")
+            && out.contains("not used"),
+        "{out}"
+    );
+
+    let table = [
+        (
+            "{url: \"https://dmz:8443\", client_cert: certs/ca.pem}".to_owned(),
+            "upstream.relay.client_key",
+            "client_cert needs its client_key",
+        ),
+        (
+            "{url: \"https://dmz:8443\", client_cert: missing.pem, client_key: certs/ca.key}"
+                .to_owned(),
+            "upstream.relay.client_cert",
+            "cannot read missing.pem",
+        ),
+        (
+            "{url: \"https://dmz:8443\"}".to_owned(),
+            "upstream.relay.secret_file",
+            "the DMZ relay must know the inside relay",
+        ),
+        (
+            format!("{{url: \"http://dmz:8080\", {cert}}}"),
+            "upstream.relay.secret_file",
+            "the DMZ relay must know the inside relay",
+        ),
+    ];
+    for (relay, key, message) in table {
+        let (ok, out) = check(&relay);
+        assert!(!ok, "{relay}: accepted\n{out}");
+        assert!(
+            out.contains(key) && out.contains(message),
+            "{relay}:\n{out}"
+        );
+    }
+}
+
 /// forward-proxy mistakes stop start-up naming the key: a tunnel that is also a destination, a
 /// tunnel without a port, proxy_auth on another door or with an unreadable or malformed users
 /// file, a forward-proxy listener without tls; and `check` shows the door, never a password.

@@ -706,3 +706,107 @@ async fn chain_connections_show_in_the_metrics_and_on_the_status_page() {
     assert_eq!(entry["connections"], 1, "{entry}");
     assert_eq!(entry["state"], "up", "{entry}");
 }
+
+/// A DMZ relay that knows the inside relay by its client certificate alone (`tls.client_ca`, no
+/// secret) carries pushes through a plain CONNECT proxy, once each; an inside relay without a
+/// certificate, or with one from another CA, is refused in the TLS handshake: nothing reaches
+/// the origin, and the client's answer names the TLS hop to the DMZ relay.
+#[tokio::test]
+async fn a_client_certificate_alone_lets_the_inside_relay_through_and_none_is_refused_in_tls() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Open).await;
+    let dmz = relay::start(&chain::dmz_yaml_client_certs(&pki, &origin)).await;
+    let url = format!("https://localhost:{}", dmz.addr().port());
+    let (cert, key) = pki.write_client_cert("inside-relay");
+    let inside = relay::start(&chain::inside_yaml_with_cert(
+        &pki,
+        origin.port(),
+        Some(&proxy.url()),
+        &url,
+        (&cert, &key),
+    ))
+    .await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    for i in 0..10 {
+        let answer = client.push(&token(i), PAYLOAD).await;
+        assert_eq!(answer.status, 200, "{i}: {:?}", answer.body);
+        assert!(!answer.headers.contains_key("pushrelay-dmz"));
+    }
+    let received = origin.received();
+    assert_eq!(received.len(), 10, "each push reaches the origin once");
+    for r in &received {
+        assert_eq!(r.authority.as_deref(), Some("api.push.apple.com"));
+        assert!(
+            r.headers
+                .keys()
+                .all(|k| !k.as_str().starts_with("pushrelay-")),
+            "a chain header reached the origin: {:?}",
+            r.headers
+        );
+    }
+    assert!(
+        proxy.tunnel_count() >= 1,
+        "the pushes went through the proxy"
+    );
+
+    // No certificate (the inside relay needs a secret then, which this DMZ relay does not check),
+    // then a certificate from a CA the DMZ relay does not trust.
+    let secret = chain::secret_file(&pki, "relay.secret", SECRET);
+    let other = TestPki::new();
+    let (other_cert, other_key) = other.write_client_cert("stranger");
+    let without = chain::inside_yaml(&pki, origin.port(), Some(&proxy.url()), &url, &secret);
+    let stranger = chain::inside_yaml_with_cert(
+        &pki,
+        origin.port(),
+        Some(&proxy.url()),
+        &url,
+        (&other_cert, &other_key),
+    );
+    for (what, yaml) in [("no certificate", without), ("another CA's", stranger)] {
+        let inside = relay::start(&yaml).await;
+        let client = H2Client::connect(&pki, inside.addr()).await;
+        let answer = within(20, what, client.push(&token(99), PAYLOAD)).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.reason().as_deref()),
+            (502, Some("RelayChainTlsFailed")),
+            "{what}: {:?}",
+            answer.body
+        );
+    }
+    assert_eq!(
+        origin.received().len(),
+        10,
+        "a refused inside relay's push reached the origin"
+    );
+}
+
+/// The inside relay's client certificate is read again by a reload: refused while its files hold
+/// a certificate the DMZ relay does not accept, let through once they hold one it does.
+#[tokio::test]
+async fn a_renewed_client_certificate_is_presented_after_a_reload() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let dmz = relay::start(&chain::dmz_yaml_client_certs(&pki, &origin)).await;
+    let url = format!("https://localhost:{}", dmz.addr().port());
+    let other = TestPki::new();
+    let (cert, key) = other.write_client_cert("inside-relay");
+    let inside = relay::start(&chain::inside_yaml_with_cert(
+        &pki,
+        origin.port(),
+        None,
+        &url,
+        (&cert, &key),
+    ))
+    .await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    let refused = within(20, "refused", client.push(&token(1), PAYLOAD)).await;
+    assert_eq!(refused.reason().as_deref(), Some("RelayChainTlsFailed"));
+    let (good_cert, good_key) = pki.write_client_cert("renewed");
+    std::fs::copy(&good_cert, &cert).unwrap();
+    std::fs::copy(&good_key, &key).unwrap();
+    inside.reloader.renew_certificates().unwrap();
+    let answer = within(20, "after the reload", client.push(&token(2), PAYLOAD)).await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    assert_eq!(origin.received().len(), 1);
+}

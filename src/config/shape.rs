@@ -244,8 +244,18 @@ pub struct RelayUpstreamConfig {
     /// `http://host:port`: plain requests in absolute form through `upstream.proxy`: push contents
     /// cross the network in clear.
     pub url: RelayUrl,
-    /// The shared secret the DMZ relay's `relay_secret_file` holds (one line).
-    pub secret_file: PathBuf,
+    /// The shared secret the DMZ relay's `relay_secret_file` holds (one line). Needed unless
+    /// `client_cert` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<PathBuf>,
+    /// PEM chain presented to the DMZ relay (https:// only), whose listener checks it against its
+    /// `tls.client_ca`. Only where the proxy in between does not inspect TLS (a bumping proxy
+    /// ends the handshake itself). Renewed files are picked up by a reload for new connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key of `client_cert`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key: Option<PathBuf>,
     /// HTTP/1.1 connections to the DMZ relay at most, per destination (in place of
     /// `max_connections_per_destination`); each carries one request at a time. Default 64.
     #[serde(default = "default_relay_connections")]
@@ -468,6 +478,14 @@ impl Config {
         files.extend(self.upstream.extra_roots.iter().cloned());
         for id in &self.upstream.identities {
             files.extend([id.cert.clone(), id.key.clone()]);
+        }
+        if let Some(r) = &self.upstream.relay {
+            files.extend(
+                [&r.client_cert, &r.client_key]
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            );
         }
         files.extend(
             self.listeners

@@ -318,7 +318,39 @@ fn upstream(config: &Config, report: &mut Report<'_>) {
         );
     }
     if let Some(relay) = &up.relay {
-        report.secret(&["upstream", "relay", "secret_file"], &relay.secret_file);
+        if let Some(file) = &relay.secret_file {
+            report.secret(&["upstream", "relay", "secret_file"], file);
+        }
+        match (&relay.client_cert, &relay.client_key) {
+            (Some(cert), Some(key)) => {
+                report.readable(&["upstream", "relay", "client_cert"], cert);
+                report.readable(&["upstream", "relay", "client_key"], key);
+                if !relay.url.tls {
+                    report.warn(format!(
+                        "upstream.relay.client_cert is set but upstream.relay.url {} is plain \
+                         http://: there is no TLS handshake to present it in, so it is not used",
+                        relay.url
+                    ));
+                }
+            }
+            (None, None) => {}
+            (Some(_), None) => report.problem(
+                &["upstream", "relay", "client_key"],
+                "client_cert needs its client_key".into(),
+            ),
+            (None, Some(_)) => report.problem(
+                &["upstream", "relay", "client_cert"],
+                "client_key needs its client_cert".into(),
+            ),
+        }
+        if relay.secret_file.is_none() && (relay.client_cert.is_none() || !relay.url.tls) {
+            report.problem(
+                &["upstream", "relay", "secret_file"],
+                "the DMZ relay must know the inside relay: set secret_file, or (over https://) \
+                 client_cert with client_key, or both"
+                    .into(),
+            );
+        }
         if !relay.url.tls {
             report.warn(format!(
                 "upstream.relay.url {} is plain http://: push contents (device tokens, payloads, \

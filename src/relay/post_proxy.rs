@@ -40,8 +40,30 @@ pub struct PostProxy {
     http1: Http1Server,
     /// The TLS handshake's bound.
     head_timeout: Duration,
-    /// The relay chain's shared secret every request must carry (`relay_secret_file`).
-    secret: Arc<Swap<Option<Secret>>>,
+    /// How this listener knows the inside relay of a relay chain, if it is a DMZ relay.
+    inside: Arc<Swap<InsideRelay>>,
+}
+
+/// How a DMZ relay knows its inside relay: the shared secret every request must carry
+/// (`relay_secret_file`), and/or the client certificate every TLS client must present
+/// (`tls.client_ca`). Either makes the listener a DMZ relay: it heeds `pushrelay-destination`
+/// and marks its answers.
+struct InsideRelay {
+    secret: Option<Secret>,
+    client_certs: bool,
+}
+
+impl InsideRelay {
+    fn new(secret: Option<Secret>, tls: Option<&ServerTls>) -> Self {
+        InsideRelay {
+            secret,
+            client_certs: tls.is_some_and(|t| t.client_ca.is_some()),
+        }
+    }
+
+    fn known(&self) -> bool {
+        self.secret.is_some() || self.client_certs
+    }
 }
 
 impl Door for PostProxy {
@@ -75,11 +97,11 @@ impl Door for PostProxy {
         let listener = listener_at(config, self.index)?;
         let tls = config.listener_tls(self.index);
         let acceptor = Self::tls_for(self.index, listener, tls, &self.relay)?;
-        let secret = Self::secret_for(self.index, listener)?;
-        let (swap, secret_swap) = (self.acceptor.clone(), self.secret.clone());
+        let inside = InsideRelay::new(Self::secret_for(self.index, listener)?, tls);
+        let (swap, inside_swap) = (self.acceptor.clone(), self.inside.clone());
         Ok(Box::new(move || {
             swap.store(acceptor);
-            secret_swap.store(secret);
+            inside_swap.store(inside);
         }))
     }
 }
@@ -121,8 +143,8 @@ impl PostProxy {
     /// A request from the inside relay carries the shared secret; checked in constant time, so
     /// the time taken says nothing of how much of a guess was right.
     fn check_secret(&self, headers: &HeaderMap) -> Result<(), RelayError> {
-        let loaded = self.secret.load();
-        let Some(secret) = loaded.as_ref() else {
+        let loaded = self.inside.load();
+        let Some(secret) = loaded.secret.as_ref() else {
             return Ok(());
         };
         let mut given = headers.get_all(SECRET_HEADER).iter();
@@ -135,12 +157,13 @@ impl PostProxy {
 
     /// The destination an inside relay names in `pushrelay-destination` (its `Host` names this
     /// relay, as TLS-inspecting proxies require), heeded only on a listener that checked the
-    /// relay secret: anyone else's is stripped as hop-by-hop and never read.
+    /// relay secret or the client's certificate: anyone else's is stripped as hop-by-hop and
+    /// never read.
     fn chain_destination<'a>(
         &self,
         headers: &'a HeaderMap,
     ) -> Result<Option<NamedHost<'a>>, RelayError> {
-        if self.secret.load().is_none() {
+        if !self.inside.load().known() {
             return Ok(None);
         }
         let Some(value) = headers.get(DESTINATION_HEADER) else {
@@ -161,7 +184,10 @@ impl PostProxy {
         relay: Arc<Relay>,
     ) -> Result<Self, TlsSetupError> {
         let acceptor = Self::tls_for(index, listener, config.listener_tls(index), &relay)?;
-        let secret = Self::secret_for(index, listener)?;
+        let inside = InsideRelay::new(
+            Self::secret_for(index, listener)?,
+            config.listener_tls(index),
+        );
         Ok(PostProxy {
             index,
             name: listener.name.as_str().into(),
@@ -170,7 +196,7 @@ impl PostProxy {
             http1: Http1Server::new(config, relay.clone()),
             relay,
             head_timeout: config.limits.handshake_timeout,
-            secret: Arc::new(Swap::new(secret)),
+            inside: Arc::new(Swap::new(inside)),
         })
     }
 
@@ -244,7 +270,7 @@ impl Routes for PostProxy {
     /// A DMZ relay marks its answers, so the inside relay tells them from its proxy's own (an
     /// error page for a request the proxy refused).
     fn mark(&self, mut response: Response<RelayBody>) -> Response<RelayBody> {
-        if self.secret.load().is_some() {
+        if self.inside.load().known() {
             response
                 .headers_mut()
                 .insert(DMZ_HEADER, http::HeaderValue::from_static("1"));

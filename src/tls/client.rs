@@ -1,7 +1,8 @@
 //! The client side of TLS towards the origin: the public web PKI (webpki-roots, which holds APNs's
 //! USERTrust root) plus `upstream.extra_roots` for TLS-inspecting proxies, SNI = the destination
 //! host (never the `connect_to` address), ALPN h2 only (towards the DMZ relay of a relay chain,
-//! http/1.1). A client certificate (certificate-based APNs auth) is read through a resolver that
+//! http/1.1). A client certificate (certificate-based APNs auth, or the inside relay's towards its
+//! DMZ relay) is read through a resolver that
 //! a reload can point at a renewed certificate: each new handshake takes the current one,
 //! connections already open keep theirs until they drain.
 
@@ -29,8 +30,17 @@ impl fmt::Debug for ClientIdentity {
 impl ClientIdentity {
     /// Reads the chain and key; `key_prefix` (e.g. `upstream.identities[0]`) names them in errors.
     pub fn load(key_prefix: &str, cert: &Path, key: &Path) -> Result<Self, TlsSetupError> {
+        Self::load_as(
+            (&format!("{key_prefix}.cert"), cert),
+            (&format!("{key_prefix}.key"), key),
+        )
+    }
+
+    /// Reads the chain and key, each named in errors by its own config key (e.g.
+    /// `upstream.relay.client_cert`).
+    pub fn load_as(cert: (&str, &Path), key: (&str, &Path)) -> Result<Self, TlsSetupError> {
         Ok(ClientIdentity {
-            current: RwLock::new(read_identity(key_prefix, cert, key)?),
+            current: RwLock::new(read_identity(cert, key)?),
         })
     }
 
@@ -52,19 +62,18 @@ impl ClientIdentity {
 }
 
 fn read_identity(
-    key_prefix: &str,
-    cert: &Path,
-    key: &Path,
+    (cert_name, cert): (&str, &Path),
+    (key_name, key): (&str, &Path),
 ) -> Result<(Arc<CertifiedKey>, i64), TlsSetupError> {
-    let chain = load_certs(&format!("{key_prefix}.cert"), cert)?;
-    let private_key = load_key(&format!("{key_prefix}.key"), key)?;
+    let chain = load_certs(cert_name, cert)?;
+    let private_key = load_key(key_name, key)?;
     let not_after = chain
         .first()
         .and_then(super::pki::not_after_unix)
         .unwrap_or(0);
     let certified = CertifiedKey::from_der(chain, private_key, &provider()).map_err(|e| {
         TlsSetupError::new(
-            &format!("{key_prefix}.key"),
+            key_name,
             key,
             format!("certificate and key do not fit: {e}"),
         )
@@ -101,9 +110,13 @@ pub fn build(
 }
 
 /// The client config towards the DMZ relay of a relay chain: the same roots, ALPN http/1.1
-/// (a TLS-inspecting proxy in between re-signs with its own CA, which `extra_roots` then holds).
-pub fn build_http11(extra_roots: &[PathBuf]) -> Result<Arc<ClientConfig>, TlsSetupError> {
-    build_for(extra_roots, None, ALPN_HTTP11)
+/// (a TLS-inspecting proxy in between re-signs with its own CA, which `extra_roots` then holds),
+/// and the inside relay's client certificate when it has one (`upstream.relay.client_cert`).
+pub fn build_http11(
+    extra_roots: &[PathBuf],
+    identity: Option<Arc<ClientIdentity>>,
+) -> Result<Arc<ClientConfig>, TlsSetupError> {
+    build_for(extra_roots, identity, ALPN_HTTP11)
 }
 
 fn build_for(

@@ -9,7 +9,11 @@
 //! idle (and tells the pool at once), and closes it after `upstream.relay.idle_timeout` unused.
 //! HTTP/1.1 cannot say a request went unprocessed, so once a byte of a push was written it is
 //! never sent again; a connection found dead before the write says "nothing written", and the
-//! pool sends the push once on another. The pool (`pool.rs`) does the rest, as for HTTP/2:
+//! pool sends the push once on another. The DMZ relay knows the inside relay by the shared secret
+//! (a header of pushrelay's own) and/or the client certificate presented in the TLS handshake;
+//! TLS 1.3 refuses a certificate only after our side finished the handshake, so that refusal
+//! shows as a TLS alert on the connection's first read and is named as the TLS hop (nothing of
+//! the request was taken as HTTP). The pool (`pool.rs`) does the rest, as for HTTP/2:
 //! checkout, queue, fairness, back-off, riding out an outage, metrics, the status page.
 
 use std::io;
@@ -58,6 +62,9 @@ pub enum ChainFailure {
     ProxyAnswered {
         status: u16,
     },
+    /// The DMZ relay's TLS refused the handshake after our side had finished it (TLS 1.3 checks
+    /// a client certificate only then): it never read the request as HTTP.
+    TlsRefused(io::Error),
     Wire(WireError),
 }
 
@@ -72,6 +79,15 @@ pub enum ChainError {
         relay: String,
         conn: u64,
         status: u16,
+    },
+    #[error(
+        "DMZ relay {relay} refused the TLS handshake on connection {conn} (nothing was sent; a client certificate it does not accept?): {source}"
+    )]
+    TlsRefused {
+        relay: String,
+        conn: u64,
+        #[source]
+        source: io::Error,
     },
     #[error("exchange with DMZ relay {relay} on connection {conn} failed{}: {source}", if .source.nothing_written() { " (nothing was sent)" } else { " (the push may have been delivered; not sent again)" })]
     Exchange {
@@ -90,6 +106,11 @@ impl ChainError {
                 conn,
                 status,
             },
+            ChainFailure::TlsRefused(source) => ChainError::TlsRefused {
+                relay,
+                conn,
+                source,
+            },
             ChainFailure::Wire(source) => ChainError::Exchange {
                 relay,
                 conn,
@@ -100,7 +121,11 @@ impl ChainError {
 
     /// Whether nothing of the request was written.
     pub fn never_processed(&self) -> bool {
-        matches!(self, ChainError::Exchange { source, .. } if source.nothing_written())
+        match self {
+            ChainError::Exchange { source, .. } => source.nothing_written(),
+            ChainError::TlsRefused { .. } => true,
+            ChainError::Timeout { .. } | ChainError::ProxyAnswered { .. } => false,
+        }
     }
 
     /// The proxy's own status, when it answered in the DMZ relay's place.
@@ -115,6 +140,7 @@ impl ChainError {
     pub fn hop(&self) -> &'static str {
         match self {
             ChainError::ProxyAnswered { .. } => "proxy",
+            ChainError::TlsRefused { .. } => "relay-tls",
             ChainError::Timeout { .. } | ChainError::Exchange { .. } => "relay",
         }
     }
@@ -139,7 +165,8 @@ enum Form {
 struct DmzRelay {
     relay: Authority,
     form: Form,
-    secret: Secret,
+    /// Sent in `SECRET_HEADER` when set (`upstream.relay.secret_file`).
+    secret: Option<Secret>,
     idle_timeout: Duration,
 }
 
@@ -162,10 +189,11 @@ struct Job {
 }
 
 impl ChainKind {
-    /// The route for `relay` (validated configuration), with `secret` read from its file.
+    /// The route for `relay` (validated configuration), with `secret` read from its file (if it
+    /// has one); `tls` holds its client certificate (if it has one).
     pub fn new(
         relay: &RelayUpstreamConfig,
-        secret: Secret,
+        secret: Option<Secret>,
         upstream: &UpstreamConfig,
         tls: Arc<ClientConfig>,
     ) -> Self {
@@ -328,7 +356,10 @@ impl DmzRelay {
             .authority()
             .map_or_else(|| dest.as_shared_str().as_ref(), |a| a.as_str());
         let path = head.uri().path_and_query().map_or("/", |p| p.as_str());
-        let mut extra = vec![(SECRET_HEADER, self.secret.expose())];
+        let mut extra = Vec::with_capacity(3);
+        if let Some(secret) = &self.secret {
+            extra.push((SECRET_HEADER, secret.expose()));
+        }
         match &self.form {
             Form::Tls { .. } => {
                 extra.push((DESTINATION_HEADER, host));
@@ -371,6 +402,9 @@ async fn drive(
     close: CancellationToken,
     ended: oneshot::Sender<Option<String>>,
 ) {
+    // Nothing read on this connection yet: a TLS 1.3 refusal of our certificate can still come.
+    let mut fresh = true;
+    let mut refused = None;
     let why = loop {
         let mut byte = [0u8; 1];
         let job = tokio::select! {
@@ -378,7 +412,12 @@ async fn drive(
                 Some(job) => job,
                 None => break Some("no longer used".to_owned()),
             },
-            read = io.read(&mut byte) => break Some(match read {
+            read = io.read(&mut byte), if refused.is_none() => break Some(match read {
+                // Kept for the request this connection was opened for, so that it learns why.
+                Err(e) if fresh && http1_client::is_handshake_refusal(&e) => {
+                    refused = Some(e);
+                    continue;
+                }
                 Ok(0) => "closed by the peer while idle".to_owned(),
                 Ok(_) => "the peer sent bytes nobody asked for".to_owned(),
                 Err(e) => format!("error while idle: {e}"),
@@ -392,12 +431,24 @@ async fn drive(
             mut answer,
         } = job;
         // Closed meanwhile: nothing of the request goes out, another connection may take it.
-        if http1_client::is_dead(&mut io) {
-            let _ = answer.send(Err(ChainFailure::Wire(WireError::Write {
-                written: 0,
-                source: io::ErrorKind::ConnectionReset.into(),
-            })));
-            break Some("found closed before a write".to_owned());
+        let idle = match refused.take() {
+            Some(e) => Some(Err(e)),
+            None => http1_client::idle_read(&mut io),
+        };
+        match idle {
+            None => {}
+            Some(Err(e)) if fresh && http1_client::is_handshake_refusal(&e) => {
+                let why = format!("the DMZ relay refused the TLS handshake: {e}");
+                let _ = answer.send(Err(ChainFailure::TlsRefused(e)));
+                break Some(why);
+            }
+            Some(_) => {
+                let _ = answer.send(Err(ChainFailure::Wire(WireError::Write {
+                    written: 0,
+                    source: io::ErrorKind::ConnectionReset.into(),
+                })));
+                break Some("found closed before a write".to_owned());
+            }
         }
         let exchange = async {
             http1_client::write_request(&mut io, &bytes).await?;
@@ -407,7 +458,14 @@ async fn drive(
             r = exchange => r,
             () = answer.closed() => break Some("its request left before the answer".to_owned()),
         };
+        let first = std::mem::replace(&mut fresh, false);
         match result {
+            // Only the first bytes on a connection can meet a refused handshake.
+            Err(WireError::Read(e)) if first && http1_client::is_handshake_refusal(&e) => {
+                let why = format!("the DMZ relay refused the TLS handshake: {e}");
+                let _ = answer.send(Err(ChainFailure::TlsRefused(e)));
+                break Some(why);
+            }
             Ok(a) if !a.response.headers().contains_key(DMZ_HEADER) => {
                 let status = a.response.status().as_u16();
                 let _ = answer.send(Err(ChainFailure::ProxyAnswered { status }));

@@ -50,14 +50,46 @@ impl WireError {
     }
 }
 
-/// Whether an idle connection is unusable: the peer closed it, reset it, or sent bytes nobody
-/// asked for. Looks without waiting: a live idle connection has nothing to read.
-pub fn is_dead<S: AsyncRead + Unpin>(io: &mut S) -> bool {
+/// What an idle connection has to say, without waiting (a live idle connection has nothing to
+/// read): `None` while it is live; otherwise it is unusable, by EOF (`Ok(0)`), stray bytes, or
+/// the error that ended it (a reset, a TLS alert).
+pub fn idle_read<S: AsyncRead + Unpin>(io: &mut S) -> Option<io::Result<usize>> {
     let mut cx = Context::from_waker(Waker::noop());
     let mut byte = [0u8; 1];
     let mut buf = ReadBuf::new(&mut byte);
     // EOF, stray bytes, or an error: nothing more can be told apart on this connection.
-    Pin::new(io).poll_read(&mut cx, &mut buf).is_ready()
+    match Pin::new(io).poll_read(&mut cx, &mut buf) {
+        std::task::Poll::Pending => None,
+        std::task::Poll::Ready(r) => Some(r.map(|()| buf.filled().len())),
+    }
+}
+
+/// Whether `e` is the peer's TLS refusing the handshake (an alert about our certificate, or a
+/// failed handshake), which TLS 1.3 reports only once the client has finished its side and
+/// sent its first bytes. Such a peer never took what was written as application data.
+pub fn is_handshake_refusal(e: &io::Error) -> bool {
+    use rustls::AlertDescription as A;
+    e.get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| {
+            matches!(
+                e,
+                rustls::Error::AlertReceived(
+                    A::CertificateRequired
+                        | A::BadCertificate
+                        | A::UnsupportedCertificate
+                        | A::CertificateRevoked
+                        | A::CertificateExpired
+                        | A::CertificateUnknown
+                        | A::UnknownCA
+                        | A::AccessDenied
+                        | A::HandshakeFailure
+                        // A certificate whose signature does not verify (RFC 8446 §6.2: a
+                        // handshake operation, never the record layer).
+                        | A::DecryptError
+                )
+            )
+        })
 }
 
 /// The request bytes: the head with `host`, the end-to-end headers, `Content-Length`, and
@@ -450,8 +482,8 @@ mod tests {
     #[tokio::test]
     async fn a_closed_idle_connection_is_seen_dead_and_a_live_one_is_not() {
         let (mut client, server) = tokio::io::duplex(1024);
-        assert!(!is_dead(&mut client));
+        assert!(idle_read(&mut client).is_none());
         drop(server);
-        assert!(is_dead(&mut client));
+        assert!(idle_read(&mut client).is_some());
     }
 }

@@ -50,6 +50,42 @@ fn dmz_yaml_with_tls(
     )
 }
 
+/// A DMZ relay that knows the inside relay by its client certificate alone: post-proxy over TLS,
+/// every client required to present a certificate from the test CA (`tls.client_ca`), no secret.
+pub fn dmz_yaml_client_certs(pki: &TestPki, origin: &FakeApns) -> String {
+    let tls = format!(
+        "    tls:\n      ca_cert: \"{}\"\n      ca_key: \"{}\"\n      client_ca: \"{}\"\n",
+        pki.ca_cert.display(),
+        pki.ca_key.display(),
+        pki.ca_cert.display(),
+    );
+    relay::post_proxy_yaml_on(pki, origin.port(), "").replace(
+        "    allow_sources: [\"127.0.0.1/32\"]\n",
+        &format!("{tls}    allow_sources: [\"127.0.0.1/32\"]\n"),
+    )
+}
+
+/// The inside relay as `inside_yaml` makes it, known to the DMZ relay by the client certificate
+/// `cert` (chain, key) instead of a secret.
+pub fn inside_yaml_with_cert(
+    pki: &TestPki,
+    port: u16,
+    proxy: Option<&str>,
+    relay_url: &str,
+    (cert, key): (&std::path::Path, &std::path::Path),
+) -> String {
+    let via = match proxy {
+        Some(url) => Via::Proxy(url.to_owned()),
+        None => Via::Direct,
+    };
+    format!(
+        "{}  relay:\n    url: \"{relay_url}\"\n    client_cert: \"{}\"\n    client_key: \"{}\"\n",
+        relay::pre_proxy_yaml_on(pki, port, via),
+        cert.display(),
+        key.display(),
+    )
+}
+
 /// The inside relay: pre-proxy for the APNs hosts on `port`, every push through `relay_url`
 /// (optionally through the CONNECT proxy at `proxy`), with the secret in `secret`.
 pub fn inside_yaml(
