@@ -1029,6 +1029,88 @@ async fn requests_reset_while_queued_are_never_sent() {
 }
 
 crate::for_each_http2_client! {
+/// HTTP/1.1 clients (post-proxy door) whose requests are queued behind a saturated destination
+/// (one connection, one stream) and that close their connections while they wait are never sent:
+/// the origin sees only the requests whose clients stayed. Bodies with a length and chunked ones.
+async fn http1_requests_whose_client_closes_while_queued_are_never_sent() {
+    use support::http1::RawConn;
+    let pki = TestPki::new();
+    let (origin, hold) = FakeApns::start_holding(
+        &pki,
+        OriginOptions {
+            max_concurrent_streams: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let yaml = relay::post_proxy_yaml(&pki, &origin, "").replace(
+        "upstream:\n",
+        "upstream:\n  max_connections_per_destination: 1\n",
+    );
+    // Queued requests must not time out while the test looks at the queue.
+    let yaml = yaml.replace("request_timeout: 5s", "request_timeout: 30s");
+    assert!(yaml.contains("max_connections_per_destination: 1") && yaml.contains("30s"));
+    let relay = relay::start(&yaml).await;
+    let request = |i: usize| {
+        let head = format!(
+            "POST /3/device/{} HTTP/1.1\r\nhost: api.push.apple.com:{}\r\napns-id: {}\r\n\
+             apns-topic: com.example.app\r\n",
+            token(i),
+            origin.port(),
+            apns_id(i)
+        );
+        // Every other request has a chunked body (read through the feeding channel).
+        if i % 4 >= 2 {
+            format!(
+                "{head}transfer-encoding: chunked\r\n\r\n{:x}\r\n{PAYLOAD}\r\n0\r\n\r\n",
+                PAYLOAD.len()
+            )
+        } else {
+            format!("{head}content-length: {}\r\n\r\n{PAYLOAD}", PAYLOAD.len())
+        }
+    };
+    let mut first = RawConn::connect(relay.addr()).await;
+    first.send(request(0).as_bytes()).await;
+    within(10, "first at the origin", origin.wait_received(1)).await;
+    let mut queued = Vec::new();
+    for i in 1..=12 {
+        let mut conn = RawConn::connect(relay.addr()).await;
+        conn.send(request(i).as_bytes()).await;
+        queued.push((i, conn));
+        wait_queued(&relay, i).await;
+    }
+    let mut kept = Vec::new();
+    for (i, conn) in queued {
+        if i % 2 == 1 {
+            drop(conn);
+        } else {
+            kept.push((i, conn));
+        }
+    }
+    wait_queued(&relay, 6).await;
+    hold.add_permits(100);
+    let answer = within(10, "first", first.read_answer()).await.unwrap();
+    assert_eq!(answer.status, 200);
+    for (i, mut conn) in kept {
+        let answer = within(10, "kept", conn.read_answer()).await.unwrap();
+        assert_eq!(answer.status, 200, "push {i}: {:?}", answer.reason());
+        assert_eq!(answer.header("apns-id"), Some(apns_id(i).as_str()));
+    }
+    let mut seen: Vec<String> = origin
+        .received()
+        .iter()
+        .map(|r| r.headers["apns-id"].to_str().unwrap().to_owned())
+        .collect();
+    seen.sort();
+    let expected: Vec<String> = (0..=12).step_by(2).map(apns_id).collect();
+    assert_eq!(
+        seen, expected,
+        "requests of clients that left reach the origin"
+    );
+}
+}
+
+crate::for_each_http2_client! {
 /// Requests waiting for a destination that is down (riding out the outage, a connect pending)
 /// whose client resets them are never sent once it is back.
 async fn requests_reset_while_waiting_for_a_connect_are_never_sent() {

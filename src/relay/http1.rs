@@ -327,6 +327,19 @@ impl<R: AsyncRead + Unpin> Reader<R> {
         }
     }
 
+    /// Ready once the client has closed its side (EOF) or the connection failed, while its request
+    /// is being handled. Bytes that arrive meanwhile (a pipelined request) stay buffered for the
+    /// next head, up to `max`; with that much buffered the close is no longer watched.
+    pub fn poll_closed(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<()> {
+        while self.buf.len() < max {
+            match ready!(self.poll_fill(cx)) {
+                Ok(0) | Err(_) => return Poll::Ready(()),
+                Ok(_) => {}
+            }
+        }
+        Poll::Pending
+    }
+
     /// Reads up to `max` body bytes of a `Content-Length` body.
     pub async fn read_some(&mut self, max: u64) -> Result<Bytes, ReadError> {
         poll_fn(|cx| self.poll_read_some(cx, max)).await

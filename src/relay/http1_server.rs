@@ -4,11 +4,15 @@
 //! (pipelining), each head bounded by `handshake_timeout`, the wait for the next one by
 //! `idle_timeout` (the first by `handshake_timeout`: a connection that sends nothing does not hold
 //! a place). A request whose body is not fully read, whose framing is in doubt, or a refused
-//! `CONNECT` ends the connection. The door only says where each request goes (`Routes`).
+//! `CONNECT` ends the connection. Once a request's body is read, the connection is watched for the
+//! client closing it: a request not yet `Committed` upstream (queued, or waiting for a connect) is
+//! then dropped and never sent, as an HTTP/2 client's reset drops it. The door only says where
+//! each request goes (`Routes`).
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -26,7 +30,7 @@ use super::{Ctx, Relay};
 use crate::config::Config;
 use crate::error::{Refusal, RelayError};
 use crate::policy::Authority;
-use crate::upstream::BoxError;
+use crate::upstream::{BoxError, Committed};
 
 /// What a front door decides for each request on its HTTP/1.1 connections.
 pub trait Routes {
@@ -123,6 +127,10 @@ enum Why {
     /// The answer could not be written whole (the write failed, or the origin's body broke off
     /// or was shorter than its length).
     AnswerIncomplete,
+    /// The client closed its connection while its request was handled: a request not yet sent
+    /// upstream is dropped (never sent), one already sent finishes there and its answer is
+    /// dropped.
+    ClientGone,
 }
 
 impl Outcome {
@@ -315,6 +323,11 @@ impl Http1Server {
         *request.uri_mut() = uri;
         *request.version_mut() = head.version;
         *request.headers_mut() = head.headers;
+        // Set by the upstream as the request goes on a connection: until then a client that
+        // closes its connection drops it (waiting in the queue or for a connect).
+        let committed = Committed::default();
+        request.extensions_mut().insert(committed.clone());
+        let watch_limit = self.max_header_bytes;
 
         let direct_length = match framing {
             Framing::Empty => Some(0),
@@ -324,43 +337,63 @@ impl Http1Server {
         let (response, fed) = match direct_length {
             // The common case: the pipeline reads the body straight from the connection as it
             // sends it upstream, so a slow origin slows the client down; no channel, no select.
-            Some(mut left) => {
+            // Once the body is read, the connection is watched for the client closing it.
+            Some(left) => {
+                // Shared within this one task (atomics and a lock never contended: the futures
+                // need `Send`).
+                let left = AtomicU64::new(left);
+                let shared = Mutex::new(&mut *reader);
                 let body = RequestBody::Direct(DirectBody {
-                    reader: &mut *reader,
-                    left: &mut left,
+                    reader: &shared,
+                    left: &left,
                     broken: false,
                 });
-                let response = respond(request.map(|()| body)).await;
-                (response, left == 0)
+                let gone = poll_fn(|cx| {
+                    if left.load(Ordering::Relaxed) > 0 {
+                        // Still being read by the pipeline, which wakes the task as it reads.
+                        return Poll::Pending;
+                    }
+                    match shared.try_lock() {
+                        Ok(mut reader) => reader.poll_closed(cx, watch_limit),
+                        Err(_) => Poll::Pending,
+                    }
+                });
+                let response =
+                    unless_client_left(respond(request.map(|()| body)), gone, &committed).await;
+                (response, left.load(Ordering::Relaxed) == 0)
             }
             // Chunked, or `Expect: 100-continue` (`100 Continue` only once the relay wants the
             // body): fed from the connection through a small channel.
             None => {
                 let (tx, wanted_rx, body) = ChannelBody::new(framing);
                 let request = request.map(|()| RequestBody::<R>::Channel(body));
-                let mut forward = pin!(respond(request));
-                let mut feed = pin!(feed_body(
-                    reader,
-                    writer,
-                    framing,
-                    self.max_request_body,
-                    head.expect_continue,
-                    tx,
-                    wanted_rx
-                ));
-                let mut fed = false;
-                let mut feeding = true;
-                let response = loop {
-                    tokio::select! {
-                        response = forward.as_mut() => break response,
-                        ok = feed.as_mut(), if feeding => {
-                            feeding = false;
-                            fed = ok;
-                        }
+                let fed = AtomicBool::new(false);
+                // Feeds the body, then watches the connection for the client closing it.
+                let feed_then_watch = async {
+                    let ok = feed_body(
+                        &mut *reader,
+                        &mut *writer,
+                        framing,
+                        self.max_request_body,
+                        head.expect_continue,
+                        tx,
+                        wanted_rx,
+                    )
+                    .await;
+                    fed.store(ok, Ordering::Relaxed);
+                    if !ok {
+                        return std::future::pending().await;
                     }
+                    poll_fn(|cx| reader.poll_closed(cx, watch_limit)).await
                 };
-                (response, fed)
+                let response =
+                    unless_client_left(respond(request), feed_then_watch, &committed).await;
+                (response, fed.load(Ordering::Relaxed))
             }
+        };
+        let Some(response) = response else {
+            tracing::debug!(listener = %ctx.listener, client.addr = %ctx.client, sent = committed.is_set(), "client closed its connection while its request was handled");
+            return Outcome::Close(Why::ClientGone);
         };
         // A body not read to its end (early answer, or a broken body) leaves the connection's
         // framing unknown.
@@ -374,6 +407,30 @@ impl Http1Server {
                 tracing::info!(listener = %ctx.listener, client.addr = %ctx.client, write_timeout = ?self.write_timeout, "client did not read its answer in time; closing");
                 Outcome::Close(Why::AnswerIncomplete)
             }
+        }
+    }
+}
+
+/// Runs `forward` (the pipeline) until its answer, unless `gone` (the client closed its
+/// connection) comes first: then a request not yet `committed` upstream is dropped, never sent,
+/// and one already sent runs to its end (a cancel would not take the push back); either way
+/// there is no one to answer (`None`).
+async fn unless_client_left<F, G>(forward: F, gone: G, committed: &Committed) -> Option<F::Output>
+where
+    F: Future,
+    G: Future<Output = ()>,
+{
+    let mut forward = pin!(forward);
+    tokio::select! {
+        // The pipeline first: the poll that reads the body's last bytes lets `gone` start
+        // watching in the same round.
+        biased;
+        response = forward.as_mut() => Some(response),
+        () = gone => {
+            if committed.is_set() {
+                let _ = forward.await;
+            }
+            None
         }
     }
 }
@@ -453,12 +510,12 @@ where
 }
 
 /// The client's body as the pipeline reads it.
-enum RequestBody<'a, IO> {
-    Direct(DirectBody<'a, IO>),
+enum RequestBody<'a, 'r, IO> {
+    Direct(DirectBody<'a, 'r, IO>),
     Channel(ChannelBody),
 }
 
-impl<IO: AsyncRead + Unpin> Body for RequestBody<'_, IO> {
+impl<IO: AsyncRead + Unpin> Body for RequestBody<'_, '_, IO> {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -474,7 +531,7 @@ impl<IO: AsyncRead + Unpin> Body for RequestBody<'_, IO> {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Direct(b) => b.broken || *b.left == 0,
+            RequestBody::Direct(b) => b.broken || b.left.load(Ordering::Relaxed) == 0,
             RequestBody::Channel(b) => b.is_end_stream(),
         }
     }
@@ -482,21 +539,27 @@ impl<IO: AsyncRead + Unpin> Body for RequestBody<'_, IO> {
 
 /// A `Content-Length` body (no `Expect`) read straight from the connection when the pipeline
 /// polls it. `left` stays above zero unless the body was read to its end; a body that breaks off
-/// yields an `Err` frame, so it is never sent upstream as complete.
-struct DirectBody<'a, IO> {
-    reader: &'a mut Reader<IO>,
-    left: &'a mut u64,
+/// yields an `Err` frame, so it is never sent upstream as complete. The reader is shared with
+/// the watch for the client closing the connection, which reads only once the body is done.
+struct DirectBody<'a, 'r, IO> {
+    reader: &'a Mutex<&'r mut Reader<IO>>,
+    left: &'a AtomicU64,
     broken: bool,
 }
 
-impl<IO: AsyncRead + Unpin> DirectBody<'_, IO> {
+impl<IO: AsyncRead + Unpin> DirectBody<'_, '_, IO> {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if self.broken || *self.left == 0 {
+        let left = self.left.load(Ordering::Relaxed);
+        if self.broken || left == 0 {
             return Poll::Ready(None);
         }
-        match ready!(self.reader.poll_read_some(cx, *self.left)) {
+        // Never borrowed across a poll: the watch reads only once the body is done.
+        let Ok(mut reader) = self.reader.try_lock() else {
+            return Poll::Pending;
+        };
+        match ready!(reader.poll_read_some(cx, left)) {
             Ok(data) => {
-                *self.left -= data.len() as u64;
+                self.left.store(left - data.len() as u64, Ordering::Relaxed);
                 Poll::Ready(Some(Ok(Frame::data(data))))
             }
             Err(e) => {
