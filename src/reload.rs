@@ -158,13 +158,15 @@ impl Reloader {
         for commit in commits {
             commit();
         }
-        // Connections to the DMZ relay already open were authenticated with the old one and
-        // stay so; new connections present this one.
+        // Connections to the DMZ relay already open were authenticated with the old one: they
+        // drain, new connections present this one.
         if let Some((identity, next)) = chain_renewed
             && identity.replace(next)
         {
+            let drained = self.relay.pool().drain_all();
             tracing::info!(
-                "upstream.relay.client_cert renewed: new connections to the DMZ relay present it"
+                connections = drained,
+                "upstream.relay.client_cert renewed: open connections to the DMZ relay drain, new ones present it"
             );
         }
         self.remint_at.send_replace(Instant::now() + REMINT_AFTER);

@@ -784,6 +784,45 @@ async fn a_client_certificate_alone_lets_the_inside_relay_through_and_none_is_re
 /// The inside relay's client certificate is read again by a reload: refused while its files hold
 /// a certificate the DMZ relay does not accept, let through once they hold one it does.
 #[tokio::test]
+async fn a_renewed_client_certificate_drains_the_connections_that_presented_the_old_one() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Open).await;
+    let dmz = relay::start(&chain::dmz_yaml_client_certs(&pki, &origin)).await;
+    let url = format!("https://localhost:{}", dmz.addr().port());
+    let (cert, key) = pki.write_client_cert("inside-relay");
+    let inside = relay::start(&chain::inside_yaml_with_cert(
+        &pki,
+        origin.port(),
+        Some(&proxy.url()),
+        &url,
+        (&cert, &key),
+    ))
+    .await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    let first = within(20, "first", client.push(&token(1), PAYLOAD)).await;
+    assert_eq!(first.status, 200, "{:?}", first.body);
+    assert_eq!(proxy.tunnel_count(), 1);
+    let (renewed_cert, renewed_key) = pki.write_client_cert("inside-relay-renewed");
+    std::fs::copy(&renewed_cert, &cert).unwrap();
+    std::fs::copy(&renewed_key, &key).unwrap();
+    inside.reloader.renew_certificates().unwrap();
+    let second = within(20, "after the reload", client.push(&token(2), PAYLOAD)).await;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(
+        proxy.tunnel_count(),
+        2,
+        "the push after the reload goes on a new connection, which presents the new certificate"
+    );
+    // The old connection, done with its pushes, closes; the new one stays.
+    within(10, "old connection closed", proxy.wait_open_at_most(1)).await;
+    let third = within(20, "third", client.push(&token(3), PAYLOAD)).await;
+    assert_eq!(third.status, 200, "{:?}", third.body);
+    assert_eq!(proxy.tunnel_count(), 2);
+    assert_eq!(origin.received().len(), 3);
+}
+
+#[tokio::test]
 async fn a_renewed_client_certificate_is_presented_after_a_reload() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;

@@ -956,13 +956,29 @@ impl Pool {
     /// finish what they carry and close; new requests open new connections (which present the
     /// identity's certificate as it is now). For a renewed identity certificate.
     pub fn drain_identity(&self, identity: &str) {
+        let drained = self.drain_where(|key| key.identity.as_deref() == Some(identity));
+        tracing::info!(
+            upstream.identity = identity,
+            connections = drained,
+            "identity certificate renewed: its upstream connections drain"
+        );
+    }
+
+    /// Drains every connection, in every shard, as `drain_identity` drains one identity's: for
+    /// a renewed certificate that every connection presents (`upstream.relay.client_cert`).
+    pub fn drain_all(&self) -> usize {
+        self.drain_where(|_| true)
+    }
+
+    /// Retires the connections of every key `which` picks; gives how many were open.
+    fn drain_where(&self, which: impl Fn(&PoolKey) -> bool) -> usize {
         let mut drained = 0;
         for shard in &self.inner.dests {
             let dests: Vec<Arc<Dest>> = shard
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .values()
-                .filter(|d| d.key.identity.as_deref() == Some(identity))
+                .filter(|d| which(&d.key))
                 .cloned()
                 .collect();
             for d in dests {
@@ -971,17 +987,13 @@ impl Pool {
                     if conn.open.load(Ordering::Acquire) {
                         drained += 1;
                     }
-                    conn.retire("its identity certificate was renewed");
+                    conn.retire("its certificate was renewed");
                 }
                 d.changed.notify_waiters();
             }
         }
         self.inner.events.send_modify(|n| *n += 1);
-        tracing::info!(
-            upstream.identity = identity,
-            connections = drained,
-            "identity certificate renewed: its upstream connections drain"
-        );
+        drained
     }
 
     /// A receiver that sees a new value whenever a connection opens or ends.

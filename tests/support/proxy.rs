@@ -97,7 +97,12 @@ impl TestProxy {
 
     /// Waits until no tunnel is open (both of each tunnel's sockets closed).
     pub async fn wait_closed(&self) {
-        let _ = self.open.subscribe().wait_for(|n| *n == 0).await;
+        self.wait_open_at_most(0).await;
+    }
+
+    /// Waits until at most `n` tunnels are open.
+    pub async fn wait_open_at_most(&self, n: usize) {
+        let _ = self.open.subscribe().wait_for(|open| *open <= n).await;
     }
 }
 
