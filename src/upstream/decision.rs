@@ -18,8 +18,10 @@ pub struct View<'a, E> {
     pub open: usize,
     /// Connections open or being opened in every shard: what `max_connections` bounds.
     pub reserved: usize,
-    /// A connect attempt is in progress in this shard.
-    pub connecting: bool,
+    /// Connect attempts in progress in this shard.
+    pub connecting: usize,
+    /// Requests waiting in this shard (this one included once it holds a place).
+    pub waiting_here: usize,
     /// Requests waiting, in every shard: what `max_queued` bounds.
     pub queued: usize,
     /// This request already holds a place in the queue.
@@ -66,6 +68,10 @@ pub struct Limits {
     pub max_queued: usize,
     /// How long requests wait for a destination that went down to come back before they fail.
     pub reconnect_wait: Duration,
+    /// Requests one new connection is counted on to carry at once: an HTTP/2 connection carries
+    /// every waiting request (one connect at a time per shard), an HTTP/1.1 one a single request
+    /// (one connect per waiting request, so a burst does not wait for handshakes one by one).
+    pub connect_brings: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +101,7 @@ pub enum Decision<'a, E> {
 }
 
 /// What to do next. A connection with room wins (unless this client has its share and one
-/// under its share waits: freed slots go to the clients holding least); one connect at a time per shard, none while backing off, and while the
+/// under its share waits: freed slots go to the clients holding least); one connect at a time per shard (for HTTP/1.1, as many as requests wait), none while backing off, and while the
 /// destination is down one among all shards; requests wait for a destination that is down for
 /// up to `reconnect_wait`, then fail fast, and at once for lasting failures.
 pub fn decide<'a, E>(view: &View<'a, E>, limits: Limits) -> Decision<'a, E> {
@@ -105,9 +111,15 @@ pub fn decide<'a, E>(view: &View<'a, E>, limits: Limits) -> Decision<'a, E> {
         return Decision::Use(conn);
     }
     let backing_off = view.retry_at.filter(|at| *at > view.now);
-    let may_open = view.open == 0 || view.reserved < limits.max_connections;
-    if view.room.is_none() && !view.connecting && backing_off.is_none() && !view.probing && may_open
-    {
+    // A shard with none open and none coming may always open one.
+    let may_open =
+        (view.open == 0 && view.connecting == 0) || view.reserved < limits.max_connections;
+    // Requests here the connects in progress are not counted on to carry (a request not yet
+    // queued counts itself). While the destination is down, one attempt at a time.
+    let wanting = view.waiting_here + usize::from(!view.in_queue);
+    let connect_wanted = view.connecting == 0
+        || (view.failures == 0 && view.connecting.saturating_mul(limits.connect_brings) < wanting);
+    if view.room.is_none() && connect_wanted && backing_off.is_none() && !view.probing && may_open {
         // `probing` is only ever set while the destination is down.
         return Decision::Connect {
             probe: view.failures > 0,
@@ -132,7 +144,7 @@ pub fn decide<'a, E>(view: &View<'a, E>, limits: Limits) -> Decision<'a, E> {
         return Decision::QueueFull;
     }
     if view.in_queue {
-        let reconnect_due = backing_off.filter(|_| !view.connecting && !view.probing);
+        let reconnect_due = backing_off.filter(|_| view.connecting == 0 && !view.probing);
         let give_up_due = ride_out_end.filter(|_| down.is_some() && !view.awaiting);
         let wake_at = match (reconnect_due, give_up_due) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -206,6 +218,7 @@ mod tests {
         max_connections: 2,
         max_queued: 3,
         reconnect_wait: Duration::from_secs(5),
+        connect_brings: usize::MAX,
     };
 
     /// A healthy destination with nothing open yet.
@@ -214,7 +227,8 @@ mod tests {
             room: None,
             open: 0,
             reserved: 0,
-            connecting: false,
+            connecting: 0,
+            waiting_here: 0,
             queued: 0,
             in_queue: false,
             failures: 0,
@@ -254,6 +268,7 @@ mod tests {
         let q = View {
             in_queue: true,
             queued: 1,
+            waiting_here: 1,
             ..f
         };
         #[rustfmt::skip]
@@ -265,10 +280,10 @@ mod tests {
             ("all full at the limit: queue", View { open: 2, reserved: 2, ..f }, Decision::Enqueue),
             ("the limit counts every shard's connections", View { open: 1, reserved: 2, ..f }, Decision::Enqueue),
             ("a shard with none may open one beyond the limit", View { open: 0, reserved: 2, ..f }, Decision::Connect { probe: false }),
-            ("a connect in progress: queue", View { connecting: true, reserved: 1, ..f }, Decision::Enqueue),
-            ("queued already: wait for a change", View { connecting: true, ..q }, Decision::Wait { wake_at: None }),
+            ("a connect in progress: queue", View { connecting: 1, reserved: 1, ..f }, Decision::Enqueue),
+            ("queued already: wait for a change", View { connecting: 1, ..q }, Decision::Wait { wake_at: None }),
             ("queue full (all shards): fail", View { open: 2, reserved: 2, queued: 3, ..f }, Decision::QueueFull),
-            ("the request that started the connect may wait in a full queue", View { connecting: true, awaiting: true, queued: 3, ..f }, Decision::Enqueue),
+            ("the request that started the connect may wait in a full queue", View { connecting: 1, awaiting: true, queued: 3, ..f }, Decision::Enqueue),
             // Riding out an outage.
             ("down briefly, backing off: queue instead of failing", down(View { retry_at: Some(later), ..f }), Decision::Enqueue),
             ("down briefly, queued: wake at the back-off's end (sooner than the ride-out's)", down(View { retry_at: Some(now + s(1)), ..q }), Decision::Wait { wake_at: Some(now + s(1)) }),
@@ -280,7 +295,7 @@ mod tests {
             ("down past the ride-out, queued: fail too", long_down(View { retry_at: Some(later), ..q }), Decision::Down { error: &"refused", retry_in: Some(s(3)) }),
             ("down past the ride-out, another shard probes: fail fast", long_down(View { retry_at: Some(earlier), probing: true, ..f }), Decision::Down { error: &"refused", retry_in: None }),
             ("down past the ride-out, back-off over: probe", long_down(View { retry_at: Some(earlier), ..f }), Decision::Connect { probe: true }),
-            ("the probe's own request waits for its outcome", long_down(View { retry_at: Some(earlier), probing: true, connecting: true, awaiting: true, ..q }), Decision::Wait { wake_at: None }),
+            ("the probe's own request waits for its outcome", long_down(View { retry_at: Some(earlier), probing: true, connecting: 1, awaiting: true, ..q }), Decision::Wait { wake_at: None }),
             ("a lasting failure (proxy 407): fail at once", View { lasting: true, ..down(View { retry_at: Some(later), ..q }) }, Decision::Down { error: &"refused", retry_in: Some(s(3)) }),
             ("open connections full while backing off: queue, no connect", View { open: 1, reserved: 1, ..down(View { retry_at: Some(later), ..f }) }, Decision::Enqueue),
             ("open connections full while another shard probes: queue", View { open: 1, reserved: 1, probing: true, ..long_down(f) }, Decision::Enqueue),
@@ -295,11 +310,38 @@ mod tests {
             // Fairness across worker shards: the queue is shared by all of them.
             ("queue full of another shard's requests, that shard over its part: take a place there", View { open: 2, reserved: 2, queued: 3, over_part_elsewhere: true, ..f }, Decision::Displace),
             ("queue full, another shard over its part, this client at its share: fail", View { open: 2, reserved: 2, queued: 3, under_share: false, over_part_elsewhere: true, ..f }, Decision::QueueFull),
-            ("turned away for a client under its share: fail", View { connecting: true, evicted: true, ..q }, Decision::QueueFull),
+            ("turned away for a client under its share: fail", View { connecting: 1, evicted: true, ..q }, Decision::QueueFull),
         ];
         for (what, view, expected) in table {
             assert_eq!(decide(&view, LIMITS), expected, "{what}");
         }
+
+        // A kind whose connections carry one request at a time (HTTP/1.1 to a DMZ relay).
+        let h1 = Limits {
+            connect_brings: 1,
+            max_connections: 8,
+            ..LIMITS
+        };
+        #[rustfmt::skip]
+        let table: Vec<(&str, View<&str>, Decision<&str>)> = vec![
+            ("a connect in progress for a waiting request, another request: a second connect", View { connecting: 1, reserved: 1, waiting_here: 1, queued: 1, ..f }, Decision::Connect { probe: false }),
+            ("two in progress, two waiting and this one: a third", View { connecting: 2, reserved: 2, waiting_here: 2, queued: 2, ..f }, Decision::Connect { probe: false }),
+            ("queued, as many connects in progress as waiting: wait", View { connecting: 3, reserved: 3, waiting_here: 3, queued: 3, ..q }, Decision::Wait { wake_at: None }),
+            ("queued, fewer connects than waiting: one more", View { connecting: 2, reserved: 2, waiting_here: 3, queued: 3, ..q }, Decision::Connect { probe: false }),
+            ("never past max_connections, even in a shard with none open yet", View { connecting: 2, reserved: 8, waiting_here: 3, queued: 3, ..q }, Decision::Wait { wake_at: None }),
+            ("never past max_connections", View { open: 6, connecting: 2, reserved: 8, waiting_here: 3, queued: 3, ..q }, Decision::Wait { wake_at: None }),
+            ("while the destination is down: one attempt at a time", down(View { connecting: 1, reserved: 1, waiting_here: 3, queued: 3, ..q }), Decision::Wait { wake_at: Some(now + s(3)) }),
+        ];
+        for (what, view, expected) in table {
+            assert_eq!(decide(&view, h1), expected, "{what}");
+        }
+        // The same views with an HTTP/2 kind: one connect at a time.
+        let one = View {
+            connecting: 1,
+            reserved: 1,
+            ..f
+        };
+        assert_eq!(decide(&one, LIMITS), Decision::Enqueue);
     }
 
     #[test]

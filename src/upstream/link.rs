@@ -77,6 +77,15 @@ impl LinkError {
 }
 
 impl LinkKind {
+    /// Requests one new connection of this kind is counted on to carry at once, before its
+    /// peer says (`decision::Limits::connect_brings`).
+    pub fn connect_brings(&self) -> usize {
+        match self {
+            LinkKind::Chain(_) => 1,
+            _ => usize::MAX,
+        }
+    }
+
     pub async fn open(
         &self,
         dest: &Authority,

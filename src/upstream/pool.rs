@@ -294,7 +294,8 @@ impl Drop for Reservation {
 #[derive(Default)]
 struct DestState {
     conns: Vec<Arc<Conn>>,
-    connecting: bool,
+    /// Connect attempts in progress.
+    connecting: usize,
     queued: usize,
     /// When a request last took a stream here: the least recently used idle identity goes first.
     last_used: Option<Instant>,
@@ -447,7 +448,7 @@ impl DestState {
     /// Nothing in flight, waiting or connecting: the entry can go without anyone noticing.
     fn idle(&self) -> bool {
         self.checkouts == 0
-            && !self.connecting
+            && self.connecting == 0
             && self.queued == 0
             && self
                 .conns
@@ -633,7 +634,7 @@ struct ConnectingGuard<'a> {
 impl Drop for ConnectingGuard<'_> {
     fn drop(&mut self) {
         let mut st = self.dest.lock();
-        st.connecting = false;
+        st.connecting = st.connecting.saturating_sub(1);
         if self.probe {
             self.dest.health().probing = false;
         }
@@ -1040,7 +1041,7 @@ impl Pool {
             let dests = shard.lock().unwrap_or_else(|p| p.into_inner());
             for d in dests.values() {
                 // `state` before `health`, as everywhere.
-                let connecting = d.lock().connecting;
+                let connecting = d.lock().connecting > 0;
                 let h = d.health();
                 let e = by_key.entry(d.key.clone()).or_insert_with(|| DestHealth {
                     connecting: false,
@@ -1078,6 +1079,7 @@ impl Pool {
             max_connections: settings.max_connections,
             max_queued: settings.max_queued,
             reconnect_wait: settings.reconnect_wait,
+            connect_brings: self.inner.kind.connect_brings(),
         };
         let mut slot: Option<QueueSlot<'_>> = None;
         // `Health::finished` when this request started a connect: it waits for that to move.
@@ -1108,6 +1110,7 @@ impl Pool {
                         .count(),
                     reserved: dest.shared.reserved.load(Ordering::Acquire),
                     connecting: st.connecting,
+                    waiting_here: st.queued,
                     queued: dest.shared.queued.load(Ordering::Acquire),
                     in_queue: slot.is_some(),
                     failures: health.failures,
@@ -1196,7 +1199,7 @@ impl Pool {
                         continue;
                     }
                     Decision::Connect { probe } => {
-                        st.connecting = true;
+                        st.connecting += 1;
                         health.probing = probe;
                         awaiting = Some(health.finished);
                         let reservation = Reservation::new(&dest.shared);
@@ -1228,14 +1231,14 @@ impl Pool {
                         dest: dest_name,
                         source: source.clone(),
                     },
-                    None if dest.lock().connecting => PoolError::Connecting { dest: dest_name },
+                    None if dest.lock().connecting > 0 => PoolError::Connecting { dest: dest_name },
                     None => PoolError::WaitTimeout { dest: dest_name },
                 });
             }
         }
     }
 
-    /// Runs a connect for `dest` (whose `connecting` flag, and `probing` when `probe`, the caller
+    /// Runs a connect for `dest` (counted in its `connecting`, and `probing` when `probe`, by the caller
     /// set) as a task of its own: the destination owns it, whoever asked for it may leave.
     fn start_connect(&self, dest: Arc<Dest>, probe: bool, reservation: Reservation) {
         let pool = self.clone();
