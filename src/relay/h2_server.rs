@@ -133,7 +133,9 @@ where
                 Some(Ok((mut request, respond))) => {
                     let committed = Committed::default();
                     request.extensions_mut().insert(committed.clone());
-                    let answer = answer(handle(request), respond, committed, settings.write_timeout);
+                    // The request's future is built inside `answer`, in its boxed state: built
+                    // here and handed over, a future of several KiB would be copied on each move.
+                    let answer = answer(&handle, request, respond, committed, settings.write_timeout);
                     streams.push(Box::pin(answer));
                 }
                 Some(Err(e)) => break Err(e.into()),
@@ -172,20 +174,22 @@ where
     ended
 }
 
-/// Waits for `handle`'s answer and sends it on the stream. A client that resets the stream before
-/// its request went upstream stops the work; after that, the request finishes upstream and its
-/// answer is dropped.
-async fn answer<F>(
-    handle: F,
+/// Waits for `handle`'s answer to `request` and sends it on the stream. A client that resets the
+/// stream before its request went upstream stops the work; after that, the request finishes
+/// upstream and its answer is dropped.
+async fn answer<H, F>(
+    handle: &H,
+    request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     committed: Committed,
     write_timeout: Duration,
 ) -> Ended
 where
+    H: Fn(Request<RecvStream>) -> F,
     F: Future<Output = Response<RelayBody>>,
 {
     let response = {
-        let mut handle = pin!(handle);
+        let mut handle = pin!(handle(request));
         tokio::select! {
             biased;
             reset = poll_fn(|cx| respond.poll_reset(cx)) => {
