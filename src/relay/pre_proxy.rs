@@ -35,7 +35,7 @@ use crate::coalesce::WriteDeadline;
 use crate::config::{Config, ListenerConfig, ServerTls, ValidConfig};
 use crate::error::HeadError;
 use crate::error::RelayError;
-use crate::policy::{Authority, DestinationPolicy, normalize_host};
+use crate::policy::{Authority, DestinationPolicy, normalize_host, normalized_host};
 use crate::swap::Swap;
 use crate::tls::{self, TlsSetupError};
 use crate::upstream::BoxError;
@@ -296,6 +296,9 @@ pub struct Target {
     /// `:authority` upstream when the client wrote a port, and when it did not.
     with_port: http::uri::Authority,
     bare: http::uri::Authority,
+    /// The SNI host is in normal form (lowercase, no trailing dot): an `:authority` that is
+    /// exactly it, with or without a port, names it without being parsed.
+    sni_normal: bool,
 }
 
 impl Target {
@@ -304,9 +307,28 @@ impl Target {
         Ok(Target {
             with_port: http::uri::Authority::try_from(dest.to_string())?,
             bare: http::uri::Authority::try_from(sni.as_str())?,
+            sni_normal: !sni.contains(':')
+                && normalized_host(&sni).is_some_and(|h| h == sni.as_str()),
             dest,
             sni,
         })
+    }
+
+    /// The port a request's target names, when it is exactly the SNI host (with a valid port or
+    /// none) and no `Host` header comes with it: the usual request, answered as `named_host`
+    /// would, without parsing. `None`: the request needs the full check.
+    fn plain_port(&self, uri: &Uri, headers: &HeaderMap) -> Option<Option<u16>> {
+        if !self.sni_normal || headers.contains_key(http::header::HOST) {
+            return None;
+        }
+        let rest = uri.authority()?.as_str().strip_prefix(self.sni.as_str())?;
+        if rest.is_empty() {
+            return Some(None);
+        }
+        match rest.strip_prefix(':')?.parse::<u16>() {
+            Ok(port) if port > 0 => Some(Some(port)),
+            _ => None,
+        }
     }
 
     /// The destination and `:authority` of a request on this connection: the host it names (if
@@ -316,6 +338,13 @@ impl Target {
         uri: &Uri,
         headers: &HeaderMap,
     ) -> Result<(Authority, http::uri::Authority), RelayError> {
+        if let Some(port) = self.plain_port(uri, headers) {
+            let authority = match port {
+                Some(_) => self.with_port.clone(),
+                None => self.bare.clone(),
+            };
+            return Ok((self.dest.clone(), authority));
+        }
         let named = match named_host(uri, headers) {
             Ok(n) => Some(n),
             // SNI already names the host; a request without one is for it.
@@ -349,5 +378,50 @@ impl Routes for Target {
         let uri = request_target(head)?;
         let (dest, authority) = Target::route(self, &uri, &head.headers)?;
         Ok((dest, authority, uri))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plain_authority_shortcut_agrees_with_the_full_check() {
+        let target = Target::new("api.push.apple.com".into(), 443).unwrap();
+        let cases = [
+            ("https://api.push.apple.com/3/device/x", true),
+            ("https://api.push.apple.com:443/3/device/x", true),
+            ("https://api.push.apple.com:8443/3/device/x", true),
+            ("https://api.push.apple.com:0/3/device/x", false),
+            ("https://api.push.apple.com:99999/3/device/x", false),
+            ("https://API.push.apple.com/3/device/x", false),
+            ("https://api.push.apple.com./3/device/x", false),
+            ("https://api.push.apple.community/3/device/x", false),
+            ("https://other.example/3/device/x", false),
+            ("/3/device/x", false),
+        ];
+        for (uri, plain) in cases {
+            let uri: Uri = uri.parse().unwrap();
+            let headers = HeaderMap::new();
+            let port = target.plain_port(&uri, &headers);
+            assert_eq!(port.is_some(), plain, "{uri}");
+            if let Some(port) = port {
+                let named = named_host(&uri, &headers).unwrap();
+                assert_eq!(
+                    (named.host.as_ref(), named.port),
+                    (target.sni.as_str(), port)
+                );
+            }
+        }
+        // A Host header is always checked in full.
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::HOST, "other.example".parse().unwrap());
+        let uri: Uri = "https://api.push.apple.com/3/device/x".parse().unwrap();
+        assert_eq!(target.plain_port(&uri, &headers), None);
+        assert!(target.route(&uri, &headers).is_err());
+        // An SNI host not in normal form never takes the shortcut.
+        let odd = Target::new("Api.Push.Apple.com".into(), 443).unwrap();
+        let uri: Uri = "https://Api.Push.Apple.com/3/device/x".parse().unwrap();
+        assert_eq!(odd.plain_port(&uri, &HeaderMap::new()), None);
     }
 }
