@@ -22,7 +22,7 @@ pub mod table;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-use table::{Dynamic, entry_size, static_index, static_name_index};
+use table::{Dynamic, entry_size, static_name_index, static_value_index};
 
 /// The dynamic table size this side uses and advertises (the RFC default).
 pub const DEFAULT_TABLE_SIZE: usize = 4096;
@@ -173,8 +173,10 @@ impl Encoder {
 
     /// Appends one field (`name` lowercase) as `kind` says.
     pub fn field(&mut self, name: &[u8], value: &[u8], kind: Kind, out: &mut BytesMut) {
+        // One lookup of the name serves both the full-field check and a literal's name.
+        let name_index = static_name_index(name);
         if kind != Kind::Secret
-            && let Some(i) = static_index(name, value)
+            && let Some(i) = name_index.and_then(|first| static_value_index(first, name, value))
         {
             return encode_int(i, 7, INDEXED, out);
         }
@@ -198,7 +200,7 @@ impl Encoder {
             Kind::PerRequest => (LITERAL_NOT_INDEXED, 4, literals),
             Kind::Secret => (LITERAL_NEVER_INDEXED, 4, literals),
         };
-        match static_name_index(name) {
+        match name_index {
             Some(i) => encode_int(i, bits, prefix, out),
             None => {
                 out.put_u8(prefix);

@@ -132,7 +132,11 @@ pub fn static_name_index(name: &[u8]) -> Option<usize> {
 
 /// The 1-based static index whose name and value are these, if any.
 pub fn static_index(name: &[u8], value: &[u8]) -> Option<usize> {
-    let first = static_name_index(name)?;
+    static_value_index(static_name_index(name)?, name, value)
+}
+
+/// As `static_index`, for a name already looked up: `first` is its `static_name_index`.
+pub fn static_value_index(first: usize, name: &[u8], value: &[u8]) -> Option<usize> {
     STATIC[first - 1..]
         .iter()
         .take_while(|(n, _)| n.as_bytes() == name)
