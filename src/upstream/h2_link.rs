@@ -4,7 +4,6 @@
 //! streams at once as the origin's live SETTINGS_MAX_CONCURRENT_STREAMS allows. The pool
 //! (`pool.rs`) holds these through `link::Link`; everything h2 about a connection is here.
 
-use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,23 +11,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use h2::{Ping, RecvStream};
 use http::{HeaderMap, Request, Response};
-use rustls::ClientConfig;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use super::connect::{ConnectError, Connector, H2Connection, H2Send, Route};
+use super::connect::{ConnectError, H2Connection, H2Send, Route};
+use super::link::OriginSetup;
 use crate::metrics::Metrics;
 use crate::policy::Authority;
 
 /// Opens HTTP/2 connections, presenting the client certificate of the request's identity.
-pub struct H2Kind {
-    connector: Connector,
-    tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
-    keepalive_interval: Duration,
-    keepalive_timeout: Duration,
-    metrics: Arc<Metrics>,
-}
+pub struct H2Kind(OriginSetup);
 
 /// The request side of one HTTP/2 connection.
 pub struct H2Link {
@@ -74,21 +67,8 @@ impl H2Failure {
 }
 
 impl H2Kind {
-    /// `tls` maps each identity (None: anonymous) to the client config that presents it.
-    pub fn new(
-        connector: Connector,
-        tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
-        keepalive_interval: Duration,
-        keepalive_timeout: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        H2Kind {
-            connector,
-            tls,
-            keepalive_interval,
-            keepalive_timeout,
-            metrics,
-        }
+    pub fn new(setup: OriginSetup) -> Self {
+        H2Kind(setup)
     }
 
     /// Connects, starts the driver task, and waits for the first PING answer, all by
@@ -101,14 +81,9 @@ impl H2Kind {
         deadline: Instant,
         close: CancellationToken,
     ) -> Result<(H2Link, Route, oneshot::Receiver<Option<String>>), ConnectError> {
+        let tls = self.0.tls_for(dest, identity)?;
         let host = dest.host().to_owned();
-        let Some(tls) = self.tls.get(identity).or_else(|| self.tls.get(&None)) else {
-            return Err(ConnectError::Tls {
-                host,
-                source: std::io::Error::other("no TLS configuration for this identity"),
-            });
-        };
-        let mut connected = self.connector.connect(dest, tls, deadline).await?;
+        let mut connected = self.0.connector.connect(dest, tls, deadline).await?;
         let ping_pong = connected.connection.ping_pong();
         let (ready_tx, ready_rx) = oneshot::channel();
         let (ended_tx, ended_rx) = oneshot::channel();
@@ -119,9 +94,9 @@ impl H2Kind {
             ready_by: deadline,
             ended: ended_tx,
             close,
-            keepalive_interval: self.keepalive_interval,
-            keepalive_timeout: self.keepalive_timeout,
-            metrics: self.metrics.clone(),
+            keepalive_interval: self.0.keepalive_interval,
+            keepalive_timeout: self.0.keepalive_timeout,
+            metrics: self.0.metrics.clone(),
             dest: dest.to_string(),
         }));
         match ready_rx.await {
@@ -134,7 +109,7 @@ impl H2Kind {
             )),
             Ok(Err(ReadyError::Timeout)) => Err(ConnectError::H2Timeout {
                 host,
-                after: self.connector.budget(),
+                after: self.0.connector.budget(),
             }),
             Ok(Err(ReadyError::H2(source))) => Err(ConnectError::H2 { host, source }),
             Err(_) => Err(ConnectError::H2 {

@@ -5,21 +5,18 @@
 //! origin's live SETTINGS_MAX_CONCURRENT_STREAMS allows. Answers come back whole (APNs answers
 //! are a short JSON reason at most), so the pool's stream is free before the client is written.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
-use rustls::ClientConfig;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
-use super::connect::{ConnectError, Connector, Route};
+use super::connect::{ConnectError, Route};
+use super::link::OriginSetup;
 use crate::h2client::conn::{Config as ConnConfig, Failure, OpenError};
 use crate::h2client::driver::{self, Client, DriverConfig, RequestError};
-use crate::metrics::Metrics;
 use crate::policy::Authority;
 
 /// Most answer body the codec keeps per request. Above the pipeline's own limit on answers, so
@@ -27,13 +24,7 @@ use crate::policy::Authority;
 const MAX_ANSWER_BODY: usize = 1 << 20;
 
 /// Opens native HTTP/2 connections, presenting the client certificate of the request's identity.
-pub struct NativeKind {
-    connector: Connector,
-    tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
-    keepalive_interval: Duration,
-    keepalive_timeout: Duration,
-    metrics: Arc<Metrics>,
-}
+pub struct NativeKind(OriginSetup);
 
 /// The request side of one native HTTP/2 connection.
 pub struct NativeLink {
@@ -66,21 +57,8 @@ impl NativeFailure {
 }
 
 impl NativeKind {
-    /// `tls` maps each identity (None: anonymous) to the client config that presents it.
-    pub fn new(
-        connector: Connector,
-        tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
-        keepalive_interval: Duration,
-        keepalive_timeout: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        NativeKind {
-            connector,
-            tls,
-            keepalive_interval,
-            keepalive_timeout,
-            metrics,
-        }
+    pub fn new(setup: OriginSetup) -> Self {
+        NativeKind(setup)
     }
 
     /// Connects, starts the driver task, and waits until the connection is ready, all by
@@ -93,25 +71,20 @@ impl NativeKind {
         deadline: Instant,
         close: CancellationToken,
     ) -> Result<(NativeLink, Route, oneshot::Receiver<Option<String>>), ConnectError> {
+        let tls = self.0.tls_for(dest, identity)?;
         let host = dest.host().to_owned();
-        let Some(tls) = self.tls.get(identity).or_else(|| self.tls.get(&None)) else {
-            return Err(ConnectError::Tls {
-                host,
-                source: std::io::Error::other("no TLS configuration for this identity"),
-            });
-        };
-        let (stream, route) = self.connector.tls_stream(dest, tls, deadline).await?;
+        let (stream, route) = self.0.connector.tls_stream(dest, tls, deadline).await?;
         let cfg = DriverConfig {
             conn: ConnConfig::default(),
-            ping_interval: Some(self.keepalive_interval),
+            ping_interval: Some(self.0.keepalive_interval),
             // The first PING (readiness) is bounded by the connect deadline as well.
-            ping_timeout: self.keepalive_timeout,
+            ping_timeout: self.0.keepalive_timeout,
             max_body: MAX_ANSWER_BODY,
         };
         let (client, driving) = driver::connect(stream, cfg);
         let (ended_tx, ended_rx) = oneshot::channel();
         let (early_tx, early_rx) = oneshot::channel();
-        let metrics = self.metrics.clone();
+        let metrics = self.0.metrics.clone();
         let name = dest.to_string();
         let ready_client = client.clone();
         tokio::spawn(async move {
@@ -141,7 +114,7 @@ impl NativeKind {
             // Dropping the last handle ends the driver.
             Err(_) => Err(ConnectError::H2Timeout {
                 host,
-                after: self.connector.budget(),
+                after: self.0.connector.budget(),
             }),
         }
     }

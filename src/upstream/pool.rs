@@ -30,7 +30,7 @@ use super::chain::ChainKind;
 use super::connect::{ConnectError, Connector, Route};
 use super::decision::{Decision, Holds, Limits, View, decide, shares};
 use super::h2_link::H2Kind;
-use super::link::{Link, LinkKind, Opened};
+use super::link::{Link, LinkKind, Opened, OriginSetup};
 use super::native_link::NativeKind;
 use crate::config::UpstreamConfig;
 use crate::fasthash::FastMap;
@@ -756,22 +756,20 @@ impl PoolGauges for Pool {
 }
 
 impl Pool {
-    /// HTTP/2 connections to the origins; `tls` maps each identity (None: anonymous) to the
-    /// client config that presents it.
+    /// HTTP/2 connections to the origins, by the h2 crate's client; `tls` maps each identity
+    /// (None: anonymous) to the client config that presents it.
     pub fn new(
         connector: Connector,
         tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
         settings: PoolSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let kind = H2Kind::new(
-            connector,
-            tls,
-            settings.keepalive_interval,
-            settings.keepalive_timeout,
-            metrics.clone(),
-        );
-        Self::of_kind(LinkKind::H2(Box::new(kind)), settings, metrics)
+        let setup = Self::origin_setup(connector, tls, &settings, &metrics);
+        Self::of_kind(
+            LinkKind::H2(Box::new(H2Kind::new(setup))),
+            settings,
+            metrics,
+        )
     }
 
     /// As [`Pool::new`], on pushrelay's own HTTP/2 client (`upstream.http2_client: native`).
@@ -781,14 +779,27 @@ impl Pool {
         settings: PoolSettings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let kind = NativeKind::new(
+        let setup = Self::origin_setup(connector, tls, &settings, &metrics);
+        Self::of_kind(
+            LinkKind::Native(Box::new(NativeKind::new(setup))),
+            settings,
+            metrics,
+        )
+    }
+
+    fn origin_setup(
+        connector: Connector,
+        tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
+        settings: &PoolSettings,
+        metrics: &Arc<Metrics>,
+    ) -> OriginSetup {
+        OriginSetup {
             connector,
             tls,
-            settings.keepalive_interval,
-            settings.keepalive_timeout,
-            metrics.clone(),
-        );
-        Self::of_kind(LinkKind::Native(Box::new(kind)), settings, metrics)
+            keepalive_interval: settings.keepalive_interval,
+            keepalive_timeout: settings.keepalive_timeout,
+            metrics: metrics.clone(),
+        }
     }
 
     /// HTTP/1.1 connections to a relay chain's DMZ relay, whatever the destination.
