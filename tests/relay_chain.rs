@@ -716,17 +716,10 @@ async fn a_client_certificate_alone_lets_the_inside_relay_through_and_none_is_re
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
     let proxy = TestProxy::start(Behaviour::Open).await;
-    let dmz = relay::start(&chain::dmz_yaml_client_certs(&pki, &origin)).await;
-    let url = format!("https://localhost:{}", dmz.addr().port());
     let (cert, key) = pki.write_client_cert("inside-relay");
-    let inside = relay::start(&chain::inside_yaml_with_cert(
-        &pki,
-        origin.port(),
-        Some(&proxy.url()),
-        &url,
-        (&cert, &key),
-    ))
-    .await;
+    let (inside, dmz) =
+        chain::start_with_cert(&pki, &origin, Some(&proxy.url()), (&cert, &key)).await;
+    let url = format!("https://localhost:{}", dmz.addr().port());
     let client = H2Client::connect(&pki, inside.addr()).await;
     for i in 0..10 {
         let answer = client.push(&token(i), PAYLOAD).await;
@@ -788,17 +781,9 @@ async fn a_renewed_client_certificate_drains_the_connections_that_presented_the_
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
     let proxy = TestProxy::start(Behaviour::Open).await;
-    let dmz = relay::start(&chain::dmz_yaml_client_certs(&pki, &origin)).await;
-    let url = format!("https://localhost:{}", dmz.addr().port());
     let (cert, key) = pki.write_client_cert("inside-relay");
-    let inside = relay::start(&chain::inside_yaml_with_cert(
-        &pki,
-        origin.port(),
-        Some(&proxy.url()),
-        &url,
-        (&cert, &key),
-    ))
-    .await;
+    let (inside, _dmz) =
+        chain::start_with_cert(&pki, &origin, Some(&proxy.url()), (&cert, &key)).await;
     let client = H2Client::connect(&pki, inside.addr()).await;
     let first = within(20, "first", client.push(&token(1), PAYLOAD)).await;
     assert_eq!(first.status, 200, "{:?}", first.body);
@@ -826,18 +811,9 @@ async fn a_renewed_client_certificate_drains_the_connections_that_presented_the_
 async fn a_renewed_client_certificate_is_presented_after_a_reload() {
     let pki = TestPki::new();
     let origin = FakeApns::start(&pki).await;
-    let dmz = relay::start(&chain::dmz_yaml_client_certs(&pki, &origin)).await;
-    let url = format!("https://localhost:{}", dmz.addr().port());
     let other = TestPki::new();
     let (cert, key) = other.write_client_cert("inside-relay");
-    let inside = relay::start(&chain::inside_yaml_with_cert(
-        &pki,
-        origin.port(),
-        None,
-        &url,
-        (&cert, &key),
-    ))
-    .await;
+    let (inside, _dmz) = chain::start_with_cert(&pki, &origin, None, (&cert, &key)).await;
     let client = H2Client::connect(&pki, inside.addr()).await;
     let refused = within(20, "refused", client.push(&token(1), PAYLOAD)).await;
     assert_eq!(refused.reason().as_deref(), Some("RelayChainTlsFailed"));

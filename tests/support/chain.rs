@@ -118,3 +118,25 @@ pub async fn start(
     let inside = relay::start(&inside_yaml(pki, origin.port(), proxy, &url, &secret)).await;
     (inside, dmz)
 }
+
+/// A chain whose DMZ relay knows the inside relay by its client certificate alone
+/// (`tls.client_ca`, no secret), the inside relay presenting `cert`/`key` and reaching it
+/// through `proxy`.
+pub async fn start_with_cert(
+    pki: &TestPki,
+    origin: &FakeApns,
+    proxy: Option<&str>,
+    cert: (&std::path::Path, &std::path::Path),
+) -> (RunningRelay, RunningRelay) {
+    let dmz = relay::start(&dmz_yaml_client_certs(pki, origin)).await;
+    let url = format!("https://localhost:{}", dmz.addr().port());
+    let inside = relay::start(&inside_yaml_with_cert(
+        pki,
+        origin.port(),
+        proxy,
+        &url,
+        cert,
+    ))
+    .await;
+    (inside, dmz)
+}
