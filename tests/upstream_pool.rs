@@ -1503,6 +1503,56 @@ async fn clients_filling_the_pool_leave_a_normal_client_its_share() {
 }
 }
 
+/// An origin with 10 streams per connection and a slow tenant (`com.example.slow`, answered
+/// after 400 ms), and a relay config for it with one upstream connection, 10 queue places and
+/// clients from 127.0.0.1 and 127.0.0.2.
+async fn slow_origin_for_two_sources(pki: &TestPki) -> (FakeApns, String) {
+    let origin = FakeApns::start_with(
+        pki,
+        OriginOptions {
+            max_concurrent_streams: Some(10),
+            slow_topic: Some(("com.example.slow".into(), Duration::from_millis(400))),
+            ..Default::default()
+        },
+    )
+    .await;
+    let upstream = "  max_connections_per_destination: 1\n  max_queued_requests: 10\n";
+    let yaml = yaml_with(pki, &origin, Via::Direct, upstream)
+        .replace("request_timeout: 5s", "request_timeout: 8s")
+        .replace(
+            "allow_sources: [\"127.0.0.1/32\"]",
+            "allow_sources: [\"127.0.0.1/32\", \"127.0.0.2/32\"]",
+        );
+    assert!(yaml.contains("127.0.0.2/32"));
+    (origin, yaml)
+}
+
+/// Keeps one slow push in flight on `client` (device tokens from `first_token` on) until `stop`
+/// (at most 30 s), counting 503 answers in `overloaded`: refused at once, it tries again a little
+/// later, as a client would.
+fn spawn_slow_pusher(
+    client: Arc<H2Client>,
+    first_token: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    overloaded: Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut n = 0;
+        let until = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !stop.load(Ordering::SeqCst) && tokio::time::Instant::now() < until {
+            let mut req = push_request("api.push.apple.com", &token(first_token + n));
+            req.headers_mut()
+                .insert("apns-topic", "com.example.slow".parse().unwrap());
+            let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+            if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+                overloaded.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            n += 1;
+        }
+    })
+}
+
 crate::for_each_http2_client! {
 /// Fairness is between sources (client addresses) first: one source with ten connections, each
 /// keeping four pushes in flight towards a slow tenant (answered after 400 ms), fills the
@@ -1514,23 +1564,7 @@ async fn a_source_with_many_connections_leaves_another_source_its_share() {
     use std::sync::atomic::{AtomicBool, AtomicUsize};
     use support::client::Connect;
     let pki = TestPki::new();
-    let origin = FakeApns::start_with(
-        &pki,
-        OriginOptions {
-            max_concurrent_streams: Some(10),
-            slow_topic: Some(("com.example.slow".into(), Duration::from_millis(400))),
-            ..Default::default()
-        },
-    )
-    .await;
-    let upstream = "  max_connections_per_destination: 1\n  max_queued_requests: 10\n";
-    let yaml = yaml_with(&pki, &origin, Via::Direct, upstream)
-        .replace("request_timeout: 5s", "request_timeout: 8s")
-        .replace(
-            "allow_sources: [\"127.0.0.1/32\"]",
-            "allow_sources: [\"127.0.0.1/32\", \"127.0.0.2/32\"]",
-        );
-    assert!(yaml.contains("127.0.0.2/32"));
+    let (origin, yaml) = slow_origin_for_two_sources(&pki).await;
     let relay = relay::start(&yaml).await;
     let stop = Arc::new(AtomicBool::new(false));
     let overloaded = Arc::new(AtomicUsize::new(0));
@@ -1538,24 +1572,12 @@ async fn a_source_with_many_connections_leaves_another_source_its_share() {
     for a in 0..10 {
         let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
         for t in 0..4 {
-            let (client, stop, overloaded) = (client.clone(), stop.clone(), overloaded.clone());
-            flood.push(tokio::spawn(async move {
-                let mut n = 0;
-                let until = tokio::time::Instant::now() + Duration::from_secs(30);
-                while !stop.load(Ordering::SeqCst) && tokio::time::Instant::now() < until {
-                    let mut req =
-                        push_request("api.push.apple.com", &token(a * 10_000 + t * 100 + n));
-                    req.headers_mut()
-                        .insert("apns-topic", "com.example.slow".parse().unwrap());
-                    let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
-                    if answer.status == StatusCode::SERVICE_UNAVAILABLE {
-                        overloaded.fetch_add(1, Ordering::SeqCst);
-                        // Refused at once: try again a little later, as a client would.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    n += 1;
-                }
-            }));
+            flood.push(spawn_slow_pusher(
+                client.clone(),
+                a * 10_000 + t * 100,
+                stop.clone(),
+                overloaded.clone(),
+            ));
         }
     }
     // The pool is full (every stream busy at the origin) and the flood is being refused.
@@ -1616,22 +1638,7 @@ async fn the_shared_queue_is_shared_fairly_between_worker_shards() {
     use std::sync::atomic::{AtomicBool, AtomicUsize};
     use support::client::Connect;
     let pki = TestPki::new();
-    let origin = FakeApns::start_with(
-        &pki,
-        OriginOptions {
-            max_concurrent_streams: Some(10),
-            slow_topic: Some(("com.example.slow".into(), Duration::from_millis(400))),
-            ..Default::default()
-        },
-    )
-    .await;
-    let upstream = "  max_connections_per_destination: 1\n  max_queued_requests: 10\n";
-    let yaml = yaml_with(&pki, &origin, Via::Direct, upstream)
-        .replace("request_timeout: 5s", "request_timeout: 8s")
-        .replace(
-            "allow_sources: [\"127.0.0.1/32\"]",
-            "allow_sources: [\"127.0.0.1/32\", \"127.0.0.2/32\"]",
-        );
+    let (origin, yaml) = slow_origin_for_two_sources(&pki).await;
     let relay = relay::start_on_workers(&yaml, 2).await;
     let stop = Arc::new(AtomicBool::new(false));
     let overloaded = Arc::new(AtomicUsize::new(0));
@@ -1639,22 +1646,12 @@ async fn the_shared_queue_is_shared_fairly_between_worker_shards() {
     let flooder = Arc::new(H2Client::connect(&pki, relay.addr()).await);
     let mut flood = Vec::new();
     for t in 0..30 {
-        let (client, stop, overloaded) = (flooder.clone(), stop.clone(), overloaded.clone());
-        flood.push(tokio::spawn(async move {
-            let mut n = 0;
-            let until = tokio::time::Instant::now() + Duration::from_secs(30);
-            while !stop.load(Ordering::SeqCst) && tokio::time::Instant::now() < until {
-                let mut req = push_request("api.push.apple.com", &token(t * 100 + n));
-                req.headers_mut()
-                    .insert("apns-topic", "com.example.slow".parse().unwrap());
-                let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
-                if answer.status == StatusCode::SERVICE_UNAVAILABLE {
-                    overloaded.fetch_add(1, Ordering::SeqCst);
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                n += 1;
-            }
-        }));
+        flood.push(spawn_slow_pusher(
+            flooder.clone(),
+            t * 100,
+            stop.clone(),
+            overloaded.clone(),
+        ));
     }
     origin.wait_received(10).await;
     overloaded.store(0, Ordering::SeqCst);
