@@ -3,7 +3,7 @@
 //! handshake. One budget (`connect_timeout`) bounds the whole attempt; each step has its own
 //! error, and a timeout names the step it cut, so a failure names the hop.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +19,7 @@ use tokio_rustls::client::TlsStream;
 use super::tunnel::{self, TunnelError};
 use crate::coalesce::Coalesce;
 use crate::config::{Config, ProxyUrl, UpstreamConfig};
+use crate::metrics::Metrics;
 use crate::policy::Authority;
 use crate::tls::ALPN_H2;
 
@@ -176,6 +177,34 @@ pub struct Connected {
     pub send: H2Send,
     pub connection: H2Connection,
     pub route: Route,
+}
+
+/// What both HTTP/2 kinds (the h2 crate's client and the native one) open connections with:
+/// the connector (DNS, the CONNECT proxy, TLS), the client config that presents each identity
+/// (None: anonymous), keepalive, and the metrics their drivers count GOAWAYs in.
+pub struct OriginSetup {
+    pub connector: Connector,
+    pub tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
+    pub keepalive_interval: Duration,
+    pub keepalive_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+}
+
+impl OriginSetup {
+    /// The client config for `identity`, else the anonymous one.
+    pub fn tls_for(
+        &self,
+        dest: &Authority,
+        identity: &Option<Arc<str>>,
+    ) -> Result<&Arc<ClientConfig>, ConnectError> {
+        self.tls
+            .get(identity)
+            .or_else(|| self.tls.get(&None))
+            .ok_or_else(|| ConnectError::Tls {
+                host: dest.host().to_owned(),
+                source: std::io::Error::other("no TLS configuration for this identity"),
+            })
+    }
 }
 
 /// Opens upstream connections. Cheap to clone.

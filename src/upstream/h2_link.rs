@@ -15,8 +15,8 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
+use super::connect::OriginSetup;
 use super::connect::{ConnectError, H2Connection, H2Send, Route};
-use super::link::OriginSetup;
 use crate::metrics::Metrics;
 use crate::policy::Authority;
 

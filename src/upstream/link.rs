@@ -15,51 +15,19 @@
 //!
 //! Adding a kind: a file like `h2_link.rs`, and one arm in each enum here.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
-use rustls::ClientConfig;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::chain::{ChainFailure, ChainKind, ChainLink};
-use super::connect::{ConnectError, Connector, Route};
+use super::connect::{ConnectError, Route};
 use super::h2_link::{H2Failure, H2Kind, H2Link};
 use super::native_link::{NativeFailure, NativeKind, NativeLink};
-use crate::metrics::Metrics;
 use crate::policy::Authority;
-
-/// What both HTTP/2 kinds (the h2 crate's client and the native one) open connections with:
-/// the connector (DNS, the CONNECT proxy, TLS), the client config that presents each identity
-/// (None: anonymous), keepalive, and the metrics their drivers count GOAWAYs in.
-pub struct OriginSetup {
-    pub connector: Connector,
-    pub tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
-    pub keepalive_interval: Duration,
-    pub keepalive_timeout: Duration,
-    pub metrics: Arc<Metrics>,
-}
-
-impl OriginSetup {
-    /// The client config for `identity`, else the anonymous one.
-    pub fn tls_for(
-        &self,
-        dest: &Authority,
-        identity: &Option<Arc<str>>,
-    ) -> Result<&Arc<ClientConfig>, ConnectError> {
-        self.tls
-            .get(identity)
-            .or_else(|| self.tls.get(&None))
-            .ok_or_else(|| ConnectError::Tls {
-                host: dest.host().to_owned(),
-                source: std::io::Error::other("no TLS configuration for this identity"),
-            })
-    }
-}
 
 /// How the pool's connections are made.
 pub enum LinkKind {

@@ -13,8 +13,8 @@ use tokio::sync::oneshot;
 use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
+use super::connect::OriginSetup;
 use super::connect::{ConnectError, Route};
-use super::link::OriginSetup;
 use crate::h2client::conn::{Config as ConnConfig, Failure, OpenError};
 use crate::h2client::driver::{self, Client, DriverConfig, RequestError};
 use crate::policy::Authority;

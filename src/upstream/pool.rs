@@ -27,10 +27,11 @@ use tokio::time::{Instant, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::chain::ChainKind;
+use super::connect::OriginSetup;
 use super::connect::{ConnectError, Connector, Route};
 use super::decision::{Decision, Holds, Limits, View, decide, shares};
 use super::h2_link::H2Kind;
-use super::link::{Link, LinkKind, Opened, OriginSetup};
+use super::link::{Link, LinkKind, Opened};
 use super::native_link::NativeKind;
 use crate::config::UpstreamConfig;
 use crate::fasthash::FastMap;
