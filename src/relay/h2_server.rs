@@ -108,7 +108,7 @@ pub async fn serve<IO, H, F>(
 ) -> Result<(), ServeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
-    H: Fn(Request<RecvStream>) -> F,
+    H: Fn(Request<RecvStream>, Committed) -> F,
     F: Future<Output = Response<RelayBody>>,
 {
     let handshake = h2::server::Builder::new()
@@ -130,9 +130,8 @@ where
     let ended = loop {
         tokio::select! {
             next = conn.accept() => match next {
-                Some(Ok((mut request, respond))) => {
+                Some(Ok((request, respond))) => {
                     let committed = Committed::default();
-                    request.extensions_mut().insert(committed.clone());
                     // The request's future is built inside `answer`, in its boxed state: built
                     // here and handed over, a future of several KiB would be copied on each move.
                     let answer = answer(&handle, request, respond, committed, settings.write_timeout);
@@ -185,11 +184,11 @@ async fn answer<H, F>(
     write_timeout: Duration,
 ) -> Ended
 where
-    H: Fn(Request<RecvStream>) -> F,
+    H: Fn(Request<RecvStream>, Committed) -> F,
     F: Future<Output = Response<RelayBody>>,
 {
     let response = {
-        let mut handle = pin!(handle(request));
+        let mut handle = pin!(handle(request, committed.clone()));
         tokio::select! {
             biased;
             reset = poll_fn(|cx| respond.poll_reset(cx)) => {

@@ -312,9 +312,13 @@ impl Http1Server {
             Err(e) => (Err(e), head.target.parse().unwrap_or_default()),
         };
         let relay = &self.relay;
+        // Set by the upstream as the request goes on a connection: until then a client that
+        // closes its connection drops it (waiting in the queue or for a connect).
+        let committed = Committed::default();
+        let sent = &committed;
         let respond = |request| async move {
             match routed {
-                Ok((dest, authority)) => relay.forward(ctx, dest, authority, request).await,
+                Ok((dest, authority)) => relay.forward(ctx, sent, dest, authority, request).await,
                 Err(e) => relay.refuse(ctx, request, e).await,
             }
         };
@@ -323,10 +327,6 @@ impl Http1Server {
         *request.uri_mut() = uri;
         *request.version_mut() = head.version;
         *request.headers_mut() = head.headers;
-        // Set by the upstream as the request goes on a connection: until then a client that
-        // closes its connection drops it (waiting in the queue or for a connect).
-        let committed = Committed::default();
-        request.extensions_mut().insert(committed.clone());
         let watch_limit = self.max_header_bytes;
 
         let direct_length = match framing {

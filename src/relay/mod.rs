@@ -32,7 +32,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Authority, DestinationPolicy};
 use crate::swap::Swap;
 use crate::upstream::identity::{Identities, Sender};
-use crate::upstream::{BoxError, Pool, PoolKey, Upstream};
+use crate::upstream::{Asker, BoxError, Pool, PoolKey, Upstream};
 use body::{RelayBody, read_whole};
 use h2_server::{CLIENT_MAX_STREAMS, Committed};
 
@@ -116,9 +116,11 @@ impl Relay {
 
     /// Relays `req` to `dest`, sending `authority` as `:authority`. Never fails: errors become
     /// pushrelay's own JSON answers, which come only once the request was read. Logs one line.
+    /// `committed` is set as the request goes on an upstream connection (see [`Committed`]).
     pub async fn forward<B>(
         &self,
         ctx: &Ctx,
+        committed: &Committed,
         dest: Authority,
         authority: http::uri::Authority,
         req: Request<B>,
@@ -130,7 +132,9 @@ impl Relay {
         let started = Instant::now();
         let (mut parts, body) = req.into_parts();
         let apns_id = parts.headers.get(APNS_ID).cloned();
-        let result = self.exchange(ctx, &dest, authority, &mut parts, body).await;
+        let result = self
+            .exchange(ctx, committed, &dest, authority, &mut parts, body)
+            .await;
         let elapsed = started.elapsed();
         match result {
             Ok((response, conn)) => {
@@ -239,6 +243,7 @@ impl Relay {
     async fn exchange<B>(
         &self,
         ctx: &Ctx,
+        committed: &Committed,
         dest: &Authority,
         authority: http::uri::Authority,
         parts: &mut http::request::Parts,
@@ -293,17 +298,17 @@ impl Relay {
         )
         .map_err(|e| RelayError::BadRequest(e.to_string()))?;
         let (data, trailers) = body.into_parts();
-        let mut request = head.map(|()| data.unwrap_or_default());
+        let request = head.map(|()| data.unwrap_or_default());
         // Set by the upstream as the request goes on a connection: until then a client's reset
         // drops it (waiting in the queue or for a connect), after that it runs to its end.
-        if let Some(committed) = parts.extensions.remove::<Committed>() {
-            request.extensions_mut().insert(committed);
-        }
         let ex = self
             .upstream
             .exchange(
                 &key,
-                Some(ctx.client),
+                Asker {
+                    client: ctx.client,
+                    committed,
+                },
                 request,
                 trailers,
                 deadline,

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::body::{H2Body, RelayBody};
 use super::door::{Commit, Door, Serving, listener_at};
-use super::h2_server::{self, CLIENT_MAX_STREAMS};
+use super::h2_server::{self, CLIENT_MAX_STREAMS, Committed};
 use super::headers::named_host;
 use super::http1::RequestHead;
 use super::http1_server::{Http1Server, Route, Routes, request_target};
@@ -256,9 +256,14 @@ impl TlsServer {
             ..ctx.clone()
         };
         let ctx = &ctx;
-        h2_server::serve(io, &self.h2, shutdown, |req: Request<h2::RecvStream>| {
-            self.handle(ctx, target, req.map(H2Body::new))
-        })
+        h2_server::serve(
+            io,
+            &self.h2,
+            shutdown,
+            |req: Request<h2::RecvStream>, committed| {
+                self.handle(ctx, target, committed, req.map(H2Body::new))
+            },
+        )
         .await
         .map_err(Into::into)
     }
@@ -277,13 +282,23 @@ impl TlsServer {
         Ok(())
     }
 
-    async fn handle<B>(&self, ctx: &Ctx, target: &Target, req: Request<B>) -> Response<RelayBody>
+    async fn handle<B>(
+        &self,
+        ctx: &Ctx,
+        target: &Target,
+        committed: Committed,
+        req: Request<B>,
+    ) -> Response<RelayBody>
     where
         B: Body<Data = bytes::Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
         match target.route(req.uri(), req.headers()) {
-            Ok((dest, authority)) => self.relay.forward(ctx, dest, authority, req).await,
+            Ok((dest, authority)) => {
+                self.relay
+                    .forward(ctx, &committed, dest, authority, req)
+                    .await
+            }
             Err(e) => self.relay.refuse(ctx, req, e).await,
         }
     }

@@ -82,8 +82,8 @@ impl UpstreamError {
     }
 }
 
-/// Set once a request is written to an upstream connection (the pipeline hands one to
-/// `Upstream::exchange` in the request's extensions): from then on a client that goes away no
+/// Set once a request is written to an upstream connection (the door makes one per request and
+/// the pipeline hands it to `Upstream::exchange`): from then on a client that goes away no
 /// longer cancels it. Until then (read, waiting in the queue, waiting for a connect) a client's
 /// reset drops the request and it is never sent. Once sent, the origin may have delivered it
 /// already; a cancel would not take the push back, and a burst of cancels is what Apple's abuse
@@ -99,6 +99,14 @@ impl Committed {
     pub fn is_set(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
+}
+
+/// Whose request an exchange carries: the client connection, whose fair share of the pool it
+/// takes, and the request's [`Committed`] flag.
+#[derive(Debug, Clone, Copy)]
+pub struct Asker<'a> {
+    pub client: std::net::SocketAddr,
+    pub committed: &'a Committed,
 }
 
 /// The stream was reset or closed: nothing more can be sent on it.
@@ -232,21 +240,19 @@ impl Upstream {
         self.pool.close();
     }
 
-    /// Sends one request of client connection `client` (its body whole) and waits for the
-    /// answer's head, until `deadline`. A `Committed` in the request's extensions is set as the
-    /// request goes on a connection. The one resend rule for every kind of connection: a
+    /// Sends one request of `asker`'s (its body whole) and waits for the answer's head, until
+    /// `deadline`. `asker.committed` is set as the request goes on a connection. The one resend rule for every kind of connection: a
     /// request goes again, once, only when the upstream provably never processed it.
     pub async fn exchange(
         &self,
         key: &PoolKey,
-        client: Option<std::net::SocketAddr>,
+        asker: Asker<'_>,
         request: Request<Bytes>,
         trailers: Option<HeaderMap>,
         deadline: Instant,
         request_timeout: Duration,
     ) -> Result<Exchange, UpstreamError> {
-        let (mut parts, body) = request.into_parts();
-        let committed = parts.extensions.remove::<Committed>();
+        let (parts, body) = request.into_parts();
         let head = Request::from_parts(parts, ());
         // A DMZ relay's connections carry any identity's requests (tokens travel in headers).
         let chain_key;
@@ -262,11 +268,12 @@ impl Upstream {
         let attempts = async {
             let mut resent = false;
             loop {
-                let lease = self.pool.checkout_for(key, client, deadline).await?;
+                let lease = self
+                    .pool
+                    .checkout_for(key, Some(asker.client), deadline)
+                    .await?;
                 let conn = lease.conn_id();
-                if let Some(committed) = &committed {
-                    committed.set();
-                }
+                asker.committed.set();
                 let sent = lease
                     .link()
                     .send(&key.dest, head.clone(), body.clone(), trailers.clone())
