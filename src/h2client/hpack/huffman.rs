@@ -37,12 +37,15 @@ struct Tables {
     first: [u32; MAX_LEN + 1],
     offset: [u16; MAX_LEN + 1],
     sorted: [u16; 257],
-    /// By the next 8 bits: the symbol whose code (of 8 bits or fewer) they start with, as
-    /// `length << 8 | symbol`; 0 where the code is longer. Most header text has 5–8 bit codes.
-    fast: [u16; 256],
+    /// By the next `PAIR_BITS` bits: the one or two symbols whose codes they start with, as
+    /// `second << 16 | first << 8 | count << 5 | bits used`; 0 where the first code is longer.
+    /// Header text (digits, lowercase, `-`) has 5–7 bit codes: mostly two symbols a lookup.
+    pairs: [u32; 1 << PAIR_BITS],
 }
 
-const TABLES: Tables = build();
+const PAIR_BITS: usize = 12;
+
+static TABLES: Tables = build();
 
 const fn build() -> Tables {
     let mut count = [0u32; MAX_LEN + 1];
@@ -77,19 +80,23 @@ const fn build() -> Tables {
         next[l] += 1;
         s += 1;
     }
-    let mut fast = [0u16; 256];
-    let mut s = 0;
-    while s < 256 {
-        let l = LENGTHS[s] as usize;
-        if l <= 8 {
-            let base = (codes[s] << (8 - l)) as usize;
-            let mut k = 0;
-            while k < (1 << (8 - l)) {
-                fast[base + k] = ((l as u16) << 8) | s as u16;
-                k += 1;
-            }
+    let mut pairs = [0u32; 1 << PAIR_BITS];
+    let mut w = 0;
+    while w < (1 << PAIR_BITS) {
+        let (first_sym, first_len) =
+            leading_code(w as u32, PAIR_BITS, &limit, &first, &offset, &sorted);
+        if first_len > 0 {
+            let left = PAIR_BITS - first_len;
+            let rest = w as u32 & ((1 << left) - 1);
+            let (second_sym, second_len) =
+                leading_code(rest, left, &limit, &first, &offset, &sorted);
+            pairs[w] = if second_len > 0 {
+                (second_sym << 16) | (first_sym << 8) | (2 << 5) | (first_len + second_len) as u32
+            } else {
+                (first_sym << 8) | (1 << 5) | first_len as u32
+            };
         }
-        s += 1;
+        w += 1;
     }
     Tables {
         codes,
@@ -97,8 +104,32 @@ const fn build() -> Tables {
         first,
         offset,
         sorted,
-        fast,
+        pairs,
     }
+}
+
+/// The symbol whose code `bits` (its `width` low bits, most significant first) start with, and
+/// that code's length; length 0 when the code is longer than `width` (EOS, at 30 bits, always is).
+const fn leading_code(
+    bits: u32,
+    width: usize,
+    limit: &[u32; MAX_LEN + 1],
+    first: &[u32; MAX_LEN + 1],
+    offset: &[u16; MAX_LEN + 1],
+    sorted: &[u16; 257],
+) -> (u32, usize) {
+    let mut len = 5;
+    while len <= width {
+        let c = bits >> (width - len);
+        if c < limit[len] {
+            return (
+                sorted[(offset[len] as u32 + c - first[len]) as usize] as u32,
+                len,
+            );
+        }
+        len += 1;
+    }
+    (0, 0)
 }
 
 /// The code of `symbol` (0..=256) and its length, as RFC 7541 Appendix B prints them.
@@ -173,6 +204,14 @@ fn decode_into(
     let mut bits: usize = 0;
     let mut rest = input;
     loop {
+        // Four bytes at once while they fit, then byte by byte.
+        if bits <= 32
+            && let Some((word, tail)) = rest.split_first_chunk::<4>()
+        {
+            acc = (acc << 32) | u64::from(u32::from_be_bytes(*word));
+            bits += 32;
+            rest = tail;
+        }
         while bits <= 56 {
             let Some((&b, tail)) = rest.split_first() else {
                 break;
@@ -184,17 +223,28 @@ fn decode_into(
         if bits == 0 {
             return Ok(());
         }
-        let mut found = None;
         let mut len = 5;
-        if bits >= 8 {
-            let e = t.fast[((acc >> (bits - 8)) & 0xff) as usize];
-            if e != 0 {
-                found = Some((e & 0xff, usize::from(e >> 8)));
-            } else {
-                len = 9;
+        if bits >= PAIR_BITS {
+            let e = t.pairs[((acc >> (bits - PAIR_BITS)) & ((1 << PAIR_BITS) - 1)) as usize];
+            let count = ((e >> 5) & 3) as usize;
+            if count > 0 {
+                let Some(slots) = out.get_mut(*n..*n + count).filter(|_| *n + count <= max) else {
+                    return Err(HuffmanError::TooLong);
+                };
+                slots[0] = (e >> 8) as u8;
+                if let Some(second) = slots.get_mut(1) {
+                    *second = (e >> 16) as u8;
+                }
+                *n += count;
+                bits -= (e & 31) as usize;
+                acc &= (1u64 << bits) - 1;
+                continue;
             }
+            // The first code is longer than the table's reach.
+            len = PAIR_BITS + 1;
         }
-        while found.is_none() && len <= MAX_LEN && len <= bits {
+        let mut found = None;
+        while len <= MAX_LEN && len <= bits {
             let c = ((acc >> (bits - len)) & ((1u64 << len) - 1)) as u32;
             if c < t.limit[len] {
                 found = Some((
@@ -275,6 +325,37 @@ mod tests {
         let mut dec = BytesMut::new();
         decode(&enc, &mut dec, usize::MAX).unwrap();
         assert_eq!(&dec[..], &input[..]);
+    }
+
+    #[test]
+    fn strings_round_trip_and_the_limit_is_exact() {
+        // Header-like text (two symbols per table lookup) mixed with any byte (the slow path),
+        // of every length up to 64: the table and the symbol-by-symbol walk must agree.
+        let mut x: u32 = 0x2545_f491;
+        for round in 0..4000usize {
+            let input: Vec<u8> = (0..round % 65)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    let r = (x >> 16) as u8;
+                    match x & 0x300 {
+                        0 => r,
+                        _ => b"0123456789abcdef-/"[usize::from(r) % 18],
+                    }
+                })
+                .collect();
+            let mut enc = BytesMut::new();
+            encode(&input, &mut enc);
+            let mut dec = BytesMut::new();
+            decode(&enc, &mut dec, input.len()).unwrap();
+            assert_eq!(&dec[..], &input[..], "round {round}");
+            if let Some(shorter) = input.len().checked_sub(1) {
+                assert_eq!(
+                    decode(&enc, &mut BytesMut::new(), shorter),
+                    Err(HuffmanError::TooLong),
+                    "round {round}"
+                );
+            }
+        }
     }
 
     #[test]
