@@ -197,35 +197,38 @@ pub fn parse_head(buf: &mut BytesMut, max_head: usize) -> Result<Option<RequestH
 
 /// `Some("bare LF")` or `Some("bare CR")` when `bytes` has a line end other than CRLF.
 fn bare_cr_or_lf(bytes: &[u8]) -> Option<&'static str> {
-    let mut after_cr = false;
     let mut at = 0;
-    while let Some(&b) = bytes.get(at) {
-        // Eight bytes at once where none of them is a CR or LF (most of a head).
-        if !after_cr
-            && let Some(chunk) = bytes.get(at..).and_then(<[u8]>::first_chunk::<8>)
-            && !has_cr_or_lf(u64::from_ne_bytes(*chunk))
-        {
-            at += 8;
-            continue;
+    loop {
+        // To the next CR or LF, eight bytes at a time (most of a head has none).
+        while let Some(chunk) = bytes.get(at..).and_then(<[u8]>::first_chunk::<8>) {
+            match first_cr_or_lf(u64::from_le_bytes(*chunk)) {
+                Some(i) => {
+                    at += i;
+                    break;
+                }
+                None => at += 8,
+            }
         }
-        let lf = b == b'\n';
-        if after_cr != lf {
-            return Some(if lf { "bare LF" } else { "bare CR" });
+        match bytes.get(at) {
+            None => return None,
+            Some(b'\r') if bytes.get(at + 1) == Some(&b'\n') => at += 2,
+            Some(b'\r') => return Some("bare CR"),
+            Some(b'\n') => return Some("bare LF"),
+            Some(_) => at += 1,
         }
-        after_cr = b == b'\r';
-        at += 1;
     }
-    after_cr.then_some("bare CR")
 }
 
-/// Whether any of the eight bytes of `word` is a CR or an LF (a zero byte after the XOR, found
-/// by the borrow trick: exact for "any", which is all that is asked).
-fn has_cr_or_lf(word: u64) -> bool {
+/// The index of the first CR or LF among the eight bytes of `word` (little-endian: byte 0 is
+/// the lowest). The borrow trick marks a zero byte exactly when no zero byte is below it, so the
+/// lowest mark of either search is exact.
+fn first_cr_or_lf(word: u64) -> Option<usize> {
     const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
     const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
-    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
-    has_zero(word ^ u64::from_ne_bytes([b'\r'; 8]))
-        || has_zero(word ^ u64::from_ne_bytes([b'\n'; 8]))
+    let zeros = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS;
+    let marks =
+        zeros(word ^ u64::from_ne_bytes([b'\r'; 8])) | zeros(word ^ u64::from_ne_bytes([b'\n'; 8]));
+    (marks != 0).then(|| marks.trailing_zeros() as usize / 8)
 }
 
 /// The byte-by-byte walk `bare_cr_or_lf` answers as (kept for its test).
