@@ -443,7 +443,7 @@ fn backoff_pool_with(
     pushrelay::upstream::pool::PoolKey,
 ) {
     use pushrelay::upstream::connect::Connector;
-    use pushrelay::upstream::pool::{Pool, PoolKey, PoolSettings};
+    use pushrelay::upstream::pool::{PoolKey, PoolSettings};
     let dest: pushrelay::policy::Authority = format!("api.push.apple.com:{port}").parse().unwrap();
     let mut upstream = pushrelay::config::UpstreamConfig::default();
     upstream
@@ -456,7 +456,7 @@ fn backoff_pool_with(
     settings.reconnect_wait = Duration::ZERO;
     settings.shards = shards;
     tweak(&mut settings);
-    let pool = Pool::new(
+    let pool = support::relay::pool_for_current_client(
         Connector::new(&upstream),
         HashMap::from([(None, tls)]),
         settings,
@@ -469,8 +469,8 @@ fn backoff_pool_with(
     (pool, key)
 }
 
+for_each_http2_client! { paused:
 /// Reconnects back off exponentially with jitter, and requests fail fast in between (paused time).
-#[tokio::test(start_paused = true)]
 async fn reconnect_backoff_is_spaced_exponentially() {
     use pushrelay::upstream::pool::PoolError;
     let closed_port = {
@@ -506,10 +506,11 @@ async fn reconnect_backoff_is_spaced_exponentially() {
     }
     assert!(waits[3] > waits[0], "waits grow: {waits:?}");
 }
+}
 
+for_each_http2_client! { paused:
 /// Worker threads share a destination's back-off: a failure seen by one makes the others fail
 /// fast, and while it is down only one connect attempt runs at a time (paused time).
-#[tokio::test(start_paused = true)]
 async fn workers_share_backoff_and_reconnect_one_at_a_time() {
     use pushrelay::upstream::pool::{PoolError, set_worker};
     // Accepts TCP (in the kernel's backlog) and never answers TLS: each attempt hangs until the
@@ -563,6 +564,7 @@ async fn workers_share_backoff_and_reconnect_one_at_a_time() {
     );
     set_worker(0);
     drop(hole);
+}
 }
 
 for_each_http2_client! {
@@ -1200,9 +1202,9 @@ fn token_key(dest: &pushrelay::policy::Authority, iss: &str) -> pushrelay::upstr
     }
 }
 
+for_each_http2_client! { paused:
 /// Made-up JWT issuers do not escape the back-off: after one issuer's connect failed, another
 /// issuer's request towards the same destination fails fast instead of trying again.
-#[tokio::test(start_paused = true)]
 async fn token_identities_share_their_destinations_backoff() {
     use pushrelay::upstream::pool::PoolError;
     let closed_port = {
@@ -1227,12 +1229,13 @@ async fn token_identities_share_their_destinations_backoff() {
         );
     }
 }
+}
 
+for_each_http2_client! { paused:
 /// New token identities towards a destination are admitted at
 /// `upstream.new_token_identities_per_minute` (here 3, the burst too): the fourth new issuer in a
 /// minute is refused before anything is opened for it; a known one is not; 20 s later one more
 /// is admitted.
-#[tokio::test(start_paused = true)]
 async fn new_token_identities_are_rate_limited_per_destination() {
     use pushrelay::upstream::pool::PoolError;
     let closed_port = {
@@ -1282,6 +1285,7 @@ async fn new_token_identities_are_rate_limited_per_destination() {
     );
     pushrelay::upstream::pool::set_worker(0);
 }
+}
 
 use pushrelay::upstream::pool::PoolError;
 
@@ -1296,9 +1300,9 @@ async fn poll_once_pending<T, F: std::future::Future<Output = Result<T, PoolErro
     }
 }
 
+for_each_http2_client! { paused:
 /// `max_token_identities` (2 here) holds per destination over 4 worker shards, not per shard:
 /// with two busy identities on workers 0 and 1, a third on worker 2 is refused.
-#[tokio::test(start_paused = true)]
 async fn max_token_identities_is_per_destination_whatever_the_workers() {
     use pushrelay::upstream::pool::{PoolError, set_worker};
     // Accepts TCP and never answers TLS: the identities' checkouts stay busy.
@@ -1323,11 +1327,12 @@ async fn max_token_identities_is_per_destination_whatever_the_workers() {
     set_worker(0);
     drop(hole);
 }
+}
 
+for_each_http2_client! { paused:
 /// `max_queued_requests` (2 here) holds per destination over 2 worker shards: two requests wait
 /// on worker 0, so worker 1's second request finds the queue full (its first, which started
 /// that worker's connect, may always wait for it).
-#[tokio::test(start_paused = true)]
 async fn max_queued_requests_is_per_destination_whatever_the_workers() {
     use pushrelay::upstream::pool::{PoolError, set_worker};
     let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -1352,14 +1357,15 @@ async fn max_queued_requests_is_per_destination_whatever_the_workers() {
     set_worker(0);
     drop(hole);
 }
+}
 
+for_each_http2_client! {
 /// `max_connections_per_destination` (3 here) holds over 2 worker shards: with every stream
 /// busy (the origin allows one per connection), worker 0 opens two, worker 1 one, and worker 1's
 /// next request waits instead of opening a fourth.
-#[tokio::test]
 async fn max_connections_is_per_destination_whatever_the_workers() {
     use pushrelay::upstream::connect::Connector;
-    use pushrelay::upstream::pool::{Pool, PoolKey, PoolSettings, set_worker};
+    use pushrelay::upstream::pool::{PoolKey, PoolSettings, set_worker};
     let pki = TestPki::new();
     let options = OriginOptions {
         max_concurrent_streams: Some(1),
@@ -1375,7 +1381,7 @@ async fn max_connections_is_per_destination_whatever_the_workers() {
         .insert(dest.clone(), origin.addr.to_string());
     upstream.max_connections_per_destination = 3;
     let tls = pushrelay::tls::client::build(std::slice::from_ref(&pki.ca_cert), None).unwrap();
-    let pool = Pool::new(
+    let pool = support::relay::pool_for_current_client(
         Connector::new(&upstream),
         HashMap::from([(None, tls)]),
         PoolSettings {
@@ -1410,6 +1416,7 @@ async fn max_connections_is_per_destination_whatever_the_workers() {
     leases.pop();
     within(10, "the freed stream", fourth).await.unwrap();
     set_worker(0);
+}
 }
 
 for_each_http2_client! {

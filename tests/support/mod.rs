@@ -18,25 +18,32 @@ use std::future::Future;
 use std::time::Duration;
 
 /// Defines an async test once per upstream HTTP/2 client, as `NAME::h2` and `NAME::native`: every
-/// relay the test starts through `relay::start*` gets that `upstream.http2_client`. The body is
-/// the test's; `#[doc]` lines are kept on both.
+/// relay the test starts through `relay::start*`, and every pool it builds through
+/// `relay::pool_for_current_client`, gets that `upstream.http2_client`. The body is the test's;
+/// `#[doc]` lines are kept on both. `paused:` first runs both on paused time.
 #[macro_export]
 macro_rules! for_each_http2_client {
-    ($(#[doc = $doc:expr])* async fn $name:ident() $body:block) => {
+    (paused: $($test:tt)*) => {
+        $crate::for_each_http2_client!(@as [tokio::test(start_paused = true)] $($test)*);
+    };
+    (@as [$($attr:tt)*] $(#[doc = $doc:expr])* async fn $name:ident() $body:block) => {
         mod $name {
             #[allow(unused_imports)]
             use super::*;
             $(#[doc = $doc])*
-            #[tokio::test]
+            #[$($attr)*]
             async fn h2() {
                 $crate::support::relay::with_http2_client("h2", async $body).await
             }
             $(#[doc = $doc])*
-            #[tokio::test]
+            #[$($attr)*]
             async fn native() {
                 $crate::support::relay::with_http2_client("native", async $body).await
             }
         }
+    };
+    ($($test:tt)*) => {
+        $crate::for_each_http2_client!(@as [tokio::test] $($test)*);
     };
 }
 

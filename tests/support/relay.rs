@@ -95,6 +95,24 @@ pub async fn with_http2_client<F: std::future::Future>(client: &'static str, tes
     test.await
 }
 
+/// A pool built straight from its parts (no relay) on this thread's `upstream.http2_client`
+/// (`for_each_http2_client!`), or on the default (`native`) outside it.
+pub fn pool_for_current_client(
+    connector: pushrelay::upstream::connect::Connector,
+    tls: std::collections::HashMap<
+        Option<std::sync::Arc<str>>,
+        std::sync::Arc<rustls::ClientConfig>,
+    >,
+    settings: pushrelay::upstream::pool::PoolSettings,
+    metrics: std::sync::Arc<pushrelay::metrics::Metrics>,
+) -> pushrelay::upstream::pool::Pool {
+    use pushrelay::upstream::pool::Pool;
+    match HTTP2_CLIENT.with(|c| c.get()) {
+        Some("h2") => Pool::new(connector, tls, settings, metrics),
+        _ => Pool::native(connector, tls, settings, metrics),
+    }
+}
+
 /// `yaml` with the `upstream.http2_client` of this task's test, when it runs per client and the
 /// YAML does not name one itself. Reloads of a relay go through it too.
 pub fn for_current_client(yaml: &str) -> String {
