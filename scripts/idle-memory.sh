@@ -134,6 +134,9 @@ HOST="api.push.apple.com"
 AUTHORITY="$HOST:$ORIGIN_PORT"
 
 # Opens n idle connections to port; leaves the client running (its stdin a FIFO kept open by fd).
+# Starts `n` idle clients against `port` and waits for their READY line: sets OPEN (connections
+# open) and FAILED. Runs in this shell, not a subshell: the fifo's writer (in HOLDS) must stay
+# open, since the clients hang up when their stdin closes.
 open_clients() {
   local port=$1 n=$2 tag=$3 i line
   mkfifo "$WORK/$tag.in"
@@ -145,7 +148,7 @@ open_clients() {
   for ((i = 0; i < 1200; i++)); do
     line="$(cat "$WORK/$tag.out")"
     if [[ "$line" == READY* ]]; then
-      echo "$line"
+      read -r _ OPEN FAILED <<<"$line"
       return 0
     fi
     sleep 0.1
@@ -153,18 +156,31 @@ open_clients() {
   die "$tag: clients not ready after 120s; see $WORK/$tag.err"
 }
 
+# Sockets `pid` holds open now (its file descriptors).
+open_fds() {
+  local pid=$1
+  find "/proc/$pid/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l
+}
+
 ROWS=()
 measure() {
-  local name=$1 pid=$2 port=$3 base warm after ready failed
+  local name=$1 pid=$2 port=$3 base warm after ready failed fds fds_warm
   HOLDS=()
   base=$(rss_kib "$pid")
-  read -r _ ready failed < <(open_clients "$port" "$WARMUP" "$name-warm")
+  open_clients "$port" "$WARMUP" "$name-warm"
   sleep 1
   warm=$(rss_kib "$pid")
-  read -r _ ready failed < <(open_clients "$port" "$COUNT" "$name-idle")
+  fds_warm=$(open_fds "$pid")
+  open_clients "$port" "$COUNT" "$name-idle"
+  ready=$OPEN failed=$FAILED
   [[ "$failed" -eq 0 ]] || echo "idle-memory.sh: $name: $failed of $COUNT connections failed" >&2
   sleep 2
   after=$(rss_kib "$pid")
+  # The reading counts only if the connections are still open in the proxy (a proxy may close
+  # a few of its own meanwhile: idle upstream connections, say).
+  fds=$(open_fds "$pid")
+  [[ $((fds - fds_warm)) -ge $((ready * 9 / 10)) ]] ||
+    die "$name holds $((fds - fds_warm)) more sockets than before, not the $ready idle connections opened: they were closed before the reading"
   local per
   per=$(awk -v a="$after" -v w="$warm" -v n="$ready" 'BEGIN { printf "%.1f", (a - w) / (n > 0 ? n : 1) }')
   ROWS+=("| $name | $ready | $((base)) | $((warm)) | $((after)) | $per |")
