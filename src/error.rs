@@ -309,7 +309,9 @@ fn classify_chain_connect(e: &ConnectError) -> (StatusCode, &'static str, Fault)
     match e {
         ConnectError::Tunnel(_) => classify_connect(e),
         e if e.is_timeout() => (S::GATEWAY_TIMEOUT, "RelayChainTimeout", up),
-        ConnectError::Tls { .. } => (S::BAD_GATEWAY, "RelayChainTlsFailed", up),
+        ConnectError::Tls { .. } | ConnectError::CertificateRefused { .. } => {
+            (S::BAD_GATEWAY, "RelayChainTlsFailed", up)
+        }
         _ => (S::BAD_GATEWAY, "RelayChainUnreachable", up),
     }
 }
@@ -333,7 +335,9 @@ fn classify_connect(e: &ConnectError) -> (StatusCode, &'static str, Fault) {
         },
         ConnectError::Resolve { .. } => (S::BAD_GATEWAY, "RelayUpstreamUnresolvable", up),
         ConnectError::Tcp { .. } => (S::BAD_GATEWAY, "RelayUpstreamUnreachable", up),
-        ConnectError::Tls { .. } => (S::BAD_GATEWAY, "RelayUpstreamTlsFailed", up),
+        ConnectError::Tls { .. } | ConnectError::CertificateRefused { .. } => {
+            (S::BAD_GATEWAY, "RelayUpstreamTlsFailed", up)
+        }
         ConnectError::NoH2 { .. } => (S::BAD_GATEWAY, "RelayUpstreamNoHttp2", up),
         ConnectError::H2 { .. } | ConnectError::Http2 { .. } => {
             (S::BAD_GATEWAY, "RelayUpstreamProtocolError", up)

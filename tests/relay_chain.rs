@@ -807,6 +807,37 @@ async fn a_renewed_client_certificate_drains_the_connections_that_presented_the_
     assert_eq!(origin.received().len(), 3);
 }
 
+/// A DMZ relay that refuses the inside relay's certificate costs one TLS handshake per back-off
+/// step, not two per push: the refusal (which TLS 1.3 reports only at the first read) counts as
+/// the failed connect it is, is not sent again, and the pushes after it fail fast with the same
+/// reason, nothing reaching the origin.
+#[tokio::test]
+async fn a_refused_client_certificate_backs_off_instead_of_costing_a_handshake_per_push() {
+    let pki = TestPki::new();
+    let origin = FakeApns::start(&pki).await;
+    let proxy = TestProxy::start(Behaviour::Open).await;
+    let other = TestPki::new();
+    let (cert, key) = other.write_client_cert("stranger");
+    let (inside, _dmz) =
+        chain::start_with_cert(&pki, &origin, Some(&proxy.url()), (&cert, &key)).await;
+    let client = H2Client::connect(&pki, inside.addr()).await;
+    for i in 0..20 {
+        let answer = within(20, "a refused push", client.push(&token(i), PAYLOAD)).await;
+        assert_eq!(
+            (answer.status.as_u16(), answer.reason().as_deref()),
+            (502, Some("RelayChainTlsFailed")),
+            "push {i}: {:?}",
+            answer.body
+        );
+    }
+    assert_eq!(
+        proxy.tunnel_count(),
+        1,
+        "20 refused pushes inside the first back-off step: one tunnel, one handshake"
+    );
+    assert!(origin.received().is_empty());
+}
+
 #[tokio::test]
 async fn a_renewed_client_certificate_is_presented_after_a_reload() {
     let pki = TestPki::new();

@@ -128,6 +128,20 @@ impl ChainError {
         }
     }
 
+    /// A TLS refusal as the failed connect it is (for the destination's back-off).
+    pub fn connect_refusal(&self) -> Option<ConnectError> {
+        let ChainError::TlsRefused { relay, source, .. } = self else {
+            return None;
+        };
+        Some(ConnectError::Relay {
+            relay: relay.clone(),
+            source: Box::new(ConnectError::CertificateRefused {
+                host: relay.clone(),
+                reason: source.to_string(),
+            }),
+        })
+    }
+
     /// The proxy's own status, when it answered in the DMZ relay's place.
     pub fn proxy_status(&self) -> Option<u16> {
         match self {

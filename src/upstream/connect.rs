@@ -58,6 +58,11 @@ pub enum ConnectError {
     },
     #[error("TLS handshake with {host} timed out after {after:?}")]
     TlsTimeout { host: String, after: Duration },
+    /// The peer's TLS refused our client certificate once our side of the handshake was done:
+    /// TLS 1.3 says so only at the first read, so this is seen on the connection's first
+    /// exchange and recorded as its connect's failure.
+    #[error("{host} refused our client certificate after the TLS handshake: {reason}")]
+    CertificateRefused { host: String, reason: String },
     #[error("{host} selected ALPN {alpn:?} instead of h2")]
     NoH2 { host: String, alpn: String },
     #[error("HTTP/2 handshake with {host} failed: {source}")]
@@ -91,7 +96,7 @@ impl ConnectError {
             ConnectError::Tunnel(TunnelError::Refused { status, .. }) => {
                 matches!(status, 403 | 407)
             }
-            ConnectError::Resolve { .. } => true,
+            ConnectError::Resolve { .. } | ConnectError::CertificateRefused { .. } => true,
             ConnectError::Tls { source, .. } => source
                 .get_ref()
                 .and_then(|e| e.downcast_ref::<rustls::Error>())
@@ -131,6 +136,7 @@ impl ConnectError {
             ConnectError::Tunnel(_) => "proxy",
             ConnectError::Tls { .. }
             | ConnectError::TlsTimeout { .. }
+            | ConnectError::CertificateRefused { .. }
             | ConnectError::NoH2 { .. } => "tls",
             ConnectError::H2 { .. }
             | ConnectError::H2Timeout { .. }
@@ -138,7 +144,9 @@ impl ConnectError {
             ConnectError::Relay { source, .. } => match source.as_ref() {
                 ConnectError::Tunnel(_) => "proxy",
                 ConnectError::Resolve { .. } | ConnectError::ResolveTimeout { .. } => "dns",
-                ConnectError::Tls { .. } | ConnectError::TlsTimeout { .. } => "relay-tls",
+                ConnectError::Tls { .. }
+                | ConnectError::TlsTimeout { .. }
+                | ConnectError::CertificateRefused { .. } => "relay-tls",
                 _ => "relay",
             },
         }
@@ -158,6 +166,7 @@ impl ConnectError {
         match self {
             ConnectError::Tls { .. }
             | ConnectError::TlsTimeout { .. }
+            | ConnectError::CertificateRefused { .. }
             | ConnectError::NoH2 { .. } => true,
             ConnectError::Relay { source, .. } => source.is_tls(),
             _ => false,

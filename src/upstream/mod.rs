@@ -299,6 +299,14 @@ impl Upstream {
                             lease.retire();
                         }
                         let e = self.link_error(conn, e);
+                        // Refused in TLS: a failed connect after all, which a resend would only
+                        // repeat (one more handshake at the far end, the same refusal).
+                        if let UpstreamError::Chain(chain) = &e
+                            && let Some(refused) = chain.connect_refusal()
+                        {
+                            self.pool.connect_refused(&lease, refused);
+                            return Err(e);
+                        }
                         if !resent && e.never_processed() {
                             tracing::info!(upstream.conn = conn, error = %e, "upstream did not process the request; sending it once more");
                             resent = true;

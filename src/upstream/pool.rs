@@ -996,6 +996,15 @@ impl Pool {
                 .collect();
             for d in dests {
                 d.shared.generation.fetch_add(1, Ordering::AcqRel);
+                // A failure the old certificate caused may be gone: the next request tries.
+                {
+                    let mut health = d.health();
+                    *health = Health {
+                        finished: health.finished,
+                        probing: health.probing,
+                        ..Health::default()
+                    };
+                }
                 for conn in d.lock().conns.iter() {
                     if conn.open.load(Ordering::Acquire) {
                         drained += 1;
@@ -1291,31 +1300,48 @@ impl Pool {
             }
             Err(e) => {
                 health.finished = finished;
-                health.failures = health.failures.saturating_add(1);
-                health.down_since_wall.get_or_insert_with(SystemTime::now);
-                let down_since = *health.down_since.get_or_insert(now);
-                let settings = &self.inner.settings;
-                if now < down_since + settings.reconnect_wait {
-                    health.riding_out += 1;
-                }
-                let steps = (health.failures - health.riding_out).max(1);
-                let delay = backoff_delay(settings, steps, random_jitter());
-                health.retry_at = Some(now + delay);
-                self.record_failure(&e);
-                let e = Arc::new(e);
-                health.last_error = Some(e.clone());
-                tracing::warn!(
-                    upstream.authority = %key.dest,
-                    upstream.hop = e.hop(),
-                    proxy.status = e_proxy_status(&e),
-                    retry_in_ms = delay.as_millis() as u64,
-                    down_for_ms = now.saturating_duration_since(down_since).as_millis() as u64,
-                    lasting = e.is_lasting(),
-                    error = %e,
-                    "upstream connect failed"
-                );
+                self.mark_failed(key, &mut health, e, now);
             }
         }
+    }
+
+    /// A connect to `key` failed with `e`: the destination is down, and backs off.
+    fn mark_failed(&self, key: &PoolKey, health: &mut Health, e: ConnectError, now: Instant) {
+        health.failures = health.failures.saturating_add(1);
+        health.down_since_wall.get_or_insert_with(SystemTime::now);
+        let down_since = *health.down_since.get_or_insert(now);
+        let settings = &self.inner.settings;
+        if now < down_since + settings.reconnect_wait {
+            health.riding_out += 1;
+        }
+        let steps = (health.failures - health.riding_out).max(1);
+        let delay = backoff_delay(settings, steps, random_jitter());
+        health.retry_at = Some(now + delay);
+        self.record_failure(&e);
+        let e = Arc::new(e);
+        health.last_error = Some(e.clone());
+        tracing::warn!(
+            upstream.authority = %key.dest,
+            upstream.hop = e.hop(),
+            proxy.status = e_proxy_status(&e),
+            retry_in_ms = delay.as_millis() as u64,
+            down_for_ms = now.saturating_duration_since(down_since).as_millis() as u64,
+            lasting = e.is_lasting(),
+            error = %e,
+            "upstream connect failed"
+        );
+    }
+
+    /// `lease`'s connection turned out refused at its first exchange (a DMZ relay's TLS 1.3
+    /// refusing our client certificate, which it says only at the first read): the connect
+    /// failed after all. The connection is retired and the destination backs off as after any
+    /// failed connect, so that the requests after it fail fast instead of each costing the far
+    /// end a handshake.
+    pub fn connect_refused(&self, lease: &Lease, e: ConnectError) {
+        lease.retire();
+        let dest = &lease.dest;
+        self.mark_failed(&dest.key, &mut dest.health(), e, Instant::now());
+        dest.shared.health.changed.notify_waiters();
     }
 
     fn record_failure(&self, e: &ConnectError) {
