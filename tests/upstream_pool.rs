@@ -1426,87 +1426,25 @@ for_each_http2_client! {
 /// client connection has a fair share, freed slots go first to clients under theirs, and one
 /// under its share may wait in a full queue.
 async fn clients_filling_the_pool_leave_a_normal_client_its_share() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
     let pki = TestPki::new();
-    let origin = FakeApns::start_with(
-        &pki,
-        OriginOptions {
-            max_concurrent_streams: Some(10),
-            slow_topic: Some(("com.example.slow".into(), Duration::from_millis(400))),
-            ..Default::default()
-        },
-    )
-    .await;
-    let upstream = "  max_connections_per_destination: 1\n  max_queued_requests: 10\n";
-    let yaml = yaml_with(&pki, &origin, Via::Direct, upstream)
-        .replace("request_timeout: 5s", "request_timeout: 8s");
+    let (origin, yaml) = slow_origin_for_two_sources(&pki).await;
     let relay = relay::start(&yaml).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let overloaded = Arc::new(AtomicUsize::new(0));
-    let mut attackers = Vec::new();
+    let mut flood = Flood::default();
     for a in 0..3 {
         let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
         for t in 0..15 {
-            let (client, stop, overloaded) = (client.clone(), stop.clone(), overloaded.clone());
-            attackers.push(tokio::spawn(async move {
-                let mut n = 0;
-                while !stop.load(Ordering::SeqCst) {
-                    let mut req =
-                        push_request("api.push.apple.com", &token(a * 10_000 + t * 100 + n));
-                    req.headers_mut()
-                        .insert("apns-topic", "com.example.slow".parse().unwrap());
-                    let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
-                    if answer.status == StatusCode::SERVICE_UNAVAILABLE {
-                        overloaded.fetch_add(1, Ordering::SeqCst);
-                        // Refused at once: try again a little later, as a client would.
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                    n += 1;
-                }
-            }));
+            flood.keep_one_in_flight(&client, a * 10_000 + t * 100);
         }
     }
-    // The pool is full (every stream busy at the origin) and the attackers are being refused.
-    origin.wait_received(10).await;
-    overloaded.store(0, Ordering::SeqCst);
-    within(10, "the attackers fill the pool", async {
-        while overloaded.load(Ordering::SeqCst) < 10 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    flood.wait_refused(&origin, "the attackers fill the pool").await;
     let normal = Arc::new(H2Client::connect(&pki, relay.addr()).await);
     // Four in flight at a time, 20 in all.
-    let pushes = (0..4).map(|lane| {
-        let normal = normal.clone();
-        async move {
-            let mut statuses = Vec::new();
-            for i in 0..5 {
-                let n = 900_000 + lane * 10 + i;
-                let mut req = push_request("api.push.apple.com", &token(n));
-                req.headers_mut()
-                    .insert("apns-id", apns_id(n).parse().unwrap());
-                let answer = normal.send(req, Bytes::from(PAYLOAD)).await.unwrap();
-                statuses.push((answer.status, answer.reason()));
-            }
-            statuses
-        }
-    });
-    let statuses: Vec<(StatusCode, Option<String>)> =
-        within(20, "the normal client's pushes", join_all(pushes))
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-    stop.store(true, Ordering::SeqCst);
+    let statuses = pushes_in_lanes(&normal, 4, 5, "the normal client's pushes").await;
+    flood.stop().await;
     assert!(
         statuses.iter().all(|(s, _)| *s == StatusCode::OK),
         "normal client: {statuses:?}"
     );
-    assert!(overloaded.load(Ordering::SeqCst) >= 10);
-    for a in attackers {
-        within(15, "attackers", a).await.unwrap();
-    }
 }
 }
 
@@ -1534,30 +1472,80 @@ async fn slow_origin_for_two_sources(pki: &TestPki) -> (FakeApns, String) {
     (origin, yaml)
 }
 
-/// Keeps one slow push in flight on `client` (device tokens from `first_token` on) until `stop`
-/// (at most 30 s), counting 503 answers in `overloaded`: refused at once, it tries again a little
-/// later, as a client would.
-fn spawn_slow_pusher(
-    client: Arc<H2Client>,
-    first_token: usize,
+/// Pushes towards the slow tenant, each client task keeping one in flight until stopped (at
+/// most 30 s), counting the 503 answers: refused at once, a task tries again a little later, as
+/// a client would.
+#[derive(Default)]
+struct Flood {
     stop: Arc<std::sync::atomic::AtomicBool>,
     overloaded: Arc<std::sync::atomic::AtomicUsize>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut n = 0;
-        let until = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !stop.load(Ordering::SeqCst) && tokio::time::Instant::now() < until {
-            let mut req = push_request("api.push.apple.com", &token(first_token + n));
-            req.headers_mut()
-                .insert("apns-topic", "com.example.slow".parse().unwrap());
-            let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
-            if answer.status == StatusCode::SERVICE_UNAVAILABLE {
-                overloaded.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_millis(20)).await;
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Flood {
+    /// One more push in flight on `client`, device tokens from `first_token` on.
+    fn keep_one_in_flight(&mut self, client: &Arc<H2Client>, first_token: usize) {
+        let (client, stop, overloaded) =
+            (client.clone(), self.stop.clone(), self.overloaded.clone());
+        self.tasks.push(tokio::spawn(async move {
+            let mut n = 0;
+            let until = tokio::time::Instant::now() + Duration::from_secs(30);
+            while !stop.load(Ordering::SeqCst) && tokio::time::Instant::now() < until {
+                let mut req = push_request("api.push.apple.com", &token(first_token + n));
+                req.headers_mut()
+                    .insert("apns-topic", "com.example.slow".parse().unwrap());
+                let answer = client.send(req, Bytes::from(PAYLOAD)).await.unwrap();
+                if answer.status == StatusCode::SERVICE_UNAVAILABLE {
+                    overloaded.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                n += 1;
             }
-            n += 1;
+        }));
+    }
+
+    /// Until the pool is full (every stream busy at the origin) and the flood is being refused:
+    /// ten 503s counted from then on.
+    async fn wait_refused(&self, origin: &FakeApns, what: &str) {
+        origin.wait_received(10).await;
+        self.overloaded.store(0, Ordering::SeqCst);
+        within(10, what, async {
+            while self.overloaded.load(Ordering::SeqCst) < 10 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.tasks {
+            within(15, "the flood's end", t).await.unwrap();
         }
-    })
+    }
+}
+
+/// `lanes` pushes in flight at a time on `client`, `per_lane` one after another in each: the
+/// status and reason of each.
+async fn pushes_in_lanes(
+    client: &Arc<H2Client>,
+    lanes: usize,
+    per_lane: usize,
+    what: &str,
+) -> Vec<(StatusCode, Option<String>)> {
+    let pushes = (0..lanes).map(|lane| async move {
+        let mut statuses = Vec::new();
+        for i in 0..per_lane {
+            let answer = client.push(&token(900_000 + lane * 10 + i), PAYLOAD).await;
+            statuses.push((answer.status, answer.reason()));
+        }
+        statuses
+    });
+    within(20, what, join_all(pushes))
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 crate::for_each_http2_client! {
@@ -1568,70 +1556,30 @@ crate::for_each_http2_client! {
 /// per connection, that client would get one eleventh of the pool (one push at a time) and be
 /// refused 503 for the rest.
 async fn a_source_with_many_connections_leaves_another_source_its_share() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use support::client::Connect;
     let pki = TestPki::new();
     let (origin, yaml) = slow_origin_for_two_sources(&pki).await;
     let relay = relay::start(&yaml).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let overloaded = Arc::new(AtomicUsize::new(0));
-    let mut flood = Vec::new();
+    let mut flood = Flood::default();
     for a in 0..10 {
         let client = Arc::new(H2Client::connect(&pki, relay.addr()).await);
         for t in 0..4 {
-            flood.push(spawn_slow_pusher(
-                client.clone(),
-                a * 10_000 + t * 100,
-                stop.clone(),
-                overloaded.clone(),
-            ));
+            flood.keep_one_in_flight(&client, a * 10_000 + t * 100);
         }
     }
-    // The pool is full (every stream busy at the origin) and the flood is being refused.
-    origin.wait_received(10).await;
-    overloaded.store(0, Ordering::SeqCst);
-    within(10, "the flood fills the pool", async {
-        while overloaded.load(Ordering::SeqCst) < 10 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    flood.wait_refused(&origin, "the flood fills the pool").await;
     let other = Connect {
         from: Some([127, 0, 0, 2].into()),
         ..Connect::new(relay.addr())
     };
     let other = Arc::new(H2Client::connect_with(&pki, other).await.unwrap());
     // Five in flight at a time, 20 in all.
-    let pushes = (0..5).map(|lane| {
-        let other = other.clone();
-        async move {
-            let mut statuses = Vec::new();
-            for i in 0..4 {
-                let n = 900_000 + lane * 10 + i;
-                let mut req = push_request("api.push.apple.com", &token(n));
-                req.headers_mut()
-                    .insert("apns-id", apns_id(n).parse().unwrap());
-                let answer = other.send(req, Bytes::from(PAYLOAD)).await.unwrap();
-                statuses.push((answer.status, answer.reason()));
-            }
-            statuses
-        }
-    });
-    let statuses: Vec<(StatusCode, Option<String>)> =
-        within(20, "the other source's pushes", join_all(pushes))
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-    stop.store(true, Ordering::SeqCst);
+    let statuses = pushes_in_lanes(&other, 5, 4, "the other source's pushes").await;
+    flood.stop().await;
     assert!(
         statuses.iter().all(|(s, _)| *s == StatusCode::OK),
         "the other source: {statuses:?}"
     );
-    assert!(overloaded.load(Ordering::SeqCst) >= 10);
-    for f in flood {
-        within(15, "flood", f).await.unwrap();
-    }
 }
 }
 
@@ -1642,32 +1590,19 @@ crate::for_each_http2_client! {
 /// 10 streams and 5 queue places) still gets every push through: a waiting request of the shard
 /// holding more than its part of the queue gives up its place.
 async fn the_shared_queue_is_shared_fairly_between_worker_shards() {
-    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use support::client::Connect;
     let pki = TestPki::new();
     let (origin, yaml) = slow_origin_for_two_sources(&pki).await;
     let relay = relay::start_on_workers(&yaml, 2).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let overloaded = Arc::new(AtomicUsize::new(0));
     // One connection: one worker.
     let flooder = Arc::new(H2Client::connect(&pki, relay.addr()).await);
-    let mut flood = Vec::new();
+    let mut flood = Flood::default();
     for t in 0..30 {
-        flood.push(spawn_slow_pusher(
-            flooder.clone(),
-            t * 100,
-            stop.clone(),
-            overloaded.clone(),
-        ));
+        flood.keep_one_in_flight(&flooder, t * 100);
     }
-    origin.wait_received(10).await;
-    overloaded.store(0, Ordering::SeqCst);
-    within(10, "the flood fills its streams and the queue", async {
-        while overloaded.load(Ordering::SeqCst) < 10 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    flood
+        .wait_refused(&origin, "the flood fills its streams and the queue")
+        .await;
     // The least busy worker takes the second connection.
     let other = Connect {
         from: Some([127, 0, 0, 2].into()),
@@ -1679,32 +1614,12 @@ async fn the_shared_queue_is_shared_fairly_between_worker_shards() {
         other.push(&token(800_000), PAYLOAD).await.status,
         StatusCode::OK
     );
-    let pushes = (0..15).map(|lane| {
-        let other = other.clone();
-        async move {
-            let mut statuses = Vec::new();
-            for i in 0..2 {
-                let n = 900_000 + lane * 10 + i;
-                let answer = other.push(&token(n), PAYLOAD).await;
-                statuses.push((answer.status, answer.reason()));
-            }
-            statuses
-        }
-    });
-    let statuses: Vec<(StatusCode, Option<String>)> =
-        within(20, "the other worker's pushes", join_all(pushes))
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
-    stop.store(true, Ordering::SeqCst);
+    let statuses = pushes_in_lanes(&other, 15, 2, "the other worker's pushes").await;
+    flood.stop().await;
     assert!(
         statuses.iter().all(|(s, _)| *s == StatusCode::OK),
         "the other worker's client: {statuses:?}"
     );
-    for f in flood {
-        within(15, "flood", f).await.unwrap();
-    }
     relay.stop().await;
 }
 }
