@@ -73,7 +73,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use config::{Config, Http2Client, Mode, ValidConfig};
+use config::{Config, Mode, ValidConfig};
 use listen::Listener;
 use policy::SourcePolicy;
 use relay::Relay;
@@ -174,14 +174,8 @@ impl App {
                 Upstream::new(Pool::chain(kind, settings, metrics.clone()), Some(relay))
             }
             None => {
-                let pool = match config.upstream.http2_client {
-                    Http2Client::H2 => Pool::new,
-                    Http2Client::Native => Pool::native,
-                };
-                Upstream::new(
-                    pool(routes.clone(), tls_by_identity, settings, metrics.clone()),
-                    None,
-                )
+                let pool = Pool::new(routes.clone(), tls_by_identity, settings, metrics.clone());
+                Upstream::new(pool, None)
             }
         };
         let relay = Arc::new(Relay::new(&config, upstream, metrics));

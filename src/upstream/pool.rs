@@ -33,7 +33,7 @@ use super::decision::{Decision, Holds, Limits, View, decide, shares};
 use super::h2_link::H2Kind;
 use super::link::{Link, LinkKind, Opened};
 use super::native_link::NativeKind;
-use crate::config::UpstreamConfig;
+use crate::config::{Http2Client, UpstreamConfig};
 use crate::fasthash::FastMap;
 use crate::metrics::{DestinationGauges, Metrics, PoolGauges};
 use crate::policy::Authority;
@@ -110,6 +110,8 @@ pub struct PoolSettings {
     /// shards (shared counters), except that a shard with no connection may always open one;
     /// back-off is shared (`Health`).
     pub shards: usize,
+    /// Which HTTP/2 client an origin pool's connections run (`upstream.http2_client`).
+    pub http2_client: Http2Client,
 }
 
 impl PoolSettings {
@@ -126,6 +128,7 @@ impl PoolSettings {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             shards: 1,
+            http2_client: upstream.http2_client,
         }
     }
 }
@@ -757,8 +760,8 @@ impl PoolGauges for Pool {
 }
 
 impl Pool {
-    /// HTTP/2 connections to the origins, by the h2 crate's client; `tls` maps each identity
-    /// (None: anonymous) to the client config that presents it.
+    /// HTTP/2 connections to the origins, on the client `settings.http2_client` names; `tls`
+    /// maps each identity (None: anonymous) to the client config that presents it.
     pub fn new(
         connector: Connector,
         tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
@@ -766,26 +769,11 @@ impl Pool {
         metrics: Arc<Metrics>,
     ) -> Self {
         let setup = Self::origin_setup(connector, tls, &settings, &metrics);
-        Self::of_kind(
-            LinkKind::H2(Box::new(H2Kind::new(setup))),
-            settings,
-            metrics,
-        )
-    }
-
-    /// As [`Pool::new`], on pushrelay's own HTTP/2 client (`upstream.http2_client: native`).
-    pub fn native(
-        connector: Connector,
-        tls: HashMap<Option<Arc<str>>, Arc<ClientConfig>>,
-        settings: PoolSettings,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        let setup = Self::origin_setup(connector, tls, &settings, &metrics);
-        Self::of_kind(
-            LinkKind::Native(Box::new(NativeKind::new(setup))),
-            settings,
-            metrics,
-        )
+        let kind = match settings.http2_client {
+            Http2Client::H2 => LinkKind::H2(Box::new(H2Kind::new(setup))),
+            Http2Client::Native => LinkKind::Native(Box::new(NativeKind::new(setup))),
+        };
+        Self::of_kind(kind, settings, metrics)
     }
 
     fn origin_setup(
@@ -1450,6 +1438,7 @@ mod tests {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(60),
             shards: 1,
+            http2_client: Http2Client::Native,
         }
     }
 

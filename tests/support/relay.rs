@@ -103,14 +103,15 @@ pub fn pool_for_current_client(
         Option<std::sync::Arc<str>>,
         std::sync::Arc<rustls::ClientConfig>,
     >,
-    settings: pushrelay::upstream::pool::PoolSettings,
+    mut settings: pushrelay::upstream::pool::PoolSettings,
     metrics: std::sync::Arc<pushrelay::metrics::Metrics>,
 ) -> pushrelay::upstream::pool::Pool {
-    use pushrelay::upstream::pool::Pool;
-    match HTTP2_CLIENT.with(|c| c.get()) {
-        Some("h2") => Pool::new(connector, tls, settings, metrics),
-        _ => Pool::native(connector, tls, settings, metrics),
-    }
+    use pushrelay::config::Http2Client;
+    settings.http2_client = match HTTP2_CLIENT.with(|c| c.get()) {
+        Some("h2") => Http2Client::H2,
+        _ => Http2Client::Native,
+    };
+    pushrelay::upstream::pool::Pool::new(connector, tls, settings, metrics)
 }
 
 /// `yaml` with the `upstream.http2_client` of this task's test, when it runs per client and the
