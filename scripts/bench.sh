@@ -111,17 +111,12 @@ PUSHRELAY=""
 OUT=""
 KEEP=""
 
-die() {
-  echo "bench.sh: $*" >&2
-  exit 2
-}
+SCRIPT=bench.sh
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 need_value() {
   [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value (see --help)"
-}
-
-positive() {
-  [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, not '$2'"
 }
 
 while [[ $# -gt 0 ]]; do
@@ -250,35 +245,6 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
-
-# A port nothing listens on, outside the kernel's ephemeral range (h2load's client ports).
-declare -A TAKEN=()
-free_port() {
-  local port i
-  for ((i = 0; i < 200; i++)); do
-    port=$((20000 + RANDOM % 12000))
-    [[ -n "${TAKEN[$port]:-}" ]] && continue
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      TAKEN[$port]=1
-      echo "$port"
-      return 0
-    fi
-  done
-  die "no free port found on 127.0.0.1"
-}
-
-# Waits (bounded) until something accepts on 127.0.0.1:$2; $1 is the PID that should be serving.
-wait_port() {
-  local pid=$1 port=$2 what=$3 tries=${4:-100} i
-  for ((i = 0; i < tries; i++)); do
-    kill -0 "$pid" 2>/dev/null || die "$what exited at start-up; see $WORK/$what.log"
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      return 0
-    fi
-    sleep 0.1
-  done
-  die "$what does not listen on 127.0.0.1:$port after $((tries / 10))s; see $WORK/$what.log"
-}
 
 # CPU clock ticks used so far by a process and its descendants: "user system".
 cpu_ticks() {
@@ -420,20 +386,20 @@ EOF
 
 # start_proxy PROXY NAME THREADS PRE POST [WRAPPER...]: any proxy of PROXIES.
 start_proxy() {
-  local proxy=$1 name=$2 threads=$3 pre=$4 post=$5
+  local proxy=$1 name=$2 threads=$3 pre=$4 post=$5 fwd
   shift 5
   case "$proxy" in
-    pushrelay) start_pushrelay "$name" "$threads" h2 "$pre" "$post" "$(free_port)" "$@" ;;
-    pushrelay-native) start_pushrelay "$name" "$threads" native "$pre" "$post" "$(free_port)" "$@" ;;
+    pushrelay) free_port fwd; start_pushrelay "$name" "$threads" h2 "$pre" "$post" "$fwd" "$@" ;;
+    pushrelay-native) free_port fwd; start_pushrelay "$name" "$threads" native "$pre" "$post" "$fwd" "$@" ;;
     nghttpx) start_nghttpx "$name" "$threads" "$pre" "$post" "$@" ;;
     haproxy) start_haproxy "$name" "$threads" "$pre" "$post" "$@" ;;
     *) die "unknown proxy $proxy" ;;
   esac
 }
 
-RELAY_PRE="$(free_port)"
-RELAY_POST="$(free_port)"
-RELAY_FWD="$(free_port)"
+free_port RELAY_PRE
+free_port RELAY_POST
+free_port RELAY_FWD
 start_pushrelay pushrelay "$THREADS" h2 "$RELAY_PRE" "$RELAY_POST" "$RELAY_FWD"
 RELAY_PID=$STARTED_PID
 wait_port "$RELAY_PID" "$RELAY_PRE" pushrelay
@@ -447,8 +413,8 @@ if [[ $CHAIN -eq 1 ]]; then
   "$PUSHRELAY" ca issue --dir "$WORK/dmz-ca" --host localhost --name dmz >/dev/null
   head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/relay.secret"
   chmod 600 "$WORK/relay.secret"
-  CHAIN_DMZ="$(free_port)"
-  CHAIN_PRE="$(free_port)"
+  free_port CHAIN_DMZ
+  free_port CHAIN_PRE
   cat >"$WORK/dmz.yaml" <<EOF
 listeners:
   - name: bench-dmz
@@ -510,8 +476,8 @@ for peer in pushrelay-native nghttpx haproxy; do
   have="HAVE_${peer^^}"
   have="${have//-/_}"
   [[ ${!have} -eq 1 ]] || continue
-  pre="$(free_port)"
-  post="$(free_port)"
+  free_port pre
+  free_port post
   start_proxy "$peer" "$peer" "$THREADS" "$pre" "$post"
   wait_port "$STARTED_PID" "$pre" "$peer"
   wait_port "$STARTED_PID" "$post" "$peer"
@@ -741,8 +707,8 @@ callgrind_total() {
 callgrind_round() {
   local proxy pre post pid role out n total
   for proxy in "${PROXIES[@]}"; do
-    pre="$(free_port)"
-    post="$(free_port)"
+    free_port pre
+    free_port post
     out="$WORK/callgrind.$proxy.out"
     start_proxy "$proxy" "cg-$proxy" 1 "$pre" "$post" \
       valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out"

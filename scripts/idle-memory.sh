@@ -34,13 +34,9 @@ PEERS=1
 BUILD=1
 OUT=""
 
-die() {
-  echo "idle-memory.sh: $*" >&2
-  exit 2
-}
-positive() {
-  [[ "$2" =~ ^[1-9][0-9]*$ ]] || die "$1 must be a positive integer, not '$2'"
-}
+SCRIPT=idle-memory.sh
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --count) [[ $# -ge 2 ]] || die "$1 needs a value"; positive "$1" "$2"; COUNT="$2"; shift 2 ;;
@@ -84,29 +80,6 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-declare -A TAKEN=()
-free_port() {
-  local port i
-  for ((i = 0; i < 200; i++)); do
-    port=$((20000 + RANDOM % 12000))
-    [[ -n "${TAKEN[$port]:-}" ]] && continue
-    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-      TAKEN[$port]=1
-      echo "$port"
-      return 0
-    fi
-  done
-  die "no free port found on 127.0.0.1"
-}
-wait_port() {
-  local pid=$1 port=$2 what=$3 i
-  for ((i = 0; i < 100; i++)); do
-    kill -0 "$pid" 2>/dev/null || die "$what exited at start-up; see its log in $WORK"
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  die "$what does not listen on 127.0.0.1:$port after 10s"
-}
 # Resident set of a process and its children (nghttpx forks a worker), in KiB.
 rss_kib() {
   local pid=$1 total=0 child
@@ -190,7 +163,7 @@ measure() {
   wait "$pid" 2>/dev/null || true
 }
 
-PORT="$(free_port)"
+free_port PORT
 cat >"$WORK/pushrelay.yaml" <<EOF
 listeners:
   - name: idle-pre
@@ -220,7 +193,7 @@ wait_port "$RELAY_PID" "$PORT" pushrelay
 measure pushrelay "$RELAY_PID" "$PORT"
 
 if [[ $PEERS -eq 1 ]] && command -v nghttpx >/dev/null 2>&1; then
-  PORT="$(free_port)"
+  free_port PORT
   nghttpx --conf=/dev/null --single-process --workers="$THREADS" --frontend="127.0.0.1,$PORT" \
     --backend="127.0.0.1,$ORIGIN_PORT;;proto=h2;tls;sni=$HOST" --cacert="$WORK/ca/ca.pem" \
     --no-via --no-ocsp --log-level=WARN --errorlog-file="$WORK/nghttpx.log" \
@@ -234,7 +207,7 @@ elif [[ $PEERS -eq 1 ]]; then
 fi
 
 if [[ $PEERS -eq 1 ]] && command -v haproxy >/dev/null 2>&1; then
-  PORT="$(free_port)"
+  free_port PORT
   cat >"$WORK/haproxy.cfg" <<EOF
 global
   nbthread $THREADS
