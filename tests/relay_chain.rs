@@ -835,6 +835,38 @@ async fn a_refused_client_certificate_backs_off_instead_of_costing_a_handshake_p
         1,
         "20 refused pushes inside the first back-off step: one tunnel, one handshake"
     );
+    let failures = || {
+        inside
+            .relay
+            .pool()
+            .health()
+            .iter()
+            .map(|(_, h)| h.failures)
+            .max()
+    };
+    assert_eq!(failures(), Some(1));
+    // Once the step is over, the next push tries again, is refused again, and the back-off goes
+    // on growing: the refused handshake does not count as a success that starts it afresh.
+    within(5, "the first back-off step", async {
+        while inside
+            .relay
+            .pool()
+            .health()
+            .iter()
+            .any(|(_, h)| h.retry_in.is_some_and(|r| !r.is_zero()))
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let again = within(20, "after the step", client.push(&token(99), PAYLOAD)).await;
+    assert_eq!(again.reason().as_deref(), Some("RelayChainTlsFailed"));
+    assert_eq!(proxy.tunnel_count(), 2);
+    assert_eq!(
+        failures(),
+        Some(2),
+        "the second refusal is the second failure"
+    );
     assert!(origin.received().is_empty());
 }
 

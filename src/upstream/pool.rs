@@ -218,6 +218,10 @@ struct Health {
     /// Of `failures`, those within `reconnect_wait` of going down: retried at the base delay
     /// (an outage of a few seconds is ridden out), the exponential back-off counts the rest.
     riding_out: u32,
+    /// `failures` as it was when the last connect succeeded: a connection refused at its first
+    /// exchange (`Pool::connect_refused`) continues that count, so that connects which keep
+    /// being refused that way back off exponentially like any others.
+    failures_before: u32,
     /// A worker is making the attempt that tells whether the destination is back.
     probing: bool,
     /// `down_since` on the wall clock (for the status page).
@@ -1278,6 +1282,7 @@ impl Pool {
             Ok(conn) => {
                 *health = Health {
                     finished,
+                    failures_before: health.failures,
                     ..Health::default()
                 };
                 if dest.shared.generation.load(Ordering::Acquire) == generation {
@@ -1299,7 +1304,8 @@ impl Pool {
         health.down_since_wall.get_or_insert_with(SystemTime::now);
         let down_since = *health.down_since.get_or_insert(now);
         let settings = &self.inner.settings;
-        if now < down_since + settings.reconnect_wait {
+        // Only what a retry may fix is ridden out at the base delay.
+        if now < down_since + settings.reconnect_wait && !e.is_lasting() {
             health.riding_out += 1;
         }
         let steps = (health.failures - health.riding_out).max(1);
@@ -1328,7 +1334,10 @@ impl Pool {
     pub fn connect_refused(&self, lease: &Lease, e: ConnectError) {
         lease.retire();
         let dest = &lease.dest;
-        self.mark_failed(&dest.key, &mut dest.health(), e, Instant::now());
+        let mut health = dest.health();
+        health.failures = health.failures.max(health.failures_before);
+        self.mark_failed(&dest.key, &mut health, e, Instant::now());
+        drop(health);
         dest.shared.health.changed.notify_waiters();
     }
 
