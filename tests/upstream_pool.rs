@@ -88,6 +88,30 @@ async fn goaway_during_200_concurrent_pushes_loses_none_and_duplicates_none() {
 }
 
 for_each_http2_client! {
+/// An origin's answer trailers reach the HTTP/2 client after the answer, on either upstream
+/// client (the own one reads answers whole, trailers included).
+async fn answer_trailers_reach_the_client() {
+    let pki = TestPki::new();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-origin-checksum", "c0ffee".parse().unwrap());
+    let origin = FakeApns::start_with(
+        &pki,
+        OriginOptions {
+            trailers: Some(trailers),
+            ..Default::default()
+        },
+    )
+    .await;
+    let relay = relay::start(&relay::pre_proxy_yaml(&pki, &origin, Via::Direct)).await;
+    let client = H2Client::connect(&pki, relay.addr()).await;
+    let answer = within(10, "the push", client.push(&token(1), PAYLOAD)).await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    let got = answer.trailers.expect("the answer ends with trailers");
+    assert_eq!(got["x-origin-checksum"], "c0ffee");
+}
+}
+
+for_each_http2_client! {
 /// A stream reset with REFUSED_STREAM was never processed: it is sent once more and succeeds.
 async fn refused_stream_is_sent_again_once() {
     let pki = TestPki::new();

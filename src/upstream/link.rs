@@ -50,10 +50,11 @@ pub struct Opened {
     pub ended: oneshot::Receiver<Option<String>>,
 }
 
-/// An answer as a link gives it: an HTTP/2 stream still being received, or read whole.
+/// An answer as a link gives it: an HTTP/2 stream still being received, or read whole (with
+/// its trailers, when it had some).
 pub enum LinkAnswer {
     Stream(Response<h2::RecvStream>),
-    Whole(Response<Bytes>),
+    Whole(Response<Bytes>, Option<HeaderMap>),
 }
 
 /// Why a request failed on a link.
@@ -139,13 +140,13 @@ impl Link {
             Link::Native(link) => link
                 .send(head, body, trailers)
                 .await
-                .map(LinkAnswer::Whole)
+                .map(|(response, trailers)| LinkAnswer::Whole(response, trailers))
                 .map_err(LinkError::Native),
             // HTTP/1.1 with a length carries no trailers; APNs takes none.
             Link::Chain(link) => link
                 .send(dest, &head, &body)
                 .await
-                .map(LinkAnswer::Whole)
+                .map(|response| LinkAnswer::Whole(response, None))
                 .map_err(LinkError::Chain),
         }
     }

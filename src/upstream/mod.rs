@@ -144,12 +144,19 @@ pub async fn send_flow_controlled(
 }
 
 /// An upstream answer's body: the origin's HTTP/2 stream (its stream slot held until the body
-/// is dropped), or an answer already read whole (HTTP/1.1 from a DMZ relay).
+/// is dropped), or an answer already read whole (the own HTTP/2 client's, or HTTP/1.1 from a
+/// DMZ relay), its data then its trailers.
 pub struct ResponseBody(Answer);
 
 enum Answer {
-    Whole(Option<Bytes>),
-    H2 { body: H2Body, _lease: Lease },
+    Whole {
+        data: Option<Bytes>,
+        trailers: Option<HeaderMap>,
+    },
+    H2 {
+        body: H2Body,
+        _lease: Lease,
+    },
 }
 
 /// The upstream answer's body broke off.
@@ -158,8 +165,11 @@ enum Answer {
 pub struct BodyError(#[source] h2::Error);
 
 impl ResponseBody {
-    pub fn whole(data: Bytes) -> Self {
-        ResponseBody(Answer::Whole((!data.is_empty()).then_some(data)))
+    pub fn whole(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        ResponseBody(Answer::Whole {
+            data: (!data.is_empty()).then_some(data),
+            trailers,
+        })
     }
 
     fn h2(recv: h2::RecvStream, lease: Lease) -> Self {
@@ -179,7 +189,12 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match &mut self.get_mut().0 {
-            Answer::Whole(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            Answer::Whole { data, trailers } => Poll::Ready(
+                data.take()
+                    .map(Frame::data)
+                    .or_else(|| trailers.take().map(Frame::trailers))
+                    .map(Ok),
+            ),
             Answer::H2 { body, .. } => Pin::new(body)
                 .poll_frame(cx)
                 .map(|f| f.map(|r| r.map_err(BodyError))),
@@ -188,14 +203,14 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.0 {
-            Answer::Whole(data) => data.is_none(),
+            Answer::Whole { data, trailers } => data.is_none() && trailers.is_none(),
             Answer::H2 { body, .. } => body.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
-            Answer::Whole(data) => {
+            Answer::Whole { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Answer::H2 { body, .. } => body.size_hint(),
@@ -287,9 +302,9 @@ impl Upstream {
                             resent,
                         });
                     }
-                    Ok(LinkAnswer::Whole(response)) => {
+                    Ok(LinkAnswer::Whole(response, trailers)) => {
                         return Ok(Exchange {
-                            response: response.map(ResponseBody::whole),
+                            response: response.map(|data| ResponseBody::whole(data, trailers)),
                             conn,
                             resent,
                         });

@@ -126,13 +126,14 @@ impl NativeLink {
         self.client.max_concurrent_streams() as usize
     }
 
-    /// Sends one request, its body whole (and trailers), and waits for the whole answer.
+    /// Sends one request, its body whole (and trailers), and waits for the whole answer and
+    /// its trailers.
     pub async fn send(
         &self,
         head: Request<()>,
         body: Bytes,
         trailers: Option<HeaderMap>,
-    ) -> Result<Response<Bytes>, NativeFailure> {
+    ) -> Result<(Response<Bytes>, Option<HeaderMap>), NativeFailure> {
         let (parts, ()) = head.into_parts();
         let answer = self
             .client
@@ -142,6 +143,6 @@ impl NativeLink {
         *response.status_mut() = answer.status;
         *response.version_mut() = http::Version::HTTP_2;
         *response.headers_mut() = answer.headers;
-        Ok(response)
+        Ok((response, answer.trailers))
     }
 }

@@ -31,6 +31,7 @@ pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    pub trailers: Option<HeaderMap>,
 }
 
 impl Answer {
@@ -200,10 +201,12 @@ pub async fn read_answer(response: h2::client::ResponseFuture) -> Result<Answer,
         let _ = recv.flow_control().release_capacity(chunk.len());
         data.extend_from_slice(&chunk);
     }
+    let trailers = recv.trailers().await?;
     Ok(Answer {
         status: parts.status,
         headers: parts.headers,
         body: Bytes::from(data),
+        trailers,
     })
 }
 

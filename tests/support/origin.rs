@@ -56,6 +56,8 @@ pub struct OriginOptions {
     pub port: u16,
     /// Answer requests with this `apns-topic` only after this long (a slow tenant).
     pub slow_topic: Option<(String, std::time::Duration)>,
+    /// End each 200 with these trailers (APNs sends none; other HTTP/2 origins may).
+    pub trailers: Option<HeaderMap>,
 }
 
 impl Default for OriginOptions {
@@ -71,6 +73,7 @@ impl Default for OriginOptions {
             calm_after_resets: None,
             port: 0,
             slow_topic: None,
+            trailers: None,
         }
     }
 }
@@ -374,9 +377,16 @@ async fn handle(
     }
     state.ended.add_permits(1);
     match reason {
-        None => {
-            let _ = respond.send_response(response.body(()).unwrap(), true);
-        }
+        None => match &state.options.trailers {
+            None => {
+                let _ = respond.send_response(response.body(()).unwrap(), true);
+            }
+            Some(trailers) => {
+                if let Ok(mut stream) = respond.send_response(response.body(()).unwrap(), false) {
+                    let _ = stream.send_trailers(trailers.clone());
+                }
+            }
+        },
         Some(reason) => {
             let body = if status == StatusCode::GONE {
                 format!("{{\"reason\":\"{reason}\",\"timestamp\":1700000000000}}")
