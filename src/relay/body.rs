@@ -71,7 +71,10 @@ where
 {
     let read = async {
         let mut whole = RelayBody::empty();
-        let mut parts: Vec<Bytes> = Vec::new();
+        // A push is one DATA frame: kept as it came, without a copy; only a body in several
+        // frames is gathered into `more` and joined.
+        let mut first: Option<Bytes> = None;
+        let mut more: Vec<Bytes> = Vec::new();
         let mut len = 0usize;
         while !body.is_end_stream() {
             let Some(frame) = poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await else {
@@ -89,7 +92,10 @@ where
                         return Err(ReadError::TooLarge { limit });
                     }
                     if !data.is_empty() {
-                        parts.push(data);
+                        match first {
+                            None => first = Some(data),
+                            Some(_) => more.push(data),
+                        }
                     }
                 }
                 Err(frame) => {
@@ -100,11 +106,12 @@ where
                 }
             }
         }
-        // A push is one DATA frame: keep it without a copy.
-        whole.data = match parts.len() {
-            0 => None,
-            1 => parts.pop(),
-            _ => Some(Bytes::from(parts.concat())),
+        whole.data = match first {
+            Some(first) if !more.is_empty() => {
+                more.insert(0, first);
+                Some(Bytes::from(more.concat()))
+            }
+            first => first,
         };
         Ok(whole)
     };

@@ -249,10 +249,10 @@ fn first_bare_cr_or_lf(bytes: &[u8]) -> Option<&'static str> {
 /// `Content-Length` written other than as one plain number (`5, 5`, a repeat, `005`) is replaced
 /// by that number: the origin gets exactly one canonical value.
 fn framing(headers: &mut HeaderMap, version: Version) -> Result<Framing, Http1Error> {
-    let te: Vec<&HeaderValue> = headers.get_all(header::TRANSFER_ENCODING).iter().collect();
-    let cl: Vec<&HeaderValue> = headers.get_all(header::CONTENT_LENGTH).iter().collect();
-    if !te.is_empty() {
-        if !cl.is_empty() {
+    let te = headers.get_all(header::TRANSFER_ENCODING);
+    let cl = headers.get_all(header::CONTENT_LENGTH);
+    if te.iter().next().is_some() {
+        if cl.iter().next().is_some() {
             return Err(Http1Error::LengthAndChunked);
         }
         if version != Version::HTTP_11 {
@@ -264,21 +264,22 @@ fn framing(headers: &mut HeaderMap, version: Version) -> Result<Framing, Http1Er
             .collect::<Vec<_>>()
             .join(",");
         // Only a lone `chunked`: other codings would reach the origin still encoded.
-        if te.len() != 1 || !joined.trim().eq_ignore_ascii_case("chunked") {
+        if te.iter().count() != 1 || !joined.trim().eq_ignore_ascii_case("chunked") {
             return Err(Http1Error::BadTransferEncoding(joined));
         }
         return Ok(Framing::Chunked);
     }
     let mut length: Option<u64> = None;
     // Already one plain number (the usual case): nothing to rewrite.
-    let canonical = match cl.as_slice() {
-        [only] => {
+    let mut values = cl.iter();
+    let canonical = match (values.next(), values.next()) {
+        (Some(only), None) => {
             let b = only.as_bytes();
             b.iter().all(u8::is_ascii_digit) && (b.len() == 1 || b.first() != Some(&b'0'))
         }
         _ => false,
     };
-    for v in cl {
+    for v in cl.iter() {
         let text = v
             .to_str()
             .map_err(|_| Http1Error::BadContentLength("<non-ASCII>".into()))?;
