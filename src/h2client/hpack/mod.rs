@@ -27,6 +27,9 @@ use table::{Dynamic, entry_size, static_name_index, static_value_index};
 /// The dynamic table size this side uses and advertises (the RFC default).
 pub const DEFAULT_TABLE_SIZE: usize = 4096;
 
+/// Bytes the decoder takes at once for the Huffman-decoded strings it hands out.
+const SCRATCH_CHUNK: usize = 512;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum HpackError {
     #[error("HPACK block ends inside a field")]
@@ -285,6 +288,12 @@ impl Decoder {
             return Ok(raw);
         }
         // Shortest code is 5 bits: the output is bounded by the input (`decode` makes the room).
+        // Decoded strings are cut from one buffer, several to an allocation (an answer's
+        // `apns-id` is 36 bytes); a string still in use keeps only its own buffer alive.
+        let room = raw.len() * 8 / 5 + 1;
+        if self.scratch.capacity() < room {
+            self.scratch.reserve(room.max(SCRATCH_CHUNK));
+        }
         huffman::decode(&raw, &mut self.scratch, usize::MAX)?;
         Ok(self.scratch.split().freeze())
     }
