@@ -315,7 +315,11 @@ impl Decoder {
                 self.lookup(i)?
             } else if b & 0xc0 == LITERAL_INDEXED {
                 let (n, v) = self.literal(block, &mut pos, 6)?;
-                self.table.insert(n.clone(), v.clone());
+                // Copies of its own: a slice would keep what it was cut from (the frame's read
+                // buffer, the Huffman scratch) alive as long as the entry lives, and the table's
+                // size bound would not bound memory.
+                self.table
+                    .insert(Bytes::copy_from_slice(&n), Bytes::copy_from_slice(&v));
                 (n, v)
             } else if b & 0xe0 == SIZE_UPDATE {
                 if fields > 0 {
@@ -370,6 +374,32 @@ mod tests {
             .step_by(2)
             .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
             .collect()
+    }
+
+    #[test]
+    fn table_entries_do_not_keep_the_block_they_came_from() {
+        // A literal with incremental indexing (raw, then Huffman-coded) inside a large block.
+        let mut raw = vec![0x40, 0x01, b'x', 0x03, b'a', b'b', b'c'];
+        let mut huffman_value = BytesMut::new();
+        huffman::encode(b"0123456789abcdef", &mut huffman_value);
+        raw.extend_from_slice(&[0x40, 0x01, b'y', 0x80 | huffman_value.len() as u8]);
+        raw.extend_from_slice(&huffman_value);
+        let mut block = BytesMut::from(&raw[..]);
+        block.resize(raw.len() + 16 * 1024, 0);
+        let block = block.freeze();
+        let used = block.slice(..raw.len());
+        let mut d = Decoder::new(4096, 64 * 1024);
+        d.decode(&used, |_, _| {}).unwrap();
+        let range = block.as_ptr_range();
+        for at in 0..2 {
+            let (n, v) = d.table.get(at).unwrap();
+            for s in [n, v] {
+                assert!(
+                    !range.contains(&s.as_ptr()),
+                    "entry {at} is a slice of the 16 KiB block: {s:?}"
+                );
+            }
+        }
     }
 
     fn decode_all(d: &mut Decoder, block: &[u8]) -> Vec<(String, String)> {
