@@ -179,13 +179,18 @@ pub enum HuffmanError {
     TooLong,
 }
 
+/// The most bytes `encoded` bytes of Huffman code can decode to: the shortest code is 5 bits.
+pub fn max_decoded_len(encoded: usize) -> usize {
+    encoded * 8 / 5
+}
+
 /// Appends the decoding of `input` to `out`, failing on EOS, bad padding (RFC 7541 §5.2), or an
 /// output longer than `max` bytes.
 pub fn decode(input: &[u8], out: &mut bytes::BytesMut, max: usize) -> Result<(), HuffmanError> {
     let start = out.len();
     // The shortest code is 5 bits: no more than this many symbols can come out. Written by
     // index into room made once, then cut to what was decoded.
-    let room = (input.len() * 8 / 5).min(max.saturating_add(1));
+    let room = max_decoded_len(input.len()).min(max.saturating_add(1));
     out.resize(start + room, 0);
     let mut n = 0;
     let r = decode_into(input, &mut out[start..], &mut n, max);

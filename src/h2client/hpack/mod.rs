@@ -287,10 +287,9 @@ impl Decoder {
         if !huffman {
             return Ok(raw);
         }
-        // Shortest code is 5 bits: the output is bounded by the input (`decode` makes the room).
         // Decoded strings are cut from one buffer, several to an allocation (an answer's
         // `apns-id` is 36 bytes); a string still in use keeps only its own buffer alive.
-        let room = raw.len() * 8 / 5 + 1;
+        let room = huffman::max_decoded_len(raw.len());
         if self.scratch.capacity() < room {
             self.scratch.reserve(room.max(SCRATCH_CHUNK));
         }
